@@ -1,0 +1,135 @@
+"""From a layer's update in routing coordinates to what gets written or patched.
+
+Two injections:
+
+* ``exact``: the full-rank update ``rows C V^T`` as a dense ``out x in`` weight difference
+  (ComfyUI ``.diff`` patch).  Costs as much memory as the layer's weight.
+* ``lowrank``: a deterministic truncated SVD of ``C`` (rows and ``V`` are orthonormal, so the
+  SVD of ``C`` is the SVD of the update), at a fixed rank or at the smallest rank keeping a
+  share of the update's energy (capped at ``max_rank``).  The report carries the relative
+  Frobenius error ``||dW - B'A'|| / ||dW||`` of what was kept.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from . import linalg
+from .layer import Coordinates
+from .methods.base import CoordUpdate
+
+INJECTIONS = ("lowrank", "exact")
+
+
+@dataclass(frozen=True)
+class OutputSpec:
+    """How the update is injected.  ``rank`` wins over ``energy`` when both are given."""
+
+    mode: str = "lowrank"
+    rank: int | None = 128
+    energy: float | None = None
+    max_rank: int = 512
+
+    def validate(self) -> None:
+        if self.mode not in INJECTIONS:
+            raise ValueError(f"unknown injection {self.mode!r}; expected one of {', '.join(INJECTIONS)}")
+        if self.mode == "lowrank":
+            if self.rank is None and self.energy is None:
+                raise ValueError("low-rank injection needs a rank or an energy to keep")
+            if self.rank is not None and self.rank < 1:
+                raise ValueError(f"rank must be at least 1, got {self.rank}")
+            if self.energy is not None and not 0.0 < self.energy <= 1.0:
+                raise ValueError(f"energy must lie in (0, 1], got {self.energy}")
+
+    def describe(self) -> str:
+        if self.mode == "exact":
+            return "exact (full-rank weight difference)"
+        if self.rank is not None:
+            return f"low-rank, rank {self.rank}"
+        return f"low-rank, {self.energy:.0%} of the energy (rank <= {self.max_rank})"
+
+
+@dataclass
+class LayerOutput:
+    """``kind`` "lowrank" with ``(up, down)`` or "diff" with ``(delta,)``, in ``out x in``."""
+
+    kind: str
+    tensors: tuple[torch.Tensor, ...]
+    rank: int | None
+    rel_error: float  # ||dW - injected|| / ||dW||
+    norm: float  # ||dW||_F
+
+
+def _truncate_dense(c: torch.Tensor, spec: OutputSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(left, right)`` with ``left @ right`` the best rank-r approximation of ``c``."""
+    if spec.rank is not None:
+        u, s, vh = linalg.top_singular(c, spec.rank)
+    else:
+        # Energy: the whole spectrum from the smaller Gram matrix (exact, deterministic).
+        gram = c.T @ c if c.shape[0] >= c.shape[1] else c @ c.T
+        evals, evecs = linalg.eigh(gram)
+        evals, evecs = evals.flip(0).clamp_min(0), evecs.flip(1)
+        total = float(evals.sum())
+        cum = torch.cumsum(evals, 0) / (total if total > 0 else 1.0)
+        hits = torch.nonzero(cum >= spec.energy - 1e-7)
+        r = int(hits[0, 0]) + 1 if hits.numel() else evals.numel()
+        r = max(1, min(r, spec.max_rank))
+        vecs = evecs[:, :r]
+        if c.shape[0] >= c.shape[1]:  # vecs are right singular vectors
+            left_full = c @ vecs
+            s = torch.linalg.vector_norm(left_full, dim=0)
+            u = left_full / torch.where(s > 0, s, torch.ones_like(s))
+            vh = vecs.T
+        else:
+            right_full = vecs.T @ c
+            s = torch.linalg.vector_norm(right_full, dim=1)
+            vh = right_full / torch.where(s > 0, s, torch.ones_like(s))[:, None]
+            u = vecs
+    root = s.sqrt()
+    return u * root, root[:, None] * vh
+
+
+def _truncate_factored(left: torch.Tensor, right: torch.Tensor, spec: OutputSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact SVD of ``left @ right`` through QR of the thin factors, then truncation."""
+    ql, rl = torch.linalg.qr(left)
+    qr_, rr = torch.linalg.qr(right.T)
+    u, s, vh = linalg.svd(rl @ rr.T)
+    if spec.rank is not None:
+        r = min(spec.rank, s.numel())
+    else:
+        e = s**2
+        total = float(e.sum())
+        cum = torch.cumsum(e, 0) / (total if total > 0 else 1.0)
+        hits = torch.nonzero(cum >= spec.energy - 1e-7)
+        r = min(int(hits[0, 0]) + 1 if hits.numel() else s.numel(), spec.max_rank)
+    root = s[:r].sqrt()
+    return (ql @ u[:, :r]) * root, root[:, None] * (vh[:r] @ qr_.T)
+
+
+def realize(coords: Coordinates, upd: CoordUpdate, spec: OutputSpec) -> LayerOutput:
+    """Turn a method's coordinate update into the layer's injected update."""
+    full = upd.dense()
+    norm = float(torch.linalg.matrix_norm(full))
+    if spec.mode == "exact":
+        return LayerOutput("diff", (coords.to_dense(full),), None, 0.0, norm)
+    if upd.c is not None:
+        left, right = _truncate_dense(upd.c, spec)
+    else:
+        left, right = _truncate_factored(upd.left, upd.right, spec)
+    resid = float(torch.linalg.matrix_norm(full - left @ right))
+    up, down = coords.to_factors(left, right)
+    return LayerOutput("lowrank", (up, down), int(left.shape[1]), resid / norm if norm > 0 else 0.0, norm)
+
+
+def realize_direct(up: torch.Tensor, down: torch.Tensor, spec: OutputSpec) -> LayerOutput:
+    """Direct reuse: the LoRA itself (``up`` already carries strength x alpha / rank)."""
+    if spec.mode == "exact":
+        delta = up @ down
+        return LayerOutput("diff", (delta,), None, 0.0, float(torch.linalg.matrix_norm(delta)))
+    norm = float(torch.linalg.matrix_norm(up @ down))
+    if spec.rank is not None and spec.rank >= up.shape[1]:
+        return LayerOutput("lowrank", (up, down), int(up.shape[1]), 0.0, norm)
+    left, right = _truncate_factored(up, down, spec)
+    resid = float(torch.linalg.matrix_norm(up @ down - left @ right))
+    return LayerOutput("lowrank", (left, right), int(left.shape[1]), resid / norm if norm > 0 else 0.0, norm)

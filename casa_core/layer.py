@@ -1,0 +1,245 @@
+"""One linear layer in the source's singular coordinates.
+
+Orientation.  Every layer is handled "tall": a weight ``W`` of shape ``m x n`` with ``m < n``
+is transposed first, so the working shape is ``M x N`` with ``M >= N``.  Transposing swaps the
+roles of receivers and senders, and CASA's rules are symmetric under that swap (the dominant
+mask is "row dominant OR column dominant", the cluster graph is undirected, the quantiles are
+taken over the same sets), so the result is simply transposed back.
+
+Basis.  The thin SVD ``W = U diag(S) V^T`` (``U: M x N``, ``V: N x N``).  The reference code
+stores the full ``M x M`` ``U`` of the FFN layers (8960 x 8960 for Wan2.1-1.3B); the extra
+``M - N`` columns are an arbitrary completion of ``U`` that only matters where the drift or the
+LoRA has components outside the column space of ``W``.
+
+Completion (what we use instead of LAPACK's).  Rows of the routing matrices beyond ``N`` are
+coordinates in the orthogonal complement of ``span(U)``.  We use, in this order:
+
+1. ``Q2``: an orthonormal basis of the drift's own complement part ``E = (I - U U^T) dF V``,
+   from the Householder QR of ``E`` (so ``C_F`` there is the triangular ``R``), or, when ``E``
+   is numerically rank-deficient (a drift coming from a distillation LoRA), from its principal
+   directions with negligible ones dropped.  Computed once per drift.
+2. ``Q3``: an orthonormal basis of what is left of the LoRA after removing ``span(U, Q2)``
+   (at most its rank); there ``C_F = 0``.  Computed per LoRA.
+3. Everything else is orthogonal to both the drift and the LoRA: ``C_L = C_F = 0`` and any
+   method leaves it at zero, so it is never materialised.
+
+With square layers no completion is needed.  Handed the reference's full bases, the routing
+code (:mod:`casa_core.routing`) reproduces the reference exactly; see ``tests``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from . import linalg
+
+# A complement QR whose smallest |R_ii| is below this share of the largest is treated as
+# rank-deficient: Householder reflectors would then contain arbitrary directions.
+RANK_DEFICIENT_RTOL = 1e-4
+
+
+@dataclass
+class LayerBasis:
+    """Thin SVD of one source weight, in tall orientation."""
+
+    name: str
+    shape: tuple[int, int]  # original (out, in)
+    U: torch.Tensor  # M x N
+    S: torch.Tensor  # N
+    V: torch.Tensor  # N x N
+
+    @property
+    def transposed(self) -> bool:
+        return self.shape[0] < self.shape[1]
+
+    @property
+    def square(self) -> bool:
+        return self.shape[0] == self.shape[1]
+
+    @property
+    def tall_shape(self) -> tuple[int, int]:
+        return (max(self.shape), min(self.shape))
+
+    def to(self, device: torch.device) -> "LayerBasis":
+        return LayerBasis(self.name, self.shape, self.U.to(device), self.S.to(device), self.V.to(device))
+
+
+def tall(w: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """``w`` (given in the original ``out x in`` orientation) in tall orientation."""
+    return w.T if shape[0] < shape[1] else w
+
+
+def compute_basis(name: str, w: torch.Tensor) -> LayerBasis:
+    """Thin SVD of a weight given as ``out x in`` float32."""
+    shape = (int(w.shape[0]), int(w.shape[1]))
+    u, s, vh = linalg.svd(tall(w, shape))
+    return LayerBasis(name, shape, u, s, vh.T.contiguous())
+
+
+@dataclass
+class Complement:
+    """Coordinates of the drift outside ``span(U)``: ``Q2`` and ``C_F2 = Q2^T dF V``.
+
+    Either ``packed``/``tau`` (Householder form, ``Q2`` never formed, ``C_F2`` = its ``R``) or
+    an explicit ``q`` with ``c_f``.
+    """
+
+    c_f: torch.Tensor  # n2 x N
+    packed: torch.Tensor | None = None  # M x n2 reflectors below the diagonal
+    tau: torch.Tensor | None = None
+    q: torch.Tensor | None = None  # M x n2
+
+    @property
+    def size(self) -> int:
+        return int(self.c_f.shape[0])
+
+    def coords(self, x: torch.Tensor) -> torch.Tensor:
+        """``Q2^T x`` for ``x: M x r``."""
+        if self.q is not None:
+            return self.q.T @ x
+        return linalg.apply_q(self.packed, self.tau, x, transpose=True)[: self.size]
+
+    def expand(self, c: torch.Tensor) -> torch.Tensor:
+        """``Q2 c`` for ``c: n2 x r``."""
+        if self.q is not None:
+            return self.q @ c
+        full = c.new_zeros(self.packed.shape[0], c.shape[1])
+        full[: self.size] = c
+        return linalg.apply_q(self.packed, self.tau, full, transpose=False)
+
+
+@dataclass
+class LayerDrift:
+    """``C_F`` of one layer: the top ``N x N`` block and, for non-square layers, the complement."""
+
+    name: str
+    c_f: torch.Tensor  # N x N  (U^T dF V)
+    complement: Complement | None = None
+
+
+def compute_drift(basis: LayerBasis, d_f: torch.Tensor) -> LayerDrift:
+    """``C_F`` from the drift ``dF = W_t - W_s`` given as ``out x in`` float32."""
+    d = tall(d_f, basis.shape)
+    dv = d @ basis.V
+    c_f = basis.U.T @ dv
+    if basis.square:
+        return LayerDrift(basis.name, c_f)
+    e = dv - basis.U @ c_f
+    return LayerDrift(basis.name, c_f, complement_of(e))
+
+
+def complement_of(e: torch.Tensor) -> Complement | None:
+    """Orthonormal coordinates of ``E`` (``M x N``, orthogonal to ``span(U)``)."""
+    enorm = float(torch.linalg.matrix_norm(e))
+    if enorm == 0.0:
+        return None
+    packed, tau = linalg.geqrf(e)
+    n2 = tau.numel()
+    diag = packed.diagonal()[:n2].abs()
+    if n2 and float(diag.min()) > RANK_DEFICIENT_RTOL * float(diag.max()):
+        r = torch.triu(packed[:n2])
+        reflectors = torch.tril(packed, diagonal=-1)
+        return Complement(c_f=r, packed=reflectors, tau=linalg.householder_tau(reflectors, tau))
+    q, c = linalg.orthonormal_columns(e)
+    if q.shape[1] == 0:
+        return None
+    return Complement(c_f=c, q=q)
+
+
+@dataclass
+class Coordinates:
+    """The routing coordinates of one layer for one LoRA.
+
+    Rows: ``[U | Q2 | Q3]`` (``Q2``/``Q3`` only for non-square layers); columns: ``V``.
+    ``c_l = rows_l @ right`` is kept factored so that a low-rank LoRA costs ``O(r)``.
+    """
+
+    basis: LayerBasis
+    drift: LayerDrift
+    rows_l: torch.Tensor  # R x q : coordinates of the LoRA's left factor
+    right: torch.Tensor  # q x N : the LoRA's right factor in V coordinates
+    q3: torch.Tensor | None  # M x r3
+
+    @property
+    def n_top(self) -> int:
+        return self.basis.S.numel()
+
+    @property
+    def n_comp(self) -> int:
+        return self.drift.complement.size if self.drift.complement is not None else 0
+
+    @property
+    def rows(self) -> int:
+        return int(self.rows_l.shape[0])
+
+    def c_l(self) -> torch.Tensor:
+        return self.rows_l @ self.right
+
+    def c_f(self) -> torch.Tensor:
+        parts = [self.drift.c_f]
+        if self.drift.complement is not None:
+            parts.append(self.drift.complement.c_f)
+        pad = self.rows - sum(p.shape[0] for p in parts)
+        if pad:
+            parts.append(self.drift.c_f.new_zeros(pad, self.drift.c_f.shape[1]))
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+    def source_rows(self) -> torch.Tensor:
+        """``diag(S)`` in these coordinates (``R x N``): the source weight's routing."""
+        out = self.drift.c_f.new_zeros(self.rows, self.n_top)
+        out[: self.n_top].diagonal().copy_(self.basis.S)
+        return out
+
+    def expand_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """Map row coordinates (``R x q``) back to the tall output space (``M x q``)."""
+        n, n2 = self.n_top, self.n_comp
+        out = self.basis.U @ x[:n]
+        if n2:
+            out = out + self.drift.complement.expand(x[n : n + n2])
+        if self.q3 is not None and self.q3.shape[1]:
+            out = out + self.q3 @ x[n + n2 :]
+        return out
+
+    def to_dense(self, c: torch.Tensor) -> torch.Tensor:
+        """``rows C V^T`` in the original ``out x in`` orientation."""
+        w = self.expand_rows(c) @ self.basis.V.T
+        return w.T if self.basis.transposed else w
+
+    def to_factors(self, left: torch.Tensor, right: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(up, down)`` with ``up @ down = rows (left @ right) V^T`` in ``out x in`` orientation."""
+        b = self.expand_rows(left)
+        a = right @ self.basis.V.T
+        if self.basis.transposed:
+            return a.T.contiguous(), b.T.contiguous()
+        return b, a
+
+
+def coordinates(
+    basis: LayerBasis, drift: LayerDrift, left: torch.Tensor, right: torch.Tensor | None = None
+) -> Coordinates:
+    """Routing coordinates of an update ``dL = left @ right`` given in ``out x in`` orientation.
+
+    A LoRA passes ``left = up * scale`` (``out x r``) and ``right = down`` (``r x in``); a dense
+    update (LoHa, LoKr, a full delta) passes ``left = delta`` and no ``right``.
+    """
+    if right is None:
+        left = tall(left, basis.shape)
+        right_v = basis.V
+    else:
+        if basis.transposed:
+            left, right = right.T, left.T
+        right_v = right @ basis.V  # q x N
+    top = basis.U.T @ left  # N x q
+    if basis.square:
+        return Coordinates(basis, drift, top, right_v, None)
+    rest = left - basis.U @ top
+    parts = [top]
+    comp = drift.complement
+    if comp is not None:
+        c2 = comp.coords(rest)
+        rest = rest - comp.expand(c2)
+        parts.append(c2)
+    q3, r3 = linalg.orthonormal_columns(rest, ref_norm=float(torch.linalg.matrix_norm(left)))
+    parts.append(r3)
+    return Coordinates(basis, drift, torch.cat(parts), right_v, q3)

@@ -1,0 +1,239 @@
+"""Routing analysis in the source's singular coordinates (CASA paper, section 4).
+
+Vocabulary (see ``docs`` / algorithm.md):
+
+* ``C_L = U^T dL V`` and ``C_F = U^T dF V`` are the routing matrices of the LoRA and of the
+  distillation drift; entry ``(i, j)`` couples right singular direction ``j`` (sender) to left
+  direction ``i`` (receiver).
+* ``k`` is the size of the leading subspace, the clusters are connected components of the
+  rotation-strength graph on the ``k x k`` block, dominant clusters have a drift density at or
+  above the ``q_dom`` quantile, and the dominant mask ``D`` covers their rows and columns.
+* Restoration (outside ``D``) sets ``C_new = C_L - C_F``; arbitration (inside ``D``) keeps only
+  the stronger of two aligned contributions.
+
+The functions take matrices of any shape ``rows x cols`` with ``rows, cols >= k``: rows (columns)
+at or beyond ``k`` are coordinates outside the leading subspace, in whatever completion the
+caller chose.  They never need the bases themselves.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .linalg import exact_quantile
+
+ROTATION_EPS = 1e-6  # added to singular-value gaps (reference behaviour)
+COSINE_EPS = 1e-8  # added to the block-cosine denominator (reference behaviour)
+
+
+@dataclass(frozen=True)
+class CasaParams:
+    """CASA's parameters, with the reference code's defaults.
+
+    ``tau``: rotation-strength threshold joining two singular directions into one cluster
+    (reference ``rotation_threshold``).  ``q_dom``: quantile of cluster drift densities above
+    which a cluster is dominant (reference ``q_threshold``).  ``q_act``: quantile of the aligned
+    candidates' scores above which an entry is arbitrated (reference ``arbitrate_q``).
+    ``energy``: share of the squared singular values that defines ``k`` on square layers.
+    ``restore`` / ``arbitrate`` switch the two mechanisms (paper Table 2 ablations).
+    """
+
+    tau: float = 0.5
+    q_dom: float = 0.5
+    q_act: float = 0.85
+    energy: float = 0.9
+    restore: bool = True
+    arbitrate: bool = True
+
+    def validate(self) -> None:
+        if not self.tau > 0:
+            raise ValueError(f"tau must be positive, got {self.tau}")
+        for name in ("q_dom", "q_act", "energy"):
+            v = getattr(self, name)
+            if not 0.0 <= v <= 1.0:
+                raise ValueError(f"{name} must lie in [0, 1], got {v}")
+
+
+def leading_k(s: torch.Tensor, square: bool, energy: float) -> int:
+    """Size of the leading subspace.
+
+    Square layers: the smallest ``k`` with ``sum(S[:k]^2) / sum(S^2) >= energy``.
+    Non-square layers: all ``min(m, n)`` directions (the reference's choice).
+    """
+    n = s.numel()
+    if not square or n == 0:
+        return n
+    e = s.float() ** 2
+    total = e.sum()
+    if float(total) == 0.0:
+        return n
+    cumulative = torch.cumsum(e, dim=0) / total
+    hits = torch.nonzero(cumulative >= energy)
+    return int(hits[0, 0]) + 1 if hits.numel() else n
+
+
+def connected_components(edges_i: torch.Tensor, edges_j: torch.Tensor, n: int) -> torch.Tensor:
+    """Labels of the connected components of an undirected graph on ``n`` nodes.
+
+    Components are numbered in the order of their smallest node (as a breadth-first search
+    from node 0 upwards would number them).  Vectorised hooking with pointer jumping: every
+    round hooks each root to the smallest root it touches, so it needs O(log n) rounds.
+    """
+    parent = torch.arange(n, device=edges_i.device)
+    if edges_i.numel():
+        while True:
+            pi, pj = parent[edges_i], parent[edges_j]
+            if bool((pi == pj).all()):
+                break
+            lo, hi = torch.minimum(pi, pj), torch.maximum(pi, pj)
+            parent = parent.scatter_reduce(0, hi, lo, reduce="amin")
+            while True:
+                grand = parent[parent]
+                if bool((grand == parent).all()):
+                    break
+                parent = grand
+    _, labels = torch.unique(parent, return_inverse=True)
+    return labels
+
+
+def clusters(c_l_k: torch.Tensor, s_k: torch.Tensor, tau: float) -> tuple[torch.Tensor, int]:
+    """Clusters of the leading subspace (paper eq. 8-9).
+
+    Rotation strength ``R(i,j) = |C_L(i,j)| / (|S_i - S_j| + 1e-6)`` with a zero diagonal; an
+    undirected edge joins ``i`` and ``j`` where ``R > tau`` in either direction.
+    """
+    k = s_k.numel()
+    gap = (s_k[:, None] - s_k[None, :]).abs_().add_(ROTATION_EPS)
+    strong = (c_l_k.abs() / gap) > tau
+    strong.fill_diagonal_(False)
+    strong |= strong.T.clone()
+    ei, ej = torch.nonzero(torch.triu(strong, diagonal=1), as_tuple=True)
+    labels = connected_components(ei, ej, k)
+    n_clusters = int(labels.max()) + 1 if k else 0
+    return labels, n_clusters
+
+
+def cluster_mean(values: torch.Tensor, labels: torch.Tensor, n_clusters: int) -> torch.Tensor:
+    sums = torch.zeros(n_clusters, dtype=values.dtype, device=values.device).index_add_(0, labels, values)
+    counts = torch.bincount(labels, minlength=n_clusters).to(values.dtype)
+    return sums / counts
+
+
+def cluster_pair_sums(x: torch.Tensor, labels: torch.Tensor, n_clusters: int) -> torch.Tensor:
+    """``out[a, b] = sum of x[i, j] over i in G_a, j in G_b`` for a ``k x k`` matrix ``x``."""
+    k = labels.numel()
+    rows = torch.zeros(n_clusters, k, dtype=x.dtype, device=x.device).index_add_(0, labels, x)
+    return torch.zeros(n_clusters, n_clusters, dtype=x.dtype, device=x.device).index_add_(1, labels, rows)
+
+
+@dataclass
+class Dominance:
+    """Which clusters, rows and columns are dominant, and the densities that decided it."""
+
+    rho_recv: torch.Tensor  # per cluster
+    rho_send: torch.Tensor
+    recv_dominant: torch.Tensor  # bool per cluster
+    send_dominant: torch.Tensor
+    rows: torch.Tensor  # bool, length = rows of C
+    cols: torch.Tensor  # bool, length = cols of C
+
+    def mask(self) -> torch.Tensor:
+        return self.rows[:, None] | self.cols[None, :]
+
+
+def dominance(c_f: torch.Tensor, k: int, labels: torch.Tensor, n_clusters: int, q_dom: float) -> Dominance:
+    """Dominant receiving/sending clusters from the drift's densities inside the top-k block."""
+    ck = c_f[:k, :k]
+    rho_recv = cluster_mean(torch.linalg.vector_norm(ck, dim=1), labels, n_clusters)
+    rho_send = cluster_mean(torch.linalg.vector_norm(ck, dim=0), labels, n_clusters)
+    recv_dom = rho_recv >= torch.quantile(rho_recv, q_dom)
+    send_dom = rho_send >= torch.quantile(rho_send, q_dom)
+    rows = torch.zeros(c_f.shape[0], dtype=torch.bool, device=c_f.device)
+    cols = torch.zeros(c_f.shape[1], dtype=torch.bool, device=c_f.device)
+    rows[:k] = recv_dom[labels]
+    cols[:k] = send_dom[labels]
+    return Dominance(rho_recv, rho_send, recv_dom, send_dom, rows, cols)
+
+
+def block_cosine(c_l_k: torch.Tensor, c_f_k: torch.Tensor, labels: torch.Tensor, n_clusters: int) -> torch.Tensor:
+    """Directional alignment of the LoRA and the drift on every cluster pair (M x M)."""
+    dot = cluster_pair_sums(c_l_k * c_f_k, labels, n_clusters)
+    n_l = cluster_pair_sums(c_l_k * c_l_k, labels, n_clusters).sqrt_()
+    n_f = cluster_pair_sums(c_f_k * c_f_k, labels, n_clusters).sqrt_()
+    return dot / (n_l * n_f + COSINE_EPS)
+
+
+@dataclass
+class Routing:
+    """Everything CASA decided for one layer, kept for the report and the heatmaps."""
+
+    k: int
+    labels: torch.Tensor
+    n_clusters: int
+    dominance: Dominance
+    cosine: torch.Tensor  # M x M block cosine
+    candidates: int = 0
+    arbitrated_mask: torch.Tensor | None = None
+    threshold: float | None = None
+    stats: dict = field(default_factory=dict)
+
+
+def analyse(c_l: torch.Tensor, c_f: torch.Tensor, s: torch.Tensor, square: bool, params: CasaParams) -> Routing:
+    """k, clusters, dominance and block cosines for one layer."""
+    k = leading_k(s, square, params.energy)
+    c_l_k, c_f_k = c_l[:k, :k], c_f[:k, :k]
+    labels, n_clusters = clusters(c_l_k, s[:k], params.tau)
+    dom = dominance(c_f, k, labels, n_clusters, params.q_dom)
+    cos = block_cosine(c_l_k, c_f_k, labels, n_clusters)
+    return Routing(k=k, labels=labels, n_clusters=n_clusters, dominance=dom, cosine=cos)
+
+
+def casa_update(
+    c_l: torch.Tensor, c_f: torch.Tensor, s: torch.Tensor, square: bool, params: CasaParams
+) -> tuple[torch.Tensor, Routing]:
+    """CASA's new routing ``C_new`` for one layer (algorithm.md steps 1-6 and the ablations).
+
+    The target's effective routing after the patch is ``C_F + C_new``.
+    """
+    routing = analyse(c_l, c_f, s, square, params)
+    k = routing.k
+    d = routing.dominance.mask()
+
+    # Outside D: restoration (C_L - C_F) or, without it, the LoRA unchanged.
+    c_new = c_l - c_f if params.restore else c_l.clone()
+    # Inside D: start from the LoRA unchanged.
+    c_new = torch.where(d, c_l, c_new)
+
+    arbitrated = torch.zeros_like(d)
+    if params.arbitrate:
+        candidates = d & (torch.sign(c_l) == torch.sign(c_f))
+        n_cand = int(candidates.sum())
+        routing.candidates = n_cand
+        if n_cand:
+            score = (c_l * c_f).abs_()
+            ctx = routing.cosine[routing.labels[:, None], routing.labels[None, :]]
+            score[:k, :k] *= ctx
+            threshold = exact_quantile(score[candidates], params.q_act)
+            routing.threshold = float(threshold)
+            arbitrated = candidates & (score > threshold)
+            del score
+            stronger = torch.where(c_l.abs() > c_f.abs(), c_l - c_f, torch.zeros_like(c_l))
+            c_new = torch.where(arbitrated, stronger, c_new)
+    routing.arbitrated_mask = arbitrated
+    rows, cols = c_l.shape
+    n_d = int(d.sum())
+    routing.stats = {
+        "k": k,
+        "clusters": routing.n_clusters,
+        "dominant_recv_clusters": int(routing.dominance.recv_dominant.sum()),
+        "dominant_send_clusters": int(routing.dominance.send_dominant.sum()),
+        "dominant_rows": int(routing.dominance.rows.sum()),
+        "dominant_cols": int(routing.dominance.cols.sum()),
+        "entries": rows * cols,
+        "dominant_entries": n_d,
+        "candidates": routing.candidates,
+        "arbitrated_entries": int(arbitrated.sum()),
+        "arbitration_threshold": routing.threshold,
+    }
+    return c_new, routing

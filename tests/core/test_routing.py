@@ -1,0 +1,289 @@
+"""CASA's routing rules checked against plainly written, independent implementations.
+
+The "plain" functions below follow algorithm.md line by line with numpy and Python loops; they
+share no code with casa_core.
+"""
+from __future__ import annotations
+
+from collections import deque
+
+import numpy as np
+import pytest
+import torch
+
+from casa_core import layer as L
+from casa_core.methods import casa_layer, prolora_layer
+from casa_core.routing import CasaParams, casa_update, clusters, connected_components, leading_k
+
+
+# ---------------------------------------------------------------- plain reference ---------
+def plain_k(s, square, energy):
+    if not square:
+        return len(s)
+    e = [float(x) ** 2 for x in s]
+    total = sum(e)
+    acc = 0.0
+    for i, v in enumerate(e):
+        acc += v
+        if acc / total >= energy:
+            return i + 1
+    return len(s)
+
+
+def plain_components(adj):
+    n = len(adj)
+    label = [-1] * n
+    nxt = 0
+    for start in range(n):
+        if label[start] >= 0:
+            continue
+        label[start] = nxt
+        queue = deque([start])
+        while queue:
+            a = queue.popleft()
+            for b in range(n):
+                if adj[a][b] and label[b] < 0:
+                    label[b] = nxt
+                    queue.append(b)
+        nxt += 1
+    return np.array(label), nxt
+
+
+def plain_casa(cl, cf, s, square, tau, q_dom, q_act, energy, restore=True, arbitrate=True):
+    cl = np.asarray(cl, dtype=np.float64)
+    cf = np.asarray(cf, dtype=np.float64)
+    s = np.asarray(s, dtype=np.float64)
+    rows, cols = cl.shape
+    k = plain_k(s, square, energy)
+    adj = [[False] * k for _ in range(k)]
+    for i in range(k):
+        for j in range(k):
+            if i != j and abs(cl[i, j]) / (abs(s[i] - s[j]) + 1e-6) > tau:
+                adj[i][j] = adj[j][i] = True
+    labels, m = plain_components(adj)
+    members = [np.nonzero(labels == c)[0] for c in range(m)]
+    ck = cf[:k, :k]
+    rho_r = np.array([np.mean([np.linalg.norm(ck[i, :]) for i in g]) for g in members])
+    rho_s = np.array([np.mean([np.linalg.norm(ck[:, j]) for j in g]) for g in members])
+    dom_r = rho_r >= np.quantile(rho_r, q_dom)
+    dom_s = rho_s >= np.quantile(rho_s, q_dom)
+    D = np.zeros((rows, cols), dtype=bool)
+    for i in range(k):
+        if dom_r[labels[i]]:
+            D[i, :] = True
+    for j in range(k):
+        if dom_s[labels[j]]:
+            D[:, j] = True
+    cos = np.zeros((m, m))
+    for a in range(m):
+        for b in range(m):
+            bl = cl[np.ix_(members[a], members[b])]
+            bf = cf[np.ix_(members[a], members[b])]
+            cos[a, b] = (bl * bf).sum() / (np.linalg.norm(bl) * np.linalg.norm(bf) + 1e-8)
+    new = np.where(D, cl, cl - cf if restore else cl)
+    arb = np.zeros_like(D)
+    if arbitrate:
+        score = np.abs(cl * cf)
+        for i in range(rows):
+            for j in range(cols):
+                if i < k and j < k:
+                    score[i, j] *= cos[labels[i], labels[j]]
+        cand = D & (np.sign(cl) == np.sign(cf))
+        if cand.any():
+            thr = np.quantile(score[cand], q_act)
+            arb = cand & (score > thr)
+            for i, j in zip(*np.nonzero(arb)):
+                new[i, j] = cl[i, j] - cf[i, j] if abs(cl[i, j]) > abs(cf[i, j]) else 0.0
+    return new, dict(k=k, labels=labels, D=D, arb=arb)
+
+
+# ---------------------------------------------------------------- fixtures ---------------
+def make_layer(m, n, seed, drift=0.05, lora_rank=3, lora_scale=0.5):
+    g = torch.Generator().manual_seed(seed)
+    # A spectrum with a few close singular values so that clusters form.
+    ws = torch.randn(m, n, generator=g, dtype=torch.float64) / np.sqrt(n)
+    u, s, vh = torch.linalg.svd(ws, full_matrices=False)
+    s = torch.linspace(3.0, 0.2, s.numel(), dtype=torch.float64)
+    s[1:4] = s[1] + torch.tensor([0.0, 1e-3, 2e-3], dtype=torch.float64)
+    ws = u @ torch.diag(s) @ vh
+    df = drift * torch.randn(m, n, generator=g, dtype=torch.float64) / np.sqrt(n)
+    df += drift * 3 * torch.outer(u[:, 0], vh[0])  # drift concentrated on the head direction
+    b = torch.randn(m, lora_rank, generator=g, dtype=torch.float64) * lora_scale / np.sqrt(lora_rank)
+    a = torch.randn(lora_rank, n, generator=g, dtype=torch.float64) / np.sqrt(n)
+    return ws, df, b, a
+
+
+def full_bases(w):
+    u, s, vh = np.linalg.svd(w.numpy(), full_matrices=True)
+    return torch.from_numpy(u), torch.from_numpy(s), torch.from_numpy(vh.T)
+
+
+# ---------------------------------------------------------------- tests ------------------
+def test_leading_k_matches_plain_definition():
+    g = torch.Generator().manual_seed(1)
+    s = torch.sort(torch.rand(50, generator=g), descending=True).values
+    for energy in (0.1, 0.5, 0.9, 0.99, 1.0):
+        assert leading_k(s, True, energy) == plain_k(s.tolist(), True, energy)
+    assert leading_k(s, False, 0.9) == 50
+
+
+def test_connected_components_against_bfs():
+    g = torch.Generator().manual_seed(2)
+    for n, p in [(1, 0.0), (7, 0.0), (30, 0.05), (60, 0.02), (40, 0.5)]:
+        adj = torch.rand(n, n, generator=g) < p
+        adj = adj | adj.T
+        adj.fill_diagonal_(False)
+        ei, ej = torch.nonzero(torch.triu(adj, 1), as_tuple=True)
+        labels = connected_components(ei, ej, n)
+        expect, _ = plain_components(adj.tolist())
+        assert labels.tolist() == expect.tolist()
+
+
+def test_long_chain_component():
+    n = 500
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(3))
+    ei, ej = perm[:-1], perm[1:]
+    labels = connected_components(ei, ej, n)
+    assert labels.unique().tolist() == [0]
+
+
+def test_clusters_join_close_singular_values():
+    s = torch.tensor([5.0, 4.0, 3.9999, 2.0, 1.0])
+    c = torch.full((5, 5), 1e-3)
+    labels, m = clusters(c, s, tau=0.5)
+    # 1e-3 / (1e-4 + 1e-6) ~ 9.9 > 0.5 joins directions 1 and 2 only.
+    assert labels.tolist() == [0, 1, 1, 2, 3] and m == 4
+
+
+@pytest.mark.parametrize("shape", [(24, 24), (40, 16), (16, 40)])
+@pytest.mark.parametrize("variant", ["casa", "restoration_only", "arbitration_only"])
+def test_casa_matches_plain_reference_with_full_bases(shape, variant):
+    m, n = shape
+    ws, df, b, a = make_layer(m, n, seed=m + n)
+    u, s, v = full_bases(ws)
+    cl = (u.T @ b) @ (a @ v)
+    cf = u.T @ df @ v
+    params = CasaParams(tau=0.5, q_dom=0.5, q_act=0.85, energy=0.9)
+    flags = dict(casa=(True, True), restoration_only=(True, False), arbitration_only=(False, True))[variant]
+    from dataclasses import replace
+
+    got, routing = casa_update(cl.float(), cf.float(), s.float(), m == n, replace(params, restore=flags[0], arbitrate=flags[1]))
+    exp, info = plain_casa(cl, cf, s, m == n, 0.5, 0.5, 0.85, 0.9, *flags)
+    assert routing.k == info["k"]
+    assert routing.labels.tolist() == info["labels"].tolist()
+    assert torch.equal(routing.dominance.mask(), torch.from_numpy(info["D"]))
+    if flags[1]:
+        assert torch.equal(routing.arbitrated_mask, torch.from_numpy(info["arb"]))
+        assert info["arb"].any(), "the case must exercise arbitration"
+    np.testing.assert_allclose(got.double().numpy(), exp, rtol=1e-4, atol=1e-6)
+
+
+def test_restoration_and_arbitration_properties_in_weight_space():
+    """W_t + dCASA seen in the source's coordinates: source + LoRA outside D, stronger inside."""
+    m = n = 32
+    ws, df, b, a = make_layer(m, n, seed=7)
+    wt = ws + df
+    basis = L.compute_basis("x", ws.float())
+    drift = L.compute_drift(basis, df.float())
+    coords = L.coordinates(basis, drift, b.float(), a.float())
+    upd = casa_layer(coords, CasaParams())
+    dcasa = coords.to_dense(upd.c).double()
+    u, v = basis.U.double(), basis.V.double()
+    eff = u.T @ (wt + dcasa - ws) @ v  # target's effective routing relative to the source
+    cl = u.T @ (b @ a) @ v
+    cf = u.T @ df @ v
+    d = upd.routing.dominance.mask()
+    arb = upd.routing.arbitrated_mask
+    assert (~d).any() and arb.any()
+    torch.testing.assert_close(eff[~d], cl[~d], rtol=0, atol=2e-5)
+    stronger = torch.where(cl.abs() > cf.abs(), cl, cf)
+    torch.testing.assert_close(eff[arb], stronger[arb], rtol=0, atol=2e-5)
+    keep = d & ~arb  # inside D and not arbitrated: the LoRA is added on top of the target
+    torch.testing.assert_close(eff[keep], (cl + cf)[keep], rtol=0, atol=2e-5)
+
+
+def test_sign_flip_invariance():
+    m, n = 28, 28
+    ws, df, b, a = make_layer(m, n, seed=11)
+    basis = L.compute_basis("x", ws.float())
+    flipped = L.LayerBasis("x", basis.shape, basis.U.clone(), basis.S, basis.V.clone())
+    for i in (0, 3, 5, 17):
+        flipped.U[:, i] *= -1
+        flipped.V[:, i] *= -1
+    outs = []
+    for bs in (basis, flipped):
+        dr = L.compute_drift(bs, df.float())
+        co = L.coordinates(bs, dr, b.float(), a.float())
+        outs.append(co.to_dense(casa_layer(co, CasaParams()).c))
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(48, 16), (16, 48)])
+def test_compact_completion_equals_full_bases_for_restoration(shape):
+    """Without arbitration the completion does not matter: compact == reference full bases."""
+    m, n = shape
+    ws, df, b, a = make_layer(m, n, seed=5)
+    p = CasaParams(arbitrate=False)
+    basis = L.compute_basis("x", ws.float())
+    drift = L.compute_drift(basis, df.float())
+    co = L.coordinates(basis, drift, b.float(), a.float())
+    compact = co.to_dense(casa_layer(co, p, "restoration_only").c).double()
+    u, s, v = full_bases(ws)
+    cl = (u.T @ b) @ (a @ v)
+    cf = u.T @ df @ v
+    new, _ = casa_update(cl, cf, s, False, p)
+    full = u @ new @ v.T
+    torch.testing.assert_close(compact, full, rtol=0, atol=1e-5)
+
+
+def test_compact_coordinates_represent_lora_and_drift_exactly():
+    m, n = 60, 20
+    ws, df, b, a = make_layer(m, n, seed=9, lora_rank=4)
+    basis = L.compute_basis("x", ws.float())
+    drift = L.compute_drift(basis, df.float())
+    co = L.coordinates(basis, drift, b.float(), a.float())
+    torch.testing.assert_close(co.to_dense(co.c_l()).double(), b @ a, rtol=0, atol=1e-5)
+    torch.testing.assert_close(co.to_dense(co.c_f()).double(), df, rtol=0, atol=1e-5)
+    # the complement rows are orthogonal to U
+    assert co.rows == n + drift.complement.size + co.q3.shape[1]
+
+
+def test_rank_deficient_drift_uses_explicit_complement():
+    m, n = 50, 20
+    ws, _, b, a = make_layer(m, n, seed=4)
+    g = torch.Generator().manual_seed(0)
+    df = torch.randn(m, 2, generator=g, dtype=torch.float64) @ torch.randn(2, n, generator=g, dtype=torch.float64) * 0.01
+    basis = L.compute_basis("x", ws.float())
+    drift = L.compute_drift(basis, df.float())
+    assert drift.complement.q is not None and drift.complement.size <= 2
+    co = L.coordinates(basis, drift, b.float(), a.float())
+    torch.testing.assert_close(co.to_dense(co.c_f()).double(), df, rtol=0, atol=1e-6)
+    torch.testing.assert_close(co.to_dense(co.c_l()).double(), b @ a, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(20, 20), (30, 12)])
+def test_prolora_against_explicit_projectors(shape):
+    m, n = shape
+    ws, df, b, a = make_layer(m, n, seed=21)
+    wt = ws + df
+    energy = 0.9
+    dl = b @ a
+    us, ss, vsh = np.linalg.svd(ws.numpy(), full_matrices=True)
+    ut, st, vth = np.linalg.svd(wt.numpy(), full_matrices=True)
+    k = plain_k(ss, True, energy)
+
+    def proj(x):
+        return x @ x.T
+
+    Pus, Put = proj(us[:, :k]), proj(ut[:, :k])
+    Pvs, Pvt = proj(vsh[:k].T), proj(vth[:k].T)
+    Im, In = np.eye(m), np.eye(n)
+    expect = Put @ Pus @ dl.numpy() @ Pvs @ Pvt + (Im - Put) @ (Im - Pus) @ dl.numpy() @ (In - Pvs) @ (In - Pvt)
+    basis = L.compute_basis("x", ws.float())
+    drift = L.compute_drift(basis, df.float())
+    co = L.coordinates(basis, drift, b.float(), a.float())
+    upd = prolora_layer(co, CasaParams(energy=energy))
+    got = co.to_dense(upd.dense()).double().numpy()
+    np.testing.assert_allclose(got, expect, atol=2e-5)
+    phi = np.linalg.norm(us[:, :k].T @ ut[:, :k]) ** 2 / k
+    assert abs(upd.stats["phi_left"] - phi) < 1e-4
