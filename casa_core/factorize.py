@@ -122,8 +122,18 @@ def realize(coords: Coordinates, upd: CoordUpdate, spec: OutputSpec) -> LayerOut
     return LayerOutput("lowrank", (up, down), int(left.shape[1]), resid / norm if norm > 0 else 0.0, norm)
 
 
-def realize_direct(up: torch.Tensor, down: torch.Tensor, spec: OutputSpec) -> LayerOutput:
-    """Direct reuse: the LoRA itself (``up`` already carries strength x alpha / rank)."""
+def realize_direct(up: torch.Tensor, down: torch.Tensor | None, spec: OutputSpec) -> LayerOutput:
+    """Direct reuse: the LoRA itself (``up`` already carries strength x alpha / rank).
+
+    A dense update (LoHa, LoKr) comes as ``up = delta`` and ``down = None``.
+    """
+    if down is None:
+        norm = float(torch.linalg.matrix_norm(up))
+        if spec.mode == "exact":
+            return LayerOutput("diff", (up,), None, 0.0, norm)
+        left, right = _truncate_dense(up, spec)
+        resid = float(torch.linalg.matrix_norm(up - left @ right))
+        return LayerOutput("lowrank", (left, right), int(left.shape[1]), resid / norm if norm > 0 else 0.0, norm)
     if spec.mode == "exact":
         delta = up @ down
         return LayerOutput("diff", (delta,), None, 0.0, float(torch.linalg.matrix_norm(delta)))

@@ -15,6 +15,7 @@ class CoordUpdate:
     right: torch.Tensor | None = None
     stats: dict = field(default_factory=dict)
     routing: object | None = None  # casa_core.routing.Routing, for reports and heatmaps
+    summary: dict | None = None  # casa_core.routing_data.routing_summary, for heatmaps
 
     def dense(self) -> torch.Tensor:
         return self.c if self.c is not None else self.left @ self.right

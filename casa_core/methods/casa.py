@@ -5,6 +5,7 @@ from dataclasses import replace
 
 from ..layer import Coordinates
 from ..routing import CasaParams, casa_update
+from ..routing_data import routing_summary
 from .base import CoordUpdate
 
 VARIANTS = {
@@ -14,7 +15,14 @@ VARIANTS = {
 }
 
 
-def casa_layer(coords: Coordinates, params: CasaParams, variant: str = "casa") -> CoordUpdate:
+def casa_layer(
+    coords: Coordinates, params: CasaParams, variant: str = "casa", summary: bool = False
+) -> CoordUpdate:
+    """``C_new`` for one layer; with ``summary`` also the cluster-level routing data."""
     p = replace(params, **VARIANTS[variant])
-    c_new, routing = casa_update(coords.c_l(), coords.c_f(), coords.basis.S, coords.basis.square, p)
-    return CoordUpdate(c=c_new, stats=dict(routing.stats), routing=routing)
+    c_l, c_f = coords.c_l(), coords.c_f()
+    c_new, routing = casa_update(c_l, c_f, coords.basis.S, coords.basis.square, p)
+    upd = CoordUpdate(c=c_new, stats=dict(routing.stats), routing=routing)
+    if summary:
+        upd.summary = routing_summary(c_l, c_f, routing)
+    return upd

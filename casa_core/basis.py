@@ -1,0 +1,108 @@
+"""The source basis: thin SVDs of every 2-D linear weight of the base model, cached on disk.
+
+Computed once per source file (keyed by its content digest and the storage settings) and
+reused by every drift and every LoRA transfer.  See :mod:`casa_core.cache` for the on-disk
+layout and its atomicity, :mod:`casa_core.layer` for the orientation and what is stored.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable, Protocol
+
+import torch
+
+from . import layer as L
+from .cache import STORAGE_DTYPES, LayerCache, Progress, decode, encode, settings_key
+from .errors import CasaError
+
+
+class WeightProvider(Protocol):
+    """Anything that hands out a model's 2-D weights one at a time (a checkpoint file, a
+    model loaded in ComfyUI, a base model plus a LoRA ...)."""
+
+    layers: dict[str, tuple[int, int]]
+
+    def get(self, layer: str) -> torch.Tensor: ...  # float32, out x in
+
+    def identity(self) -> str: ...
+
+
+def check_finite(w: torch.Tensor, what: str, layer: str) -> None:
+    if not bool(torch.isfinite(w).all()):
+        raise CasaError(f"{what}, layer {layer}: weight contains NaN/Inf values", file=what, layer=layer)
+
+
+class SourceBasis:
+    """A complete basis cache; ``layer(name)`` loads one layer's ``U, S, V``."""
+
+    def __init__(self, cache: LayerCache):
+        self.cache = cache
+        self.manifest = cache.manifest()
+        self.layers: dict[str, tuple[int, int]] = {
+            name: tuple(info["shape"]) for name, info in self.manifest["layers"].items()
+        }
+        self.source_identity: str = self.manifest["source"]
+        self.storage: str = self.manifest["storage"]
+
+    @property
+    def key(self) -> str:
+        return self.cache.key
+
+    def layer(self, name: str, device: torch.device | str = "cpu") -> L.LayerBasis:
+        with self.cache.open_layer(name) as f:
+            return L.LayerBasis(
+                name, self.layers[name], decode(f, "U", device), decode(f, "S", device), decode(f, "V", device)
+            )
+
+    def bytes_on_disk(self) -> int:
+        return self.cache.bytes_on_disk()
+
+
+def basis_cache(source: WeightProvider, cache_dir: str | Path, storage: str = "float16") -> LayerCache:
+    if storage not in STORAGE_DTYPES:
+        raise ValueError(f"storage must be one of {', '.join(STORAGE_DTYPES)}, got {storage!r}")
+    key = settings_key("basis", source.identity(), storage)
+    return LayerCache(Path(cache_dir), "basis", key)
+
+
+def load_or_build_basis(
+    source: WeightProvider,
+    cache_dir: str | Path,
+    *,
+    storage: str = "float16",
+    device: torch.device | str = "cpu",
+    layers: Iterable[str] | None = None,
+    progress: Progress | None = None,
+) -> SourceBasis:
+    """The cached basis of ``source``, computing (or finishing) it when needed.
+
+    ``layers`` restricts the computation to some layers (default: every 2-D weight).
+    """
+    cache = basis_cache(source, cache_dir, storage)
+    if cache.complete:
+        basis = SourceBasis(cache)
+        wanted = set(layers) if layers is not None else set(source.layers)
+        if wanted <= set(basis.layers):
+            return basis
+    names = sorted(layers if layers is not None else source.layers, key=_natural_key)
+    what = getattr(source, "path", None) or source.identity()
+
+    def compute(name: str):
+        w = source.get(name).to(device=device, dtype=torch.float32)
+        check_finite(w, str(what), name)
+        b = L.compute_basis(name, w)
+        tensors = {}
+        for key, t, scaled in (("U", b.U, False), ("S", b.S, None), ("V", b.V, False)):
+            if scaled is None:  # singular values stay float32 (they define k and the gaps)
+                tensors[key] = t.detach().float().cpu().contiguous()
+                continue
+            for suffix, v in encode(t, storage, scaled).items():
+                tensors[key + suffix] = v
+        return tensors, {"shape": list(b.shape)}
+
+    cache.build(names, compute, {"source": source.identity(), "storage": storage}, progress)
+    return SourceBasis(cache)
+
+
+def _natural_key(name: str):
+    return [int(p) if p.isdigit() else p for p in name.replace("_", ".").split(".")]

@@ -1,0 +1,224 @@
+"""Command line: ``python -m casa_core demo --out DIR`` and ``python -m casa_core transfer …``."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .basis import load_or_build_basis
+from .drift import LoRADrift, WeightDifference, load_or_build_drift
+from .errors import CasaError
+from .factorize import INJECTIONS, OutputSpec
+from .methods import METHOD_LABELS, METHODS
+from .routing import CasaParams
+from .transfer import TransferConfig, run_transfer_to_file
+
+DEFAULT_CACHE = os.environ.get("CASA_CACHE_DIR") or str(Path.home() / ".cache" / "casa-lora")
+
+
+class Bar:
+    """A one-line progress bar on stderr (plain lines when stderr is not a terminal)."""
+
+    def __init__(self, label: str, stream=sys.stderr):
+        self.label, self.stream = label, stream
+        self.tty = stream.isatty()
+        self.t0 = time.perf_counter()
+        self.last = 0.0
+
+    def __call__(self, done: int, total: int, item: str) -> None:
+        now = time.perf_counter()
+        if not self.tty and done != total and now - self.last < 5.0:
+            return
+        self.last = now
+        width = 28
+        fill = int(width * done / max(total, 1))
+        line = f"{self.label:<10} [{'#' * fill}{'.' * (width - fill)}] {done}/{total} {now - self.t0:6.1f}s {item[:40]}"
+        if self.tty:
+            self.stream.write("\r" + line.ljust(100))
+            if done == total:
+                self.stream.write("\n")
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+
+def _params(a) -> CasaParams:
+    return CasaParams(tau=a.tau, q_dom=a.q_dom, q_act=a.q_act, energy=a.energy)
+
+
+def _output(a) -> OutputSpec:
+    if a.injection == "exact":
+        return OutputSpec(mode="exact", rank=None)
+    if a.kept_energy is not None:
+        return OutputSpec(mode="lowrank", rank=None, energy=a.kept_energy, max_rank=a.max_rank)
+    return OutputSpec(mode="lowrank", rank=a.rank)
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("CASA parameters")
+    g.add_argument("--tau", type=float, default=0.5, help="rotation-strength threshold for clusters (default 0.5)")
+    g.add_argument("--q-dom", type=float, default=0.5, help="quantile for dominant clusters (default 0.5)")
+    g.add_argument("--q-act", type=float, default=0.85, help="quantile for arbitration (default 0.85)")
+    g.add_argument("--energy", type=float, default=0.9, help="energy defining k on square layers (default 0.9)")
+    o = p.add_argument_group("output")
+    o.add_argument("--injection", choices=INJECTIONS, default="lowrank", help="low-rank LoRA (default) or exact weight difference")
+    o.add_argument("--rank", type=int, default=128, help="rank of the low-rank output (default 128)")
+    o.add_argument("--kept-energy", type=float, default=None, help="instead of a rank: share of the update's energy to keep")
+    o.add_argument("--max-rank", type=int, default=512, help="rank cap with --kept-energy (default 512)")
+    o.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default="float16", help="dtype of the written LoRA")
+    p.add_argument("--cache-dir", default=DEFAULT_CACHE, help=f"basis/drift cache folder (default {DEFAULT_CACHE})")
+    p.add_argument("--device", default="cpu", help="torch device for the computation (default cpu)")
+
+
+def summary_table(reports: dict, stream=sys.stdout) -> None:
+    head = f"{'method':<34}{'layers':>7}{'kept':>8}{'dominant':>10}{'arbitr.':>9}{'time':>8}"
+    print(head, file=stream)
+    print("-" * len(head), file=stream)
+    for method, rep in reports.items():
+        t = rep.totals()
+        dom = f"{t['dominant_share']:.1%}" if "dominant_share" in t else "-"
+        arb = f"{t['arbitrated_share']:.2%}" if "arbitrated_share" in t else "-"
+        print(f"{METHOD_LABELS[method]:<34}{t['layers']:>7}{t['kept_energy']:>8.1%}{dom:>10}{arb:>9}{rep.seconds:>7.1f}s", file=stream)
+
+
+def _write_report(path: Path, reports: dict, extra: dict) -> None:
+    data = {"casa_lora_version": __version__, **extra, "methods": {m: r.to_json() for m, r in reports.items()}}
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def _write_heatmaps(out_dir: Path, summaries: dict) -> list[Path]:
+    from .png import write_png
+    from .render import layer_heatmap
+
+    written = []
+    if not summaries:
+        return written
+    # the layer with the largest arbitrated share is the most interesting one to look at
+    def arb_share(s):
+        return float(s["arbitrated"].sum() / s["count"].sum())
+
+    best = max(summaries, key=lambda k: arb_share(summaries[k]))
+    for name in [best]:
+        p = out_dir / f"heatmap_{name.replace('.', '_')}.png"
+        write_png(p, layer_heatmap(summaries[name]))
+        written.append(p)
+    return written
+
+
+def cmd_demo(a) -> int:
+    from . import synth
+    from .formats.checkpoint import Checkpoint
+    from .formats.lora import read_lora
+    from .formats.safetensors_io import write_file
+
+    out = Path(a.out)
+    (out / "models").mkdir(parents=True, exist_ok=True)
+    (out / "loras").mkdir(parents=True, exist_ok=True)
+    shape = synth.WanShape(dim=a.dim, ffn_dim=a.ffn_dim, blocks=a.blocks)
+    print(f"casa-lora {__version__} demo: Wan-shaped trio, dim {shape.dim}, ffn {shape.ffn_dim}, {shape.blocks} blocks", file=sys.stderr)
+    base, svd = synth.wan_state_dict(shape, seed=0)
+    paths = {"base": out / "models" / "wan_base.safetensors", "distilled": out / "models" / "wan_distilled.safetensors",
+             "lora": out / "loras" / "style_lora.safetensors"}
+    write_file(str(paths["base"]), base)
+    write_file(str(paths["distilled"]), synth.distill(base, svd, rel_drift=a.drift))
+    write_file(str(paths["lora"]), synth.style_lora(svd))
+    cache = out / "cache"
+    source, target = Checkpoint(paths["base"], memo_dir=cache), Checkpoint(paths["distilled"], memo_dir=cache)
+    basis = load_or_build_basis(source, cache, device=a.device, progress=Bar("basis"))
+    drift = load_or_build_drift(basis, WeightDifference(source, target), cache, device=a.device, progress=Bar("drift"))
+    lora = read_lora(paths["lora"], basis.layers, strength=1.0)
+    reports, summaries = {}, {}
+    for method in METHODS:
+        cfg = TransferConfig(method=method, params=_params(a), output=_output(a), device=a.device)
+        reports[method] = run_transfer_to_file(
+            lora, basis, drift, cfg, 1.0, out / "loras" / f"transferred_{method}.safetensors",
+            progress=Bar(method[:10]), summaries=summaries if method == "casa" else None,
+        )
+    _write_report(out / "report.json", reports, {"source": str(paths["base"]), "target": str(paths["distilled"]), "lora": str(paths["lora"])})
+    pngs = _write_heatmaps(out, summaries)
+    print()
+    summary_table(reports)
+    print(f"\nfiles in {out}: models/, loras/transferred_<method>.safetensors, report.json, " + ", ".join(p.name for p in pngs))
+    return 0
+
+
+def cmd_transfer(a) -> int:
+    from .formats.checkpoint import Checkpoint
+    from .formats.lora import read_lora
+
+    cache = Path(a.cache_dir)
+    source = Checkpoint(a.source, memo_dir=cache)
+    if (a.target is None) == (a.distill_lora is None):
+        raise CasaError("give exactly one of --target (a distilled checkpoint) or --distill-lora (a distillation LoRA)")
+    methods = a.method
+    basis = drift = None
+    if any(m != "direct" for m in methods):
+        basis = load_or_build_basis(source, cache, device=a.device, progress=Bar("basis"))
+        if a.target is not None:
+            dsrc = WeightDifference(source, Checkpoint(a.target, memo_dir=cache))
+        else:
+            dsrc = LoRADrift(read_lora(a.distill_lora, source.layers, strength=a.distill_strength, memo_dir=cache))
+        drift = load_or_build_drift(basis, dsrc, cache, device=a.device, progress=Bar("drift"))
+    lora = read_lora(a.lora, source.layers, strength=a.strength, memo_dir=cache)
+    out = Path(a.out)
+    dtype = getattr(torch, a.dtype)
+    reports = {}
+    for method in methods:
+        path = out if len(methods) == 1 else out.with_name(f"{out.stem}_{method}{out.suffix}")
+        cfg = TransferConfig(method=method, params=_params(a), output=_output(a), device=a.device)
+        reports[method] = run_transfer_to_file(lora, basis, drift, cfg, a.strength, path, dtype=dtype, progress=Bar(method[:10]))
+        print(f"wrote {path}", file=sys.stderr)
+    if a.report:
+        _write_report(Path(a.report), reports, {"source": a.source, "target": a.target or a.distill_lora, "lora": a.lora})
+    print()
+    summary_table(reports)
+    if lora.unmatched:
+        print(f"\n{len(lora.unmatched)} LoRA key(s) matched no layer and were left out, e.g. {lora.unmatched[0]}")
+    if lora.passthrough:
+        print(f"{len(lora.passthrough)} non-low-rank key(s) carried through unchanged")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m casa_core", description="Transfer a base-model LoRA to a distilled model (CASA, ProLoRA, direct reuse).")
+    p.add_argument("--version", action="version", version=__version__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    d = sub.add_parser("demo", help="build a small Wan-shaped base/distilled/LoRA trio and transfer with every method")
+    d.add_argument("--out", required=True, help="output folder")
+    d.add_argument("--dim", type=int, default=256)
+    d.add_argument("--ffn-dim", type=int, default=768)
+    d.add_argument("--blocks", type=int, default=4)
+    d.add_argument("--drift", type=float, default=3e-3, help="relative drift of the distilled model (default 0.003)")
+    _add_common(d)
+    t = sub.add_parser("transfer", help="transfer a LoRA between real checkpoint files")
+    t.add_argument("--source", required=True, help="base model checkpoint (.safetensors)")
+    t.add_argument("--target", help="distilled model checkpoint (.safetensors)")
+    t.add_argument("--distill-lora", help="instead of --target: a distillation LoRA applied to the base (lightx2v, CausVid …)")
+    t.add_argument("--distill-strength", type=float, default=1.0, help="strength of --distill-lora (default 1.0)")
+    t.add_argument("--lora", required=True, help="the LoRA to transfer")
+    t.add_argument("--strength", type=float, default=1.0, help="LoRA strength, applied before the transfer (default 1.0)")
+    t.add_argument("--method", nargs="+", choices=METHODS, default=["casa"], help="one or more methods (default casa)")
+    t.add_argument("--out", required=True, help="output LoRA path (with several methods, _<method> is appended)")
+    t.add_argument("--report", help="write a JSON report here")
+    _add_common(t)
+    return p
+
+
+def main(argv=None) -> int:
+    a = build_parser().parse_args(argv)
+    try:
+        return cmd_demo(a) if a.cmd == "demo" else cmd_transfer(a)
+    except CasaError as exc:
+        print(f"\nerror: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted: nothing half-written was left behind", file=sys.stderr)
+        return 130

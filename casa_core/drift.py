@@ -1,0 +1,181 @@
+"""The distillation drift ``C_F = U^T (W_t - W_s) V`` of every layer, cached on disk.
+
+``W_t - W_s`` is always formed from the two real weights in float32 (never from a rebuilt
+``W_s``), or taken directly as the dense delta of a distillation LoRA (lightx2v, CausVid,
+Lightning ...: the LoRA *is* the drift).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from . import layer as L
+from .basis import SourceBasis, WeightProvider, check_finite
+from .cache import LayerCache, Progress, decode, encode, settings_key
+from .errors import CasaError
+
+
+class DriftSource(Protocol):
+    def identity(self) -> str: ...
+
+    def delta(self, layer: str, shape: tuple[int, int]) -> torch.Tensor | None:
+        """``W_t - W_s`` in float32 (``out x in``), or None where the target equals the source."""
+
+    def describe(self) -> str: ...
+
+
+class WeightDifference:
+    """Drift between a source and a target weight provider (files or loaded models)."""
+
+    def __init__(self, source: WeightProvider, target: WeightProvider):
+        self.source, self.target = source, target
+
+    def identity(self) -> str:
+        return f"diff({self.source.identity()},{self.target.identity()})"
+
+    def describe(self) -> str:
+        return f"{_name(self.target)} - {_name(self.source)}"
+
+    def delta(self, layer: str, shape: tuple[int, int]) -> torch.Tensor | None:
+        tshape = self.target.layers.get(layer)
+        if tshape is None:
+            return None
+        if tuple(tshape) != tuple(shape):
+            raise CasaError(
+                f"{_name(self.target)}, layer {layer}: the target weight is {tshape[0]}x{tshape[1]} but the "
+                f"source's is {shape[0]}x{shape[1]} — the two models are not the same architecture",
+                file=_name(self.target), layer=layer,
+            )
+        wt = self.target.get(layer).float()
+        check_finite(wt, _name(self.target), layer)
+        ws = self.source.get(layer).float()
+        check_finite(ws, _name(self.source), layer)
+        return wt - ws
+
+
+class LoRADrift:
+    """Drift given by a distillation LoRA applied to the source (its dense update)."""
+
+    def __init__(self, lora):  # casa_core.formats.lora.LoRAFile
+        self.lora = lora
+
+    def identity(self) -> str:
+        return self.lora.identity()
+
+    def describe(self) -> str:
+        return f"distillation LoRA {Path(self.lora.path).name}"
+
+    def delta(self, layer: str, shape: tuple[int, int]) -> torch.Tensor | None:
+        total = None
+        upd = self.lora.updates.get(layer)
+        if upd is not None:
+            total = upd.dense() if hasattr(upd, "dense") else upd.delta
+        diff = self.lora.passthrough_layers.get(layer)
+        if diff is not None:
+            total = diff.float() if total is None else total + diff.float()
+        return total
+
+
+def _name(p) -> str:
+    return str(getattr(p, "path", None) or p.identity())
+
+
+class TargetDrift:
+    """A complete drift cache; ``layer(name, basis_layer)`` loads one layer's ``C_F``."""
+
+    def __init__(self, cache: LayerCache, basis: SourceBasis):
+        self.cache = cache
+        self.basis = basis
+        self.manifest = cache.manifest()
+        self.info: dict[str, dict] = self.manifest["layers"]
+        self.identity: str = self.manifest["drift"]
+        self.description: str = self.manifest.get("description", "")
+
+    def layer(self, name: str, basis_layer: L.LayerBasis, device: torch.device | str = "cpu") -> L.LayerDrift:
+        info = self.info[name]
+        n = basis_layer.S.numel()
+        if info["mode"] == "zero":
+            return L.LayerDrift(name, torch.zeros(n, n, device=device))
+        with self.cache.open_layer(name) as f:
+            c_f = decode(f, "C_F", device)
+            comp = None
+            if info["mode"] == "householder":
+                packed = f.get("Q2_packed").to(device=device, dtype=torch.float32)
+                n2 = packed.shape[1]
+                r = torch.triu(packed[:n2]) * float(f.get("Q2_packed.rscale")[0])
+                refl = torch.tril(packed, diagonal=-1)
+                tau = torch.where(
+                    torch.tensor(info["tau_zero"], device=device, dtype=torch.bool),
+                    torch.zeros(n2, device=device),
+                    torch.ones(n2, device=device),
+                )
+                tau = L.linalg.householder_tau(refl, tau)
+                comp = L.Complement(c_f=r, packed=refl, tau=tau)
+            elif info["mode"] == "explicit":
+                comp = L.Complement(c_f=decode(f, "C_F2", device), q=decode(f, "Q2", device))
+        return L.LayerDrift(name, c_f, comp)
+
+    def bytes_on_disk(self) -> int:
+        return self.cache.bytes_on_disk()
+
+
+def _encode_drift(d: L.LayerDrift, storage: str) -> tuple[dict[str, torch.Tensor], dict]:
+    tensors = {"C_F" + s: v for s, v in encode(d.c_f, storage, scaled=True).items()}
+    comp = d.complement
+    info: dict = {"mode": "top"}
+    if comp is not None and comp.packed is not None:
+        n2 = comp.size
+        r = comp.c_f
+        peak = float(r.abs().max())
+        rscale = peak / 2.0**14 if (peak > 0 and storage == "float16") else 1.0
+        packed = comp.packed.clone()
+        packed[:n2] += torch.triu(r) / rscale
+        dtype = torch.float16 if storage == "float16" else torch.float32
+        tensors["Q2_packed"] = packed.to(dtype).cpu().contiguous()
+        tensors["Q2_packed.rscale"] = torch.tensor([rscale], dtype=torch.float32)
+        info = {"mode": "householder", "tau_zero": (comp.tau == 0).tolist()}
+    elif comp is not None:
+        tensors.update({"Q2" + s: v for s, v in encode(comp.q, storage, scaled=False).items()})
+        tensors.update({"C_F2" + s: v for s, v in encode(comp.c_f, storage, scaled=True).items()})
+        info = {"mode": "explicit"}
+    return tensors, info
+
+
+def load_or_build_drift(
+    basis: SourceBasis,
+    drift: DriftSource,
+    cache_dir: str | Path,
+    *,
+    device: torch.device | str = "cpu",
+    layers=None,
+    progress: Progress | None = None,
+) -> TargetDrift:
+    """The cached drift of ``drift`` in ``basis``' coordinates, computing it when needed."""
+    key = settings_key("drift", basis.key, drift.identity())
+    cache = LayerCache(Path(cache_dir), "drift", key)
+    names = list(layers if layers is not None else basis.layers)
+    if cache.complete:
+        td = TargetDrift(cache, basis)
+        if set(names) <= set(td.info):
+            return td
+
+    def compute(name: str):
+        shape = basis.layers[name]
+        delta = drift.delta(name, shape)
+        if delta is None or not bool(delta.any()):
+            return {}, {"mode": "zero", "norm": 0.0, "missing": delta is None}
+        b = basis.layer(name, device)
+        d = L.compute_drift(b, delta.to(device=device, dtype=torch.float32))
+        tensors, info = _encode_drift(d, basis.storage)
+        info["norm"] = float(torch.linalg.matrix_norm(delta.float()))
+        info["missing"] = False
+        return tensors, info
+
+    cache.build(
+        names, compute,
+        {"drift": drift.identity(), "basis": basis.key, "description": drift.describe()},
+        progress,
+    )
+    return TargetDrift(cache, basis)

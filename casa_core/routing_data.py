@@ -1,0 +1,64 @@
+"""Cluster-level routing data of one layer, for reports and heatmaps.
+
+Clusters are numbered by their smallest singular index (so in order of decreasing singular
+value).  When a layer has more than ``max_groups`` clusters, consecutive clusters are merged
+into groups of roughly equal size, so pictures stay legible for 1536- and 5120-wide layers.
+One more group collects every row/column beyond the leading subspace (index >= k).
+
+Per group pair (a, b) the data hold sums over the block ``rows in a x columns in b``:
+``drift_energy`` (sum C_F^2), ``lora_energy`` (sum C_L^2), ``dot`` (sum C_L * C_F),
+``count``, ``restored`` (entries outside D) and ``arbitrated``; ``preserved = count -
+restored - arbitrated``.  Alignment = dot / sqrt(lora_energy * drift_energy).
+"""
+from __future__ import annotations
+
+import torch
+
+from .routing import Routing
+
+MAX_GROUPS = 48
+
+
+def cluster_groups(labels: torch.Tensor, n_clusters: int, max_groups: int = MAX_GROUPS) -> torch.Tensor:
+    """Group index of every cluster."""
+    if n_clusters <= max_groups:
+        return torch.arange(n_clusters)
+    sizes = torch.bincount(labels, minlength=n_clusters).double()
+    start = torch.cumsum(sizes, 0) - sizes  # members before each cluster
+    return torch.clamp((start * max_groups / sizes.sum()).long(), max=max_groups - 1)
+
+
+def _pair_sums(x: torch.Tensor, row_g: torch.Tensor, col_g: torch.Tensor, g: int) -> torch.Tensor:
+    rows = torch.zeros(g, x.shape[1], dtype=torch.float64, device=x.device).index_add_(0, row_g, x.double())
+    return torch.zeros(g, g, dtype=torch.float64, device=x.device).index_add_(1, col_g, rows)
+
+
+def routing_summary(c_l: torch.Tensor, c_f: torch.Tensor, routing: Routing, max_groups: int = MAX_GROUPS) -> dict[str, torch.Tensor]:
+    k = routing.k
+    group_of_cluster = cluster_groups(routing.labels.cpu(), routing.n_clusters, max_groups).to(c_l.device)
+    n_groups = int(group_of_cluster.max()) + 1 if routing.n_clusters else 0
+    outside = n_groups  # the extra group beyond k
+    g = n_groups + 1
+    row_g = torch.full((c_l.shape[0],), outside, dtype=torch.long, device=c_l.device)
+    col_g = torch.full((c_l.shape[1],), outside, dtype=torch.long, device=c_l.device)
+    row_g[:k] = group_of_cluster[routing.labels]
+    col_g[:k] = group_of_cluster[routing.labels]
+    d = routing.dominance.mask()
+    arb = routing.arbitrated_mask if routing.arbitrated_mask is not None else torch.zeros_like(d)
+    out = {
+        "drift_energy": _pair_sums(c_f * c_f, row_g, col_g, g),
+        "lora_energy": _pair_sums(c_l * c_l, row_g, col_g, g),
+        "dot": _pair_sums(c_l * c_f, row_g, col_g, g),
+        "count": _pair_sums(torch.ones_like(c_l), row_g, col_g, g),
+        "restored": _pair_sums((~d).to(c_l.dtype), row_g, col_g, g),
+        "arbitrated": _pair_sums(arb.to(c_l.dtype), row_g, col_g, g),
+    }
+    out = {name: t.float().cpu() for name, t in out.items()}
+    out["labels"] = routing.labels.to(torch.int32).cpu()
+    out["cluster_group"] = group_of_cluster.to(torch.int32).cpu()
+    out["recv_dominant"] = routing.dominance.recv_dominant.to(torch.uint8).cpu()
+    out["send_dominant"] = routing.dominance.send_dominant.to(torch.uint8).cpu()
+    out["rho_recv"] = routing.dominance.rho_recv.float().cpu()
+    out["rho_send"] = routing.dominance.rho_send.float().cpu()
+    out["cosine_groups"] = (out["dot"] / (out["lora_energy"] * out["drift_energy"]).sqrt().clamp_min(1e-30))
+    return out
