@@ -13,7 +13,7 @@ import torch
 
 from . import layer as L
 from .basis import SourceBasis, WeightProvider, check_finite
-from .cache import LayerCache, Progress, decode, encode, settings_key
+from .cache import LayerCache, Progress, encode, settings_key
 from .errors import CasaError
 
 
@@ -95,33 +95,38 @@ class TargetDrift:
 
     def layer(self, name: str, basis_layer: L.LayerBasis, device: torch.device | str = "cpu") -> L.LayerDrift:
         info = self.info[name]
-        n = basis_layer.S.numel()
         if info["mode"] == "zero":
+            n = basis_layer.S.numel()
             return L.LayerDrift(name, torch.zeros(n, n, device=device))
         with self.cache.open_layer(name) as f:
-            c_f = decode(f, "C_F", device)
-            comp = None
-            if info["mode"] == "householder":
-                packed = f.get("Q2_packed").to(device=device, dtype=torch.float32)
-                n2 = packed.shape[1]
-                r = torch.triu(packed[:n2]) * float(f.get("Q2_packed.rscale")[0])
-                refl = torch.tril(packed, diagonal=-1)
-                tau = torch.where(
-                    torch.tensor(info["tau_zero"], device=device, dtype=torch.bool),
-                    torch.zeros(n2, device=device),
-                    torch.ones(n2, device=device),
-                )
-                tau = L.linalg.householder_tau(refl, tau)
-                comp = L.Complement(c_f=r, packed=refl, tau=tau)
-            elif info["mode"] == "explicit":
-                comp = L.Complement(c_f=decode(f, "C_F2", device), q=decode(f, "Q2", device))
-        return L.LayerDrift(name, c_f, comp)
+            return decode_drift(name, {k: f.get(k) for k in f.keys()}, info, device)
 
     def bytes_on_disk(self) -> int:
         return self.cache.bytes_on_disk()
 
 
-def _encode_drift(d: L.LayerDrift, storage: str) -> tuple[dict[str, torch.Tensor], dict]:
+def decode_drift(name: str, tensors: dict[str, torch.Tensor], info: dict, device: torch.device | str = "cpu") -> L.LayerDrift:
+    """Inverse of :func:`encode_drift`."""
+
+    def dec(key: str) -> torch.Tensor:
+        t = tensors[key].to(device=device, dtype=torch.float32)
+        return t * float(tensors[key + ".scale"][0]) if key + ".scale" in tensors else t
+
+    comp = None
+    if info["mode"] == "householder":
+        packed = tensors["Q2_packed"].to(device=device, dtype=torch.float32)
+        n2 = packed.shape[1]
+        r = torch.triu(packed[:n2]) * float(tensors["Q2_packed.rscale"][0])
+        refl = torch.tril(packed, diagonal=-1)
+        nonzero = ~torch.tensor(info["tau_zero"], dtype=torch.bool, device=device)
+        comp = L.Complement(c_f=r, packed=refl, tau=L.linalg.householder_tau(refl, nonzero.float()))
+    elif info["mode"] == "explicit":
+        comp = L.Complement(c_f=dec("C_F2"), q=dec("Q2"))
+    return L.LayerDrift(name, dec("C_F"), comp)
+
+
+def encode_drift(d: L.LayerDrift, storage: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """The tensors stored for one layer's drift (``C_F`` scaled to float16, the complement)."""
     tensors = {"C_F" + s: v for s, v in encode(d.c_f, storage, scaled=True).items()}
     comp = d.complement
     info: dict = {"mode": "top"}
@@ -168,7 +173,7 @@ def load_or_build_drift(
             return {}, {"mode": "zero", "norm": 0.0, "missing": delta is None}
         b = basis.layer(name, device)
         d = L.compute_drift(b, delta.to(device=device, dtype=torch.float32))
-        tensors, info = _encode_drift(d, basis.storage)
+        tensors, info = encode_drift(d, basis.storage)
         info["norm"] = float(torch.linalg.matrix_norm(delta.float()))
         info["missing"] = False
         return tensors, info

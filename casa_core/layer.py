@@ -129,6 +129,15 @@ def compute_drift(basis: LayerBasis, d_f: torch.Tensor) -> LayerDrift:
     return LayerDrift(basis.name, c_f, complement_of(e))
 
 
+def drift_dense(basis: LayerBasis, drift: LayerDrift) -> torch.Tensor:
+    """``dF`` rebuilt from its coordinates, ``out x in`` (for checks and benchmarks)."""
+    w = basis.U @ drift.c_f
+    if drift.complement is not None:
+        w = w + drift.complement.expand(drift.complement.c_f)
+    w = w @ basis.V.T
+    return w.T if basis.transposed else w
+
+
 def complement_of(e: torch.Tensor) -> Complement | None:
     """Orthonormal coordinates of ``E`` (``M x N``, orthogonal to ``span(U)``)."""
     enorm = float(torch.linalg.matrix_norm(e))

@@ -123,7 +123,7 @@ def iter_transfer(
 ) -> Iterator[LayerResult]:
     cfg.validate()
     method = cfg.method
-    names = sorted(lora.updates, key=_natural_key)
+    names = transfer_order(lora)
     if method != "direct":
         if basis is None or drift is None:
             raise ValueError(f"method {method} needs a source basis and a drift")
@@ -204,12 +204,31 @@ def run_transfer_to_file(
                     summaries[r.layer] = r.summary
                 yield r
         results = keep(results)
+    if cfg.output.mode == "exact":
+        # shapes are known up front: stream one dense layer at a time
+        entries = [(name, "diff", (_shape(lora.updates[name]),)) for name in transfer_order(lora)]
+        tensors = (r.output.tensors for r in results)
+    else:
+        # ranks are only known once computed (energy mode); low-rank factors are small
+        kept = [(r.layer, r.output.kind, tuple(t.to(dtype) for t in r.output.tensors)) for r in results]
+        entries = [(layer, kind, tuple(tuple(t.shape) for t in ts)) for layer, kind, ts in kept]
+        tensors = (ts for _, _, ts in kept)
     write_comfy_lora(
-        str(out_path), results, passthrough=lora.passthrough,
+        str(out_path), entries, tensors, passthrough=lora.passthrough,
         metadata=provenance(lora, basis, drift, cfg, strength), dtype=dtype,
     )
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def transfer_order(lora) -> list[str]:
+    return sorted(lora.updates, key=_natural_key)
+
+
+def _shape(upd) -> tuple[int, int]:
+    if hasattr(upd, "up"):
+        return (int(upd.up.shape[0]), int(upd.down.shape[1]))
+    return tuple(int(x) for x in upd.delta.shape)
 
 
 def _natural_key(name: str):

@@ -82,6 +82,7 @@ def plain_casa(cl, cf, s, square, tau, q_dom, q_act, energy, restore=True, arbit
             cos[a, b] = (bl * bf).sum() / (np.linalg.norm(bl) * np.linalg.norm(bf) + 1e-8)
     new = np.where(D, cl, cl - cf if restore else cl)
     arb = np.zeros_like(D)
+    score, thr = None, None
     if arbitrate:
         score = np.abs(cl * cf)
         for i in range(rows):
@@ -94,7 +95,7 @@ def plain_casa(cl, cf, s, square, tau, q_dom, q_act, energy, restore=True, arbit
             arb = cand & (score > thr)
             for i, j in zip(*np.nonzero(arb)):
                 new[i, j] = cl[i, j] - cf[i, j] if abs(cl[i, j]) > abs(cf[i, j]) else 0.0
-    return new, dict(k=k, labels=labels, D=D, arb=arb)
+    return new, dict(k=k, labels=labels, D=D, arb=arb, score=score, thr=thr)
 
 
 # ---------------------------------------------------------------- fixtures ---------------
