@@ -20,7 +20,7 @@ from casa_core.routing import CasaParams
 from casa_core.transfer import TransferConfig, run_transfer_to_file
 from safetensors.torch import load_file
 
-from .test_routing import plain_casa
+from helpers.plain import plain_casa
 
 SHAPE = synth.WanShape(dim=128, ffn_dim=256, blocks=2)
 
