@@ -1,0 +1,1 @@
+"""Shared test helpers (synthetic checkpoints and LoRA files); see lora_formats.py."""
