@@ -1,0 +1,201 @@
+"""Model checkpoints (safetensors), read lazily one layer at a time.
+
+**Weight providers.** The maths side reads weights through a tiny protocol (:class:`WeightProvider`),
+which :class:`Checkpoint` implements and which a ComfyUI model adapter can implement too:
+
+* ``.layers`` -> ``dict[str, tuple[int, int]]``: canonical layer name -> (out, in) of its 2-D weight;
+* ``.get(layer)`` -> the weight as a float32 CPU tensor (dequantised, never an alias of live memory);
+* ``.identity()`` -> a string that changes whenever the weights can differ (used as a cache key);
+  for a file, ``"file:" + blake2b digest of its content``.
+
+A layer is every 2-D ``<module>.weight`` tensor, whatever the model family: conv kernels, 1-D norms,
+modulation tables and biases are not layers (they are listed in ``other_keys``). Key layouts handled:
+original names, ComfyUI repacks with ``model.diffusion_model.`` (or ``diffusion_model.``, ``model.model.``,
+``net.``) prefixes, and Wan diffusers names (translated to original names).
+
+**fp8.** Plain ``float8_e4m3fn``/``float8_e5m2`` weights are upcast. Scaled fp8 stores the weight divided
+by a scale: legacy files carry ``<module>.scale_weight`` (plus a ``scaled_fp8`` marker), newer ComfyUI
+files ``<module>.weight_scale`` (scalar, or per output row) with a ``<module>.comfy_quant`` JSON tensor
+or a ``_quantization_metadata`` header entry; the weight is ``w.float() * scale``. Other quantisation
+formats (nvfp4, mxfp8, int8, …) pack weights differently and are refused with a clear message.
+"""
+from __future__ import annotations
+
+import json
+import os
+from types import TracebackType
+from typing import Protocol, runtime_checkable
+
+import torch
+
+from casa_core.errors import CasaError
+from casa_core.formats.keys import diffusers_to_original, is_diffusers_wan, strip_model_prefix
+from casa_core.formats.safetensors_io import SafeTensorsFile, file_digest
+
+__all__ = ["WeightProvider", "Checkpoint", "check_finite"]
+
+_FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+_FP8_FORMATS = {"float8_e4m3fn": torch.float8_e4m3fn, "float8_e5m2": torch.float8_e5m2}
+_SCALE_SUFFIXES = ("scale_weight", "weight_scale")
+
+
+@runtime_checkable
+class WeightProvider(Protocol):
+    """Anything the maths can read weights from (see the module docstring)."""
+
+    @property
+    def layers(self) -> dict[str, tuple[int, int]]: ...
+
+    def get(self, layer: str) -> torch.Tensor: ...
+
+    def identity(self) -> str: ...
+
+
+def check_finite(tensor: torch.Tensor, *, file: str, layer: str | None, what: str) -> None:
+    """Raise a CasaError naming ``file`` (and ``layer``) when a float tensor holds NaN or Inf."""
+    if not tensor.is_floating_point():
+        return
+    t = tensor.float() if tensor.dtype in _FP8 else tensor
+    if not bool(torch.isfinite(t).all()):
+        where = f"{file}, layer {layer}" if layer is not None else file
+        raise CasaError(f"{where}: {what} contains NaN/Inf values", file=file, layer=layer)
+
+
+class Checkpoint:
+    """A safetensors model file as a :class:`WeightProvider`; tensors are read only when asked for."""
+
+    def __init__(self, path: str | os.PathLike[str], memo_dir: str | os.PathLike[str] | None = None):
+        self._file = SafeTensorsFile(path)
+        self.path: str = self._file.path
+        self._memo_dir = memo_dir
+        self._digest: str | None = None
+        try:
+            self._index()
+        except BaseException:
+            self._file.close()
+            raise
+
+    def _index(self) -> None:
+        f = self._file
+        keys = f.keys()
+        diffusers = is_diffusers_wan(keys)
+        quant_meta = self._quantization_metadata()
+
+        self._weight_key: dict[str, str] = {}
+        self._scale_key: dict[str, str] = {}
+        self._fp8_view: dict[str, torch.dtype] = {}
+        used: set[str] = set()
+        for key in keys:
+            if not key.endswith(".weight") or len(f.shape(key)) != 2:
+                continue
+            raw_module = key[: -len(".weight")]
+            name = strip_model_prefix(raw_module)
+            layer = diffusers_to_original(name) if diffusers else name
+            if layer in self._weight_key:
+                raise CasaError(f"{self.path}: keys '{self._weight_key[layer]}' and '{key}' are both the "
+                                f"weight of layer {layer}", file=self.path, layer=layer)
+            self._weight_key[layer] = key
+            used.add(key)
+            for suffix in _SCALE_SUFFIXES:
+                if f"{raw_module}.{suffix}" in f:
+                    self._scale_key[layer] = f"{raw_module}.{suffix}"
+                    used.add(self._scale_key[layer])
+            conf_key = f"{raw_module}.comfy_quant"
+            conf = None
+            if conf_key in f:
+                conf = self._read_quant_conf(conf_key, layer)
+                used.add(conf_key)
+            elif raw_module in quant_meta:
+                conf = quant_meta[raw_module]
+            if conf is not None:
+                self._apply_quant_conf(layer, key, conf)
+
+        self.layers: dict[str, tuple[int, int]] = {
+            layer: (f.shape(key)[0], f.shape(key)[1]) for layer, key in self._weight_key.items()
+        }
+        self.other_keys: list[str] = [k for k in keys if k not in used]
+
+    def _quantization_metadata(self) -> dict[str, dict]:
+        raw = self._file.metadata.get("_quantization_metadata")
+        if not raw:
+            return {}
+        try:
+            layers = json.loads(raw).get("layers", {})
+        except (ValueError, AttributeError):
+            raise CasaError(f"{self.path}: its _quantization_metadata header entry is not valid JSON",
+                            file=self.path) from None
+        return layers if isinstance(layers, dict) else {}
+
+    def _read_quant_conf(self, key: str, layer: str) -> dict:
+        try:
+            conf = json.loads(self._file.get(key).numpy().tobytes().decode("utf-8"))
+        except (ValueError, UnicodeDecodeError):
+            raise CasaError(f"{self.path}, layer {layer}: '{key}' is not valid quantisation JSON",
+                            file=self.path, layer=layer) from None
+        return conf if isinstance(conf, dict) else {}
+
+    def _apply_quant_conf(self, layer: str, key: str, conf: dict) -> None:
+        fmt = conf.get("format")
+        if fmt not in _FP8_FORMATS:
+            raise CasaError(f"{self.path}, layer {layer}: weights quantised as '{fmt}' are not supported; "
+                            f"use the bf16, fp16 or fp8 release of this model", file=self.path, layer=layer)
+        stored = self._file.dtype(key)
+        if stored in (torch.uint8, torch.int8):  # fp8 bytes stored as integers: reinterpret
+            self._fp8_view[layer] = _FP8_FORMATS[fmt]
+
+    # -- WeightProvider -------------------------------------------------------------------------------
+
+    def _key(self, layer: str) -> str:
+        try:
+            return self._weight_key[layer]
+        except KeyError:
+            raise CasaError(f"{self.path} has no layer {layer}", file=self.path, layer=layer) from None
+
+    def storage_dtype(self, layer: str) -> torch.dtype:
+        """The dtype the layer's weight is stored in (fp8 for scaled-fp8 files)."""
+        return self._fp8_view.get(layer) or self._file.dtype(self._key(layer))
+
+    def get(self, layer: str) -> torch.Tensor:
+        """The layer's weight as a float32 CPU tensor, dequantised (``w.float() * scale``)."""
+        w = self._file.get(self._key(layer))
+        if layer in self._fp8_view:
+            w = w.view(self._fp8_view[layer])
+        w = w.float()
+        scale_key = self._scale_key.get(layer)
+        if scale_key is not None:
+            scale = self._file.get(scale_key).float()
+            if scale.numel() == 1:
+                w = w * scale.reshape(())
+            elif scale.numel() == w.shape[0]:
+                w = w * scale.reshape(-1, 1)
+            else:
+                raise CasaError(f"{self.path}, layer {layer}: scale '{scale_key}' has shape "
+                                f"{list(scale.shape)}, neither a scalar nor one value per output row",
+                                file=self.path, layer=layer)
+        check_finite(w, file=self.path, layer=layer, what="weight")
+        return w
+
+    def digest(self) -> str:
+        """blake2b digest of the file content (memoised in ``memo_dir`` when one was given)."""
+        if self._digest is None:
+            self._digest = file_digest(self.path, self._memo_dir)
+        return self._digest
+
+    def identity(self) -> str:
+        return "file:" + self.digest()
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        return self._file.metadata
+
+    # -- lifetime -------------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
