@@ -13,7 +13,7 @@ import torch
 
 from . import layer as L
 from .cache import STORAGE_DTYPES, LayerCache, Progress, decode, encode, settings_key
-from .errors import CasaError
+from .formats.checkpoint import check_finite
 
 
 class WeightProvider(Protocol):
@@ -25,11 +25,6 @@ class WeightProvider(Protocol):
     def get(self, layer: str) -> torch.Tensor: ...  # float32, out x in
 
     def identity(self) -> str: ...
-
-
-def check_finite(w: torch.Tensor, what: str, layer: str) -> None:
-    if not bool(torch.isfinite(w).all()):
-        raise CasaError(f"{what}, layer {layer}: weight contains NaN/Inf values", file=what, layer=layer)
 
 
 class SourceBasis:
@@ -89,7 +84,7 @@ def load_or_build_basis(
 
     def compute(name: str):
         w = source.get(name).to(device=device, dtype=torch.float32)
-        check_finite(w, str(what), name)
+        check_finite(w, file=str(what), layer=name, what="weight")
         b = L.compute_basis(name, w)
         tensors = {}
         for key, t, scaled in (("U", b.U, False), ("S", b.S, None), ("V", b.V, False)):

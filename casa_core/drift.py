@@ -12,9 +12,10 @@ from typing import Protocol
 import torch
 
 from . import layer as L
-from .basis import SourceBasis, WeightProvider, check_finite
+from .basis import SourceBasis, WeightProvider
 from .cache import LayerCache, Progress, encode, settings_key
 from .errors import CasaError
+from .formats.checkpoint import check_finite
 
 
 class DriftSource(Protocol):
@@ -49,9 +50,9 @@ class WeightDifference:
                 file=_name(self.target), layer=layer,
             )
         wt = self.target.get(layer).float()
-        check_finite(wt, _name(self.target), layer)
+        check_finite(wt, file=_name(self.target), layer=layer, what="weight")
         ws = self.source.get(layer).float()
-        check_finite(ws, _name(self.source), layer)
+        check_finite(ws, file=_name(self.source), layer=layer, what="weight")
         return wt - ws
 
 

@@ -190,6 +190,7 @@ def run_transfer_to_file(
     summaries: dict | None = None,
 ) -> TransferReport:
     """Transfer and write a ComfyUI-loadable LoRA file (atomically)."""
+    from .formats.keys import comfy_key
     from .formats.lora_write import write_comfy_lora
 
     t0 = time.perf_counter()
@@ -204,17 +205,21 @@ def run_transfer_to_file(
                     summaries[r.layer] = r.summary
                 yield r
         results = keep(results)
+    passthrough = lora.passthrough_at_strength()
     if cfg.output.mode == "exact":
         # shapes are known up front: stream one dense layer at a time
         entries = [(name, "diff", (_shape(lora.updates[name]),)) for name in transfer_order(lora)]
-        tensors = (r.output.tensors for r in results)
+        # a full .diff the LoRA also carries for a transferred layer is added to its update
+        extra = {n: passthrough.pop(comfy_key(n, "diff")) for n, _, _ in entries if comfy_key(n, "diff") in passthrough}
+        tensors = ((r.output.tensors[0] + extra[r.layer].float(),) if r.layer in extra else r.output.tensors
+                   for r in results)
     else:
         # ranks are only known once computed (energy mode); low-rank factors are small
         kept = [(r.layer, r.output.kind, tuple(t.to(dtype) for t in r.output.tensors)) for r in results]
         entries = [(layer, kind, tuple(tuple(t.shape) for t in ts)) for layer, kind, ts in kept]
         tensors = (ts for _, _, ts in kept)
     write_comfy_lora(
-        str(out_path), entries, tensors, passthrough=lora.passthrough,
+        str(out_path), entries, tensors, passthrough=passthrough,
         metadata=provenance(lora, basis, drift, cfg, strength), dtype=dtype,
     )
     report.seconds = time.perf_counter() - t0

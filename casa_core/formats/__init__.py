@@ -5,11 +5,11 @@ names (``blocks.0.self_attn.q``) and float32 tensors.
 """
 from __future__ import annotations
 
-from casa_core.formats.checkpoint import Checkpoint, WeightProvider
-from casa_core.formats.keys import LayerMatcher, diffusers_to_original, is_diffusers_wan, strip_model_prefix
-from casa_core.formats.lora import DenseUpdate, LoRAFile, LowRankUpdate, read_lora
-from casa_core.formats.lora_write import write_comfy_lora
-from casa_core.formats.safetensors_io import SafeTensorsFile, StreamingWriter, file_digest, write_file
+from .checkpoint import Checkpoint, WeightProvider
+from .keys import LayerMatcher, diffusers_to_original, is_diffusers_wan, strip_model_prefix
+from .lora import DenseUpdate, LoRAFile, LowRankUpdate, read_lora
+from .lora_write import write_comfy_lora
+from .safetensors_io import SafeTensorsFile, StreamingWriter, file_digest, write_file
 
 __all__ = [
     "Checkpoint",

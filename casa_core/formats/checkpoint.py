@@ -28,9 +28,9 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from casa_core.errors import CasaError
-from casa_core.formats.keys import diffusers_to_original, is_diffusers_wan, strip_model_prefix
-from casa_core.formats.safetensors_io import SafeTensorsFile, file_digest
+from ..errors import CasaError
+from .keys import diffusers_to_original, is_diffusers_wan, strip_model_prefix
+from .safetensors_io import SafeTensorsFile, file_digest
 
 __all__ = ["WeightProvider", "Checkpoint", "check_finite"]
 

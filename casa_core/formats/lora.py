@@ -38,10 +38,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from casa_core.errors import CasaError
-from casa_core.formats.checkpoint import check_finite
-from casa_core.formats.keys import LayerMatcher, comfy_key, is_diffusers_wan, strip_lora_prefix
-from casa_core.formats.safetensors_io import SafeTensorsFile, file_digest
+from ..errors import CasaError
+from .checkpoint import check_finite
+from .keys import LayerMatcher, comfy_key, is_diffusers_wan, strip_lora_prefix
+from .safetensors_io import SafeTensorsFile, file_digest
 
 __all__ = ["LowRankUpdate", "DenseUpdate", "LoRAFile", "read_lora"]
 

@@ -23,8 +23,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
 
-from casa_core.formats.keys import comfy_key
-from casa_core.formats.safetensors_io import StreamingWriter
+from .keys import comfy_key
+from .safetensors_io import StreamingWriter
 
 __all__ = ["LayerEntry", "lora_keys", "write_comfy_lora"]
 

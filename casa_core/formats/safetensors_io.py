@@ -29,7 +29,7 @@ from typing import BinaryIO
 
 import torch
 
-from casa_core.errors import CasaError
+from ..errors import CasaError
 
 __all__ = [
     "DTYPES",
