@@ -149,6 +149,10 @@ def encode_drift(d: L.LayerDrift, storage: str) -> tuple[dict[str, torch.Tensor]
     return tensors, info
 
 
+def drift_cache(basis: SourceBasis, drift: DriftSource, cache_dir: str | Path) -> LayerCache:
+    return LayerCache(Path(cache_dir), "drift", settings_key("drift", basis.key, drift.identity()))
+
+
 def load_or_build_drift(
     basis: SourceBasis,
     drift: DriftSource,
@@ -159,8 +163,7 @@ def load_or_build_drift(
     progress: Progress | None = None,
 ) -> TargetDrift:
     """The cached drift of ``drift`` in ``basis``' coordinates, computing it when needed."""
-    key = settings_key("drift", basis.key, drift.identity())
-    cache = LayerCache(Path(cache_dir), "drift", key)
+    cache = drift_cache(basis, drift, cache_dir)
     names = list(layers if layers is not None else basis.layers)
     if cache.complete:
         td = TargetDrift(cache, basis)

@@ -1,0 +1,61 @@
+"""CASASaveLoRA: write the transferred LoRA so that the stock LoRA loaders use it later."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+import folder_paths
+from comfy_api.latest import io, ui
+
+from ..casa_core.formats.lora_write import write_comfy_lora
+from .common import CATEGORY, ReportType
+
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def next_path(folder: str, prefix: str) -> tuple[str, str]:
+    """``<folder>/<prefix>_00001.safetensors`` with the first free counter; also the name relative to folder."""
+    prefix = prefix.strip().replace("\\", "/").lstrip("/") or "casa/transferred"
+    if ".." in prefix.split("/"):
+        raise ValueError(f"filename_prefix must stay inside the loras folder, got {prefix!r}")
+    sub, base = os.path.split(prefix)
+    target = os.path.join(folder, sub)
+    os.makedirs(target, exist_ok=True)
+    n = 1
+    while os.path.exists(os.path.join(target, f"{base}_{n:05d}.safetensors")):
+        n += 1
+    rel = os.path.join(sub, f"{base}_{n:05d}.safetensors") if sub else f"{base}_{n:05d}.safetensors"
+    return os.path.join(folder, rel), rel
+
+
+class CASASaveLoRA(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="CASASaveLoRA",
+            display_name="CASA Save LoRA",
+            category=CATEGORY,
+            description="Saves the transferred LoRA into your loras folder; load it later with the normal "
+                        "LoRA loader (LoraLoaderModelOnly) at strength 1.",
+            inputs=[
+                ReportType.Input("report", tooltip="From CASA Transfer LoRA."),
+                io.String.Input("filename_prefix", default="casa/transferred",
+                                tooltip="File name inside the loras folder; a counter and .safetensors are added."),
+                io.Combo.Input("dtype", options=list(DTYPES), default="float16",
+                               tooltip="Precision of the saved file."),
+            ],
+            outputs=[],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, report, filename_prefix, dtype) -> io.NodeOutput:
+        folder = folder_paths.get_folder_paths("loras")[0]
+        path, rel = next_path(folder, filename_prefix)
+        layers = list(report.outputs)
+        entries = [(name, report.outputs[name].kind, tuple(tuple(t.shape) for t in report.outputs[name].tensors))
+                   for name in layers]
+        write_comfy_lora(path, entries, (report.outputs[name].tensors for name in layers),
+                         passthrough=report.passthrough, metadata=report.metadata, dtype=DTYPES[dtype])
+        return io.NodeOutput(ui=ui.PreviewText(f"saved {rel} in the loras folder ({len(layers)} layers)"))

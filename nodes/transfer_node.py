@@ -1,0 +1,150 @@
+"""CASATransferLoRA: transfer a base-model LoRA onto the distilled MODEL through the model patcher."""
+from __future__ import annotations
+
+import time
+
+import torch
+
+import comfy.lora
+import folder_paths
+from comfy.weight_adapter import LoRAAdapter
+from comfy_api.latest import io, ui
+
+from ..casa_core.factorize import OutputSpec
+from ..casa_core.formats.lora import read_lora
+from ..casa_core.routing import CasaParams
+from ..casa_core.transfer import TransferConfig, TransferReport, config_dict, iter_transfer, provenance
+from .common import CATEGORY, DriftType, ReportHandle, ReportType, cache_dir, compute_device, progress_callback
+
+METHOD_CHOICES = {
+    "CASA": "casa",
+    "CASA restoration only": "restoration_only",
+    "CASA arbitration only": "arbitration_only",
+    "ProLoRA": "prolora",
+    "direct reuse": "direct",
+}
+INJECTION_CHOICES = {"low-rank": "lowrank", "exact": "exact"}
+
+
+def _exact_dtype(model) -> torch.dtype:
+    """The dtype the model computes in (its weights' dtype unless they are stored in fp8)."""
+    dm = model.model
+    dtype = getattr(dm, "manual_cast_dtype", None) or dm.get_dtype()
+    return dtype if dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.bfloat16
+
+
+class CASATransferLoRA(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="CASATransferLoRA",
+            display_name="CASA Transfer LoRA",
+            category=CATEGORY,
+            description=(
+                "Applies a LoRA trained on the base model to the distilled model so that it keeps its "
+                "style without breaking the picture. Returns a patched copy of the model (the input "
+                "model is untouched) and a report for the heatmap and the LoRA saver."
+            ),
+            inputs=[
+                io.Model.Input("model", tooltip="The distilled model to apply the LoRA to (the same one "
+                               "connected to CASA Compute Drift)."),
+                DriftType.Input("drift", tooltip="From CASA Compute Drift."),
+                io.Combo.Input("lora_name", options=folder_paths.get_filename_list("loras"),
+                               tooltip="The LoRA trained on the BASE model (any trainer's format)."),
+                io.Float.Input("strength", default=1.0, min=-4.0, max=4.0, step=0.01,
+                               tooltip="LoRA strength. Applied before the transfer: CASA decides what "
+                               "to keep at this strength, so set it here, not on a later loader."),
+                io.Combo.Input("method", options=list(METHOD_CHOICES), default="CASA",
+                               tooltip="CASA: restore the LoRA where distillation moved little, arbitrate "
+                               "where it moved a lot. The ablations, ProLoRA and 'direct reuse' (what the "
+                               "normal LoRA loader does) are there to compare."),
+                io.Float.Input("tau", default=0.5, min=0.0001, max=100.0, step=0.05,
+                               tooltip="How easily singular directions are grouped into clusters "
+                               "(smaller = bigger clusters). The paper finds 1-10 stable; 0.5 is the default."),
+                io.Float.Input("q_dom", default=0.5, min=0.0, max=1.0, step=0.01,
+                               tooltip="Which clusters count as dominant for the distilled model: those "
+                               "above this quantile of drift density. Higher protects less of the "
+                               "distilled model. Paper: 0.45-0.55."),
+                io.Float.Input("q_act", default=0.85, min=0.0, max=1.0, step=0.01,
+                               tooltip="Inside dominant regions, how many aligned entries are arbitrated: "
+                               "those above this quantile of interference score (lower = more arbitration)."),
+                io.Float.Input("energy", default=0.9, min=0.01, max=1.0, step=0.01,
+                               tooltip="Share of a square layer's energy that defines its leading subspace."),
+                io.Combo.Input("injection", options=list(INJECTION_CHOICES), default="low-rank",
+                               tooltip="low-rank: a LoRA-sized patch (little memory; the report says how "
+                               "much of the update it keeps). exact: the full update as a weight "
+                               "difference, as much memory as the model's linear weights."),
+                io.Int.Input("rank", default=128, min=1, max=4096, step=1,
+                             tooltip="Rank of the low-rank patch (ignored for exact injection)."),
+                io.Float.Input("kept_energy", default=0.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="If above 0: pick each layer's rank to keep this share of the "
+                               "update's energy (up to rank 512) instead of a fixed rank."),
+            ],
+            outputs=[
+                io.Model.Output(display_name="model"),
+                ReportType.Output(display_name="report"),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, drift, lora_name, strength, method, tau, q_dom, q_act, energy, injection,
+                rank, kept_energy) -> io.NodeOutput:
+        t0 = time.perf_counter()
+        path = folder_paths.get_full_path_or_raise("loras", lora_name)
+        basis = drift.basis.basis
+        lora = read_lora(path, basis.layers, strength=strength, memo_dir=cache_dir())
+        mode = INJECTION_CHOICES[injection]
+        if mode == "exact":
+            spec = OutputSpec(mode="exact", rank=None)
+        elif kept_energy > 0:
+            spec = OutputSpec(mode="lowrank", rank=None, energy=kept_energy)
+        else:
+            spec = OutputSpec(mode="lowrank", rank=rank)
+        cfg = TransferConfig(method=METHOD_CHOICES[method], params=CasaParams(tau=tau, q_dom=q_dom, q_act=q_act,
+                             energy=energy), output=spec, device=str(compute_device()))
+        report = TransferReport(cfg.method, config_dict(cfg, strength))
+        passthrough = lora.passthrough_at_strength()
+        report.passthrough = sorted(passthrough)
+        report.unmatched = list(lora.unmatched)
+        handle = ReportHandle(report, lora_name, strength, provenance(lora, basis, drift.drift, cfg, strength),
+                              passthrough=passthrough)
+        dtype = _exact_dtype(model)
+        patches = {}
+        for res in iter_transfer(lora, basis, drift.drift, cfg, report, progress_callback(len(lora.updates))):
+            out = res.output
+            if out.kind == "diff":
+                out.tensors = (out.tensors[0].to(dtype),)
+                patches[f"diffusion_model.{res.layer}.weight"] = ("diff", out.tensors)
+            else:
+                up, down = out.tensors
+                patches[f"diffusion_model.{res.layer}.weight"] = LoRAAdapter(set(), (up, down, None, None, None, None))
+            handle.outputs[res.layer] = out
+            if res.summary is not None:
+                handle.summaries[res.layer] = res.summary
+        patched = model.clone()
+        added = set(patched.add_patches(patches, 1.0))
+        missing = sorted(set(patches) - added)
+        if passthrough:
+            key_map = comfy.lora.model_lora_keys_unet(patched.model, {})
+            patched.add_patches(comfy.lora.load_lora(passthrough, key_map), 1.0)
+        report.seconds = time.perf_counter() - t0
+        return io.NodeOutput(patched, handle, ui=ui.PreviewText(_summary(handle, method, injection, missing)))
+
+
+def _summary(h: ReportHandle, method: str, injection: str, missing: list[str]) -> str:
+    t = h.report.totals()
+    lines = [
+        f"{method} transfer of {h.lora_name} at strength {h.strength:g}: {t['layers']} layers in {h.report.seconds:.1f} s",
+        f"injection {injection}: keeps {t['kept_energy']:.1%} of the update's energy",
+    ]
+    if "dominant_share" in t:
+        lines.append(f"dominant region {t['dominant_share']:.1%} of entries, arbitrated {t['arbitrated_share']:.2%}")
+    if h.report.no_drift:
+        lines.append(f"{len(h.report.no_drift)} layer(s) identical in both models (LoRA applied as is)")
+    if h.report.passthrough:
+        lines.append(f"{len(h.report.passthrough)} non-low-rank key(s) carried through unchanged")
+    if h.report.unmatched:
+        lines.append(f"{len(h.report.unmatched)} LoRA key(s) match no layer and were left out, e.g. {h.report.unmatched[0]}")
+    if missing:
+        lines.append(f"{len(missing)} layer(s) not found in the model, e.g. {missing[0]}")
+    return "\n".join(lines)
