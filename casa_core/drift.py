@@ -114,39 +114,35 @@ def decode_drift(name: str, tensors: dict[str, torch.Tensor], info: dict, device
         return t * float(tensors[key + ".scale"][0]) if key + ".scale" in tensors else t
 
     comp = None
-    if info["mode"] == "householder":
-        packed = tensors["Q2_packed"].to(device=device, dtype=torch.float32)
-        n2 = packed.shape[1]
-        r = torch.triu(packed[:n2]) * float(tensors["Q2_packed.rscale"][0])
-        refl = torch.tril(packed, diagonal=-1)
-        nonzero = ~torch.tensor(info["tau_zero"], dtype=torch.bool, device=device)
-        comp = L.Complement(c_f=r, packed=refl, tau=L.linalg.householder_tau(refl, nonzero.float()))
-    elif info["mode"] == "explicit":
-        comp = L.Complement(c_f=dec("C_F2"), q=dec("Q2"))
+    if info["mode"] == "complement":
+        q = dec("Q2")
+        if "C_F2.triu" in tensors:  # upper triangular, stored as its upper triangle
+            n = q.shape[1]
+            rows, cols = torch.triu_indices(n, n, device=device)
+            c_f2 = torch.zeros(n, n, device=device)
+            c_f2[rows, cols] = dec("C_F2.triu")
+        else:
+            c_f2 = dec("C_F2")
+        comp = L.Complement(c_f=c_f2, q=q)
     return L.LayerDrift(name, dec("C_F"), comp)
 
 
 def encode_drift(d: L.LayerDrift, storage: str) -> tuple[dict[str, torch.Tensor], dict]:
-    """The tensors stored for one layer's drift (``C_F`` scaled to float16, the complement)."""
+    """The tensors stored for one layer's drift: ``C_F`` (scaled float16), the complement's
+    ``Q2`` and ``C_F2`` (its upper triangle only when it is triangular)."""
     tensors = {"C_F" + s: v for s, v in encode(d.c_f, storage, scaled=True).items()}
     comp = d.complement
-    info: dict = {"mode": "top"}
-    if comp is not None and comp.packed is not None:
-        n2 = comp.size
-        r = comp.c_f
-        peak = float(r.abs().max())
-        rscale = peak / 2.0**14 if (peak > 0 and storage == "float16") else 1.0
-        packed = comp.packed.clone()
-        packed[:n2] += torch.triu(r) / rscale
-        dtype = torch.float16 if storage == "float16" else torch.float32
-        tensors["Q2_packed"] = packed.to(dtype).cpu().contiguous()
-        tensors["Q2_packed.rscale"] = torch.tensor([rscale], dtype=torch.float32)
-        info = {"mode": "householder", "tau_zero": (comp.tau == 0).tolist()}
-    elif comp is not None:
-        tensors.update({"Q2" + s: v for s, v in encode(comp.q, storage, scaled=False).items()})
-        tensors.update({"C_F2" + s: v for s, v in encode(comp.c_f, storage, scaled=True).items()})
-        info = {"mode": "explicit"}
-    return tensors, info
+    if comp is None:
+        return tensors, {"mode": "top"}
+    tensors.update({"Q2" + s: v for s, v in encode(comp.q, storage, scaled=False).items()})
+    c = comp.c_f
+    n = c.shape[0]
+    if c.shape[0] == c.shape[1] and not bool(torch.tril(c, diagonal=-1).any()):
+        rows, cols = torch.triu_indices(n, n, device=c.device)
+        tensors.update({"C_F2.triu" + s: v for s, v in encode(c[rows, cols], storage, scaled=True).items()})
+    else:
+        tensors.update({"C_F2" + s: v for s, v in encode(c, storage, scaled=True).items()})
+    return tensors, {"mode": "complement"}
 
 
 def drift_cache(basis: SourceBasis, drift: DriftSource, cache_dir: str | Path) -> LayerCache:

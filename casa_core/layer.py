@@ -15,9 +15,10 @@ Completion (what we use instead of LAPACK's).  Rows of the routing matrices beyo
 coordinates in the orthogonal complement of ``span(U)``.  We use, in this order:
 
 1. ``Q2``: an orthonormal basis of the drift's own complement part ``E = (I - U U^T) dF V``,
-   from the Householder QR of ``E`` (so ``C_F`` there is the triangular ``R``), or, when ``E``
-   is numerically rank-deficient (a drift coming from a distillation LoRA), from its principal
-   directions with negligible ones dropped.  Computed once per drift.
+   from the QR decomposition of ``E`` (so ``C_F`` there is the triangular ``R``: Gram-Schmidt
+   order follows ``V``'s singular directions), or, when ``E`` is numerically rank-deficient (a
+   drift coming from a distillation LoRA), from its principal directions with negligible ones
+   dropped.  Computed once per drift.
 2. ``Q3``: an orthonormal basis of what is left of the LoRA after removing ``span(U, Q2)``
    (at most its rank); there ``C_F = 0``.  Computed per LoRA.
 3. Everything else is orthogonal to both the drift and the LoRA: ``C_L = C_F = 0`` and any
@@ -35,7 +36,7 @@ import torch
 from . import linalg
 
 # A complement QR whose smallest |R_ii| is below this share of the largest is treated as
-# rank-deficient: Householder reflectors would then contain arbitrary directions.
+# rank-deficient: the QR's Q would then contain arbitrary directions.
 RANK_DEFICIENT_RTOL = 1e-4
 
 
@@ -79,16 +80,11 @@ def compute_basis(name: str, w: torch.Tensor) -> LayerBasis:
 
 @dataclass
 class Complement:
-    """Coordinates of the drift outside ``span(U)``: ``Q2`` and ``C_F2 = Q2^T dF V``.
+    """Coordinates of the drift outside ``span(U)``: an orthonormal ``q`` (``M x n2``) and
+    ``c_f = q^T dF V`` (``n2 x N``; upper triangular when ``q`` comes from a QR of the drift)."""
 
-    Either ``packed``/``tau`` (Householder form, ``Q2`` never formed, ``C_F2`` = its ``R``) or
-    an explicit ``q`` with ``c_f``.
-    """
-
-    c_f: torch.Tensor  # n2 x N
-    packed: torch.Tensor | None = None  # M x n2 reflectors below the diagonal
-    tau: torch.Tensor | None = None
-    q: torch.Tensor | None = None  # M x n2
+    c_f: torch.Tensor
+    q: torch.Tensor
 
     @property
     def size(self) -> int:
@@ -96,17 +92,11 @@ class Complement:
 
     def coords(self, x: torch.Tensor) -> torch.Tensor:
         """``Q2^T x`` for ``x: M x r``."""
-        if self.q is not None:
-            return self.q.T @ x
-        return linalg.apply_q(self.packed, self.tau, x, transpose=True)[: self.size]
+        return self.q.T @ x
 
     def expand(self, c: torch.Tensor) -> torch.Tensor:
         """``Q2 c`` for ``c: n2 x r``."""
-        if self.q is not None:
-            return self.q @ c
-        full = c.new_zeros(self.packed.shape[0], c.shape[1])
-        full[: self.size] = c
-        return linalg.apply_q(self.packed, self.tau, full, transpose=False)
+        return self.q @ c
 
 
 @dataclass
@@ -140,20 +130,14 @@ def drift_dense(basis: LayerBasis, drift: LayerDrift) -> torch.Tensor:
 
 def complement_of(e: torch.Tensor) -> Complement | None:
     """Orthonormal coordinates of ``E`` (``M x N``, orthogonal to ``span(U)``)."""
-    enorm = float(torch.linalg.matrix_norm(e))
-    if enorm == 0.0:
+    if float(torch.linalg.matrix_norm(e)) == 0.0:
         return None
-    packed, tau = linalg.geqrf(e)
-    n2 = tau.numel()
-    diag = packed.diagonal()[:n2].abs()
-    if n2 and float(diag.min()) > RANK_DEFICIENT_RTOL * float(diag.max()):
-        r = torch.triu(packed[:n2])
-        reflectors = torch.tril(packed, diagonal=-1)
-        return Complement(c_f=r, packed=reflectors, tau=linalg.householder_tau(reflectors, tau))
+    q, r = linalg.qr(e)
+    diag = r.diagonal().abs()
+    if diag.numel() and float(diag.min()) > RANK_DEFICIENT_RTOL * float(diag.max()):
+        return Complement(c_f=r, q=q)
     q, c = linalg.orthonormal_columns(e)
-    if q.shape[1] == 0:
-        return None
-    return Complement(c_f=c, q=q)
+    return Complement(c_f=c, q=q) if q.shape[1] else None
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """Small linear-algebra helpers shared by the basis, drift and transfer code.
 
 Everything here runs in float32 on the caller's device and falls back to the CPU for
-operations a device lacks (``linalg_svd``/``linalg_eigh``/``geqrf`` on MPS or an Ascend NPU,
+operations a device lacks (``linalg_svd``, ``linalg_eigh`` or ``linalg_qr`` on MPS or an Ascend NPU,
 for example).  Nothing uses float64 on the device.
 """
 from __future__ import annotations
@@ -39,28 +39,9 @@ def eigh(sym: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return _on_cpu_fallback(torch.linalg.eigh, sym.float())
 
 
-def geqrf(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Householder QR in LAPACK's packed form (R above the diagonal, reflectors below)."""
-    return _on_cpu_fallback(torch.geqrf, a.float())
-
-
-def apply_q(packed: torch.Tensor, tau: torch.Tensor, x: torch.Tensor, transpose: bool) -> torch.Tensor:
-    """Multiply ``x`` by the Householder ``Q`` (``Q^T x`` when ``transpose``) without forming ``Q``."""
-    return _on_cpu_fallback(
-        lambda p, t, y: torch.ormqr(p, t, y, left=True, transpose=transpose), packed, tau, x
-    )
-
-
-def householder_tau(packed: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
-    """Recompute ``tau = 2 / ||v||^2`` from stored reflectors.
-
-    After the reflectors were rounded for storage, this makes every ``I - tau v v^T`` exactly
-    orthogonal again (in the working precision), so ``Q`` stays orthonormal.
-    """
-    n = tau.numel()
-    below = torch.tril(packed[:, :n], diagonal=-1)
-    vnorm2 = 1.0 + (below * below).sum(dim=0)
-    return torch.where(tau == 0, torch.zeros_like(tau), 2.0 / vnorm2)
+def qr(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reduced QR decomposition in float32."""
+    return _on_cpu_fallback(torch.linalg.qr, a.float())
 
 
 def exact_quantile(values: torch.Tensor, q: float) -> torch.Tensor:
@@ -81,14 +62,33 @@ def exact_quantile(values: torch.Tensor, q: float) -> torch.Tensor:
     return torch.lerp(v_lo, v_hi, torch.tensor(frac, dtype=x.dtype, device=x.device))
 
 
+def _lu_basis(y: torch.Tensor) -> torch.Tensor:
+    """A well-conditioned basis of ``span(y)``: the row-permuted unit-lower ``L`` of ``y = P L U``.
+
+    Far cheaper than a QR and enough to keep power iterations from collapsing (the entries of
+    ``L`` are bounded by 1 thanks to pivoting); only the last step needs an orthonormal basis.
+    """
+    lu, pivots = _on_cpu_fallback(torch.linalg.lu_factor, y)
+    m, k = y.shape
+    lower = torch.tril(lu[:, :k], diagonal=-1)
+    lower.diagonal().fill_(1.0)
+    perm = list(range(m))
+    for i, p in enumerate(pivots.tolist()):
+        perm[i], perm[p - 1] = perm[p - 1], perm[i]
+    inverse = torch.empty(m, dtype=torch.long)
+    inverse[torch.tensor(perm)] = torch.arange(m)
+    return lower[inverse.to(lower.device)]
+
+
 def top_singular(
-    c: torch.Tensor, rank: int, power_iters: int = 6, oversample: int = 16
+    c: torch.Tensor, rank: int, power_iters: int = 4, oversample: int = 16
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Leading ``rank`` singular triplets of ``c`` (rows x cols), deterministically.
 
-    Subspace iteration with a fixed-seed start and re-orthonormalisation at every step,
-    then an exact SVD of the small projected matrix.  When the rank is a sizeable part of the
-    matrix, the exact SVD is cheaper and is used instead.
+    Randomized subspace iteration (Halko, Martinsson & Tropp) with a fixed-seed start, LU
+    normalisation between the power steps and one QR at the end, then an exact SVD of the small
+    projected matrix.  When the rank is a sizeable part of the matrix, the exact SVD is cheaper
+    and is used instead.  The caller measures the error actually made.
     """
     rows, cols = c.shape
     small = min(rows, cols)
@@ -101,13 +101,14 @@ def top_singular(
         return u[:, :rank], s[:rank], vh[:rank]
     gen = torch.Generator(device="cpu").manual_seed(_RANGE_FINDER_SEED)
     omega = torch.randn(cols, width, generator=gen).to(c.device, c.dtype)
-    y = c @ omega
-    q = torch.linalg.qr(y).Q
-    for _ in range(power_iters):
-        z = torch.linalg.qr(c.T @ q).Q
-        q = torch.linalg.qr(c @ z).Q
-    small_mat = q.T @ c
-    u_s, s, vh = svd(small_mat)
+    q = _lu_basis(c @ omega)
+    for i in range(power_iters):
+        z = _lu_basis(c.T @ q)
+        y = c @ z
+        q = qr(y)[0] if i == power_iters - 1 else _lu_basis(y)
+    if power_iters == 0:
+        q = qr(q)[0]
+    u_s, s, vh = svd(q.T @ c)
     return q @ u_s[:, :rank], s[:rank], vh[:rank]
 
 

@@ -28,9 +28,9 @@ def cluster_groups(labels: torch.Tensor, n_clusters: int, max_groups: int = MAX_
     return torch.clamp((start * max_groups / sizes.sum()).long(), max=max_groups - 1)
 
 
-def _pair_sums(x: torch.Tensor, row_g: torch.Tensor, col_g: torch.Tensor, g: int) -> torch.Tensor:
-    rows = torch.zeros(g, x.shape[1], dtype=torch.float64, device=x.device).index_add_(0, row_g, x.double())
-    return torch.zeros(g, g, dtype=torch.float64, device=x.device).index_add_(1, col_g, rows)
+def _pair_sums(x: torch.Tensor, row_oh: torch.Tensor, col_oh: torch.Tensor) -> torch.Tensor:
+    """``row_oh @ x @ col_oh^T`` with one-hot group matrices (a few dozen groups: two GEMMs)."""
+    return (row_oh @ x @ col_oh.T).double()
 
 
 def routing_summary(c_l: torch.Tensor, c_f: torch.Tensor, routing: Routing, max_groups: int = MAX_GROUPS) -> dict[str, torch.Tensor]:
@@ -45,14 +45,17 @@ def routing_summary(c_l: torch.Tensor, c_f: torch.Tensor, routing: Routing, max_
     col_g[:k] = group_of_cluster[routing.labels]
     d = routing.dominance.mask()
     arb = routing.arbitrated_mask if routing.arbitrated_mask is not None else torch.zeros_like(d)
+    row_oh = torch.nn.functional.one_hot(row_g, g).T.to(c_l.dtype)
+    col_oh = torch.nn.functional.one_hot(col_g, g).T.to(c_l.dtype)
     out = {
-        "drift_energy": _pair_sums(c_f * c_f, row_g, col_g, g),
-        "lora_energy": _pair_sums(c_l * c_l, row_g, col_g, g),
-        "dot": _pair_sums(c_l * c_f, row_g, col_g, g),
-        "count": _pair_sums(torch.ones_like(c_l), row_g, col_g, g),
-        "restored": _pair_sums((~d).to(c_l.dtype), row_g, col_g, g),
-        "arbitrated": _pair_sums(arb.to(c_l.dtype), row_g, col_g, g),
+        "drift_energy": _pair_sums(c_f * c_f, row_oh, col_oh),
+        "lora_energy": _pair_sums(c_l * c_l, row_oh, col_oh),
+        "dot": _pair_sums(c_l * c_f, row_oh, col_oh),
+        "restored": _pair_sums((~d).to(c_l.dtype), row_oh, col_oh),
+        "arbitrated": _pair_sums(arb.to(c_l.dtype), row_oh, col_oh),
     }
+    sizes_r, sizes_c = row_oh.sum(1).double(), col_oh.sum(1).double()
+    out["count"] = sizes_r[:, None] * sizes_c[None, :]
     out = {name: t.float().cpu() for name, t in out.items()}
     out["labels"] = routing.labels.to(torch.int32).cpu()
     out["cluster_group"] = group_of_cluster.to(torch.int32).cpu()

@@ -170,7 +170,7 @@ def test_rank_deficient_drift_uses_explicit_complement():
     df = torch.randn(m, 2, generator=g, dtype=torch.float64) @ torch.randn(2, n, generator=g, dtype=torch.float64) * 0.01
     basis = L.compute_basis("x", ws.float())
     drift = L.compute_drift(basis, df.float())
-    assert drift.complement.q is not None and drift.complement.size <= 2
+    assert drift.complement.size <= 2  # the rank-revealing path, not a full QR
     co = L.coordinates(basis, drift, b.float(), a.float())
     torch.testing.assert_close(co.to_dense(co.c_f()).double(), df, rtol=0, atol=1e-6)
     torch.testing.assert_close(co.to_dense(co.c_l()).double(), b @ a, rtol=0, atol=1e-5)
@@ -202,3 +202,23 @@ def test_prolora_against_explicit_projectors(shape):
     np.testing.assert_allclose(got, expect, atol=2e-5)
     phi = np.linalg.norm(us[:, :k].T @ ut[:, :k]) ** 2 / k
     assert abs(upd.stats["phi_left"] - phi) < 1e-4
+
+
+def test_routing_summary_group_sums_match_plain_sums():
+    from casa_core.routing_data import routing_summary
+
+    m = n = 40
+    ws, df, b, a = make_layer(m, n, seed=13)
+    u, s, v = full_bases(ws)
+    cl, cf = ((u.T @ b) @ (a @ v)).float(), (u.T @ df @ v).float()
+    _, routing = casa_update(cl, cf, s.float(), True, CasaParams())
+    summ = routing_summary(cl, cf, routing, max_groups=4)
+    g = summ["count"].shape[0]
+    assert g <= 5  # at most 4 groups + the one beyond k
+    assert float(summ["count"].sum()) == m * n
+    assert abs(float(summ["drift_energy"].sum()) - float((cf.double() ** 2).sum())) < 1e-6 * float((cf.double() ** 2).sum())
+    assert float(summ["restored"].sum()) == float((~routing.dominance.mask()).sum())
+    assert float(summ["arbitrated"].sum()) == float(routing.arbitrated_mask.sum())
+    # the beyond-k group holds exactly the rows and columns at or after k
+    k = routing.k
+    assert float(summ["count"][-1, -1]) == (m - k) * (n - k)
