@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import torch
+
 from ..layer import Coordinates
 from ..routing import CasaParams, casa_update
 from ..routing_data import routing_summary
@@ -26,3 +28,25 @@ def casa_layer(
     if summary:
         upd.summary = routing_summary(c_l, c_f, routing)
     return upd
+
+
+def casa_full_bases(
+    up: torch.Tensor,
+    down: torch.Tensor,
+    u: torch.Tensor,
+    s: torch.Tensor,
+    vh: torch.Tensor,
+    c_f: torch.Tensor,
+    params: CasaParams = CasaParams(),
+    variant: str = "casa",
+) -> tuple[torch.Tensor, dict]:
+    """CASA with the reference code's inputs: full bases ``U (m x m)``, ``S``, ``Vh (n x n)``,
+    the drift's routing ``C_F = U^T dF V`` and the LoRA factors (``up`` carrying any scale).
+
+    Returns ``C_new`` (the routing update, ``dCASA = U C_new Vh``) and the layer's statistics.
+    This is the parity path: no completion of our own is involved.
+    """
+    c_l = (u.T @ up) @ (down @ vh.T)
+    square = c_l.shape[0] == c_l.shape[1]
+    c_new, routing = casa_update(c_l, c_f, s, square, replace(params, **VARIANTS[variant]))
+    return c_new, dict(routing.stats)
