@@ -222,3 +222,18 @@ def test_routing_summary_group_sums_match_plain_sums():
     # the beyond-k group holds exactly the rows and columns at or after k
     k = routing.k
     assert float(summ["count"][-1, -1]) == (m - k) * (n - k)
+
+
+@pytest.mark.parametrize("shape", [(30, 30), (36, 12)])
+def test_parity_entry_point_with_reference_inputs(shape):
+    """casa_full_bases takes the reference code's inputs (B, A, U, S, Vh, C_F)."""
+    from casa_core.methods.casa import casa_full_bases
+
+    m, n = shape
+    ws, df, b, a = make_layer(m, n, seed=17)
+    u, s, v = full_bases(ws)
+    cf = u.T @ df @ v
+    got, stats = casa_full_bases(b.float(), a.float(), u.float(), s.float(), v.T.float(), cf.float())
+    exp, info = plain_casa((u.T @ b) @ (a @ v), cf, s, m == n, 0.5, 0.5, 0.85, 0.9)
+    assert stats["k"] == info["k"] and stats["arbitrated_entries"] == int(info["arb"].sum())
+    np.testing.assert_allclose(got.double().numpy(), exp, rtol=1e-4, atol=1e-6)
