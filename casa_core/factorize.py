@@ -92,8 +92,8 @@ def _truncate_dense(c: torch.Tensor, spec: OutputSpec) -> tuple[torch.Tensor, to
 
 def _truncate_factored(left: torch.Tensor, right: torch.Tensor, spec: OutputSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact SVD of ``left @ right`` through QR of the thin factors, then truncation."""
-    ql, rl = torch.linalg.qr(left)
-    qr_, rr = torch.linalg.qr(right.T)
+    ql, rl = linalg.qr(left)
+    qr_, rr = linalg.qr(right.T)
     u, s, vh = linalg.svd(rl @ rr.T)
     if spec.rank is not None:
         r = min(spec.rank, s.numel())

@@ -57,8 +57,11 @@ def exact_quantile(values: torch.Tensor, q: float) -> torch.Tensor:
     lo = int(math.floor(pos))
     hi = min(lo + 1, n - 1)
     frac = pos - lo
-    v_lo = torch.kthvalue(x, lo + 1).values
-    v_hi = v_lo if hi == lo else torch.kthvalue(x, hi + 1).values
+    def kth(i: int) -> torch.Tensor:
+        return _on_cpu_fallback(lambda t: torch.kthvalue(t, i).values, x)
+
+    v_lo = kth(lo + 1)
+    v_hi = v_lo if hi == lo else kth(hi + 1)
     return torch.lerp(v_lo, v_hi, torch.tensor(frac, dtype=x.dtype, device=x.device))
 
 

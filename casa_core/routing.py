@@ -109,7 +109,8 @@ def clusters(c_l_k: torch.Tensor, s_k: torch.Tensor, tau: float) -> tuple[torch.
     strong.fill_diagonal_(False)
     strong |= strong.T.clone()
     ei, ej = torch.nonzero(torch.triu(strong, diagonal=1), as_tuple=True)
-    labels = connected_components(ei, ej, k)
+    # graph bookkeeping on the CPU: small vectors, and integer scatter ops some devices lack
+    labels = connected_components(ei.cpu(), ej.cpu(), k).to(c_l_k.device)
     n_clusters = int(labels.max()) + 1 if k else 0
     return labels, n_clusters
 
@@ -147,8 +148,9 @@ def dominance(c_f: torch.Tensor, k: int, labels: torch.Tensor, n_clusters: int, 
     ck = c_f[:k, :k]
     rho_recv = cluster_mean(torch.linalg.vector_norm(ck, dim=1), labels, n_clusters)
     rho_send = cluster_mean(torch.linalg.vector_norm(ck, dim=0), labels, n_clusters)
-    recv_dom = rho_recv >= torch.quantile(rho_recv, q_dom)
-    send_dom = rho_send >= torch.quantile(rho_send, q_dom)
+    # one value per cluster: decided on the CPU (quantile is missing on some devices)
+    recv_dom = (rho_recv.cpu() >= torch.quantile(rho_recv.cpu(), q_dom)).to(c_f.device)
+    send_dom = (rho_send.cpu() >= torch.quantile(rho_send.cpu(), q_dom)).to(c_f.device)
     rows = torch.zeros(c_f.shape[0], dtype=torch.bool, device=c_f.device)
     cols = torch.zeros(c_f.shape[1], dtype=torch.bool, device=c_f.device)
     rows[:k] = recv_dom[labels]

@@ -23,14 +23,14 @@ def cluster_groups(labels: torch.Tensor, n_clusters: int, max_groups: int = MAX_
     """Group index of every cluster."""
     if n_clusters <= max_groups:
         return torch.arange(n_clusters)
-    sizes = torch.bincount(labels, minlength=n_clusters).double()
+    sizes = torch.bincount(labels.cpu(), minlength=n_clusters).double()
     start = torch.cumsum(sizes, 0) - sizes  # members before each cluster
     return torch.clamp((start * max_groups / sizes.sum()).long(), max=max_groups - 1)
 
 
 def _pair_sums(x: torch.Tensor, row_oh: torch.Tensor, col_oh: torch.Tensor) -> torch.Tensor:
     """``row_oh @ x @ col_oh^T`` with one-hot group matrices (a few dozen groups: two GEMMs)."""
-    return (row_oh @ x @ col_oh.T).double()
+    return (row_oh @ x @ col_oh.T).cpu().double()  # float64 only on the CPU
 
 
 def routing_summary(c_l: torch.Tensor, c_f: torch.Tensor, routing: Routing, max_groups: int = MAX_GROUPS) -> dict[str, torch.Tensor]:
@@ -54,7 +54,7 @@ def routing_summary(c_l: torch.Tensor, c_f: torch.Tensor, routing: Routing, max_
         "restored": _pair_sums((~d).to(c_l.dtype), row_oh, col_oh),
         "arbitrated": _pair_sums(arb.to(c_l.dtype), row_oh, col_oh),
     }
-    sizes_r, sizes_c = row_oh.sum(1).double(), col_oh.sum(1).double()
+    sizes_r, sizes_c = row_oh.sum(1).cpu().double(), col_oh.sum(1).cpu().double()
     out["count"] = sizes_r[:, None] * sizes_c[None, :]
     out = {name: t.float().cpu() for name, t in out.items()}
     out["labels"] = routing.labels.to(torch.int32).cpu()
