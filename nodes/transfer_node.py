@@ -133,9 +133,11 @@ class CASATransferLoRA(io.ComfyNode):
 
 def _summary(h: ReportHandle, method: str, injection: str, missing: list[str]) -> str:
     t = h.report.totals()
+    held = sum(x.numel() * x.element_size() for out in h.outputs.values() for x in out.tensors)
     lines = [
         f"{method} transfer of {h.lora_name} at strength {h.strength:g}: {t['layers']} layers in {h.report.seconds:.1f} s",
-        f"injection {injection}: keeps {t['kept_energy']:.1%} of the update's energy",
+        f"injection {injection}: keeps {t['kept_energy']:.1%} of the update's energy; the patch holds "
+        f"{held / 2**20:.1f} MiB",
     ]
     if "dominant_share" in t:
         lines.append(f"dominant region {t['dominant_share']:.1%} of entries, arbitrated {t['arbitrated_share']:.2%}")
