@@ -25,9 +25,9 @@ DEFAULT_CACHE = os.environ.get("CASA_CACHE_DIR") or str(Path.home() / ".cache" /
 class Bar:
     """A one-line progress bar on stderr (plain lines when stderr is not a terminal)."""
 
-    def __init__(self, label: str, stream=sys.stderr):
-        self.label, self.stream = label, stream
-        self.tty = stream.isatty()
+    def __init__(self, label: str, stream=None):
+        self.label, self.stream = label, stream or sys.stderr
+        self.tty = self.stream.isatty()
         self.t0 = time.perf_counter()
         self.last = 0.0
 
@@ -76,7 +76,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="torch device for the computation (default cpu)")
 
 
-def summary_table(reports: dict, stream=sys.stdout) -> None:
+def summary_table(reports: dict, stream=None) -> None:
+    stream = stream or sys.stdout
     head = f"{'method':<34}{'layers':>7}{'kept':>8}{'dominant':>10}{'arbitr.':>9}{'time':>8}"
     print(head, file=stream)
     print("-" * len(head), file=stream)

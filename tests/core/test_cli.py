@@ -1,0 +1,62 @@
+"""The command line: demo and transfer, end to end on tiny files."""
+from __future__ import annotations
+
+import json
+
+import torch
+from safetensors.torch import load_file
+
+from casa_core import synth
+from casa_core.cli import main
+from casa_core.formats.safetensors_io import write_file
+
+
+def test_demo_writes_every_method_a_report_and_a_picture(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--dim", "128", "--ffn-dim", "256", "--blocks", "1", "--rank", "8"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["methods"]) == {"casa", "restoration_only", "arbitration_only", "prolora", "direct"}
+    for method, rep in report["methods"].items():
+        sd = load_file(str(out / "loras" / f"transferred_{method}.safetensors"))
+        ups = [k for k in sd if k.endswith(".lora_up.weight")]
+        assert len(ups) == rep["totals"]["layers"] == 10
+        for k in ups:  # alpha = rank, so ComfyUI's scale is exactly 1
+            alpha = float(sd[k.replace(".lora_up.weight", ".alpha")])
+            assert alpha == sd[k].shape[1] <= 8 or method == "direct"
+    pngs = list(out.glob("*.png"))
+    assert pngs and all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
+    text = capsys.readouterr().out
+    assert "CASA (restoration + arbitration)" in text and "Direct reuse" in text
+
+
+def test_transfer_with_a_distillation_lora_and_two_methods(tmp_path):
+    shape = synth.WanShape(dim=128, ffn_dim=256, blocks=1)
+    base, svd = synth.wan_state_dict(shape, seed=0, dtype=torch.float32)
+    write_file(str(tmp_path / "base.safetensors"), base)
+    write_file(str(tmp_path / "distill.safetensors"), synth.style_lora(svd, rank=4, seed=5))
+    write_file(str(tmp_path / "style.safetensors"), synth.style_lora(svd, rank=4, seed=6))
+    args = ["transfer", "--source", str(tmp_path / "base.safetensors"), "--distill-lora",
+            str(tmp_path / "distill.safetensors"), "--lora", str(tmp_path / "style.safetensors"),
+            "--method", "casa", "direct", "--out", str(tmp_path / "out.safetensors"),
+            "--report", str(tmp_path / "r.json"), "--cache-dir", str(tmp_path / "cache"), "--injection", "exact"]
+    assert main(args) == 0
+    casa = load_file(str(tmp_path / "out_casa.safetensors"))
+    direct = load_file(str(tmp_path / "out_direct.safetensors"))
+    key = "diffusion_model.blocks.0.self_attn.q.diff"
+    assert key in casa and key in direct
+    assert not torch.allclose(casa[key].float(), direct[key].float())
+    meta = json.loads((tmp_path / "r.json").read_text())
+    assert meta["methods"]["casa"]["config"]["injection"] == "exact"
+
+
+def test_bad_input_is_one_sentence_and_exit_code_2(tmp_path, capsys):
+    (tmp_path / "not.safetensors").write_bytes(b"hello, I am not a tensor file at all")
+    base, svd = synth.wan_state_dict(synth.WanShape(dim=128, ffn_dim=256, blocks=1), dtype=torch.float32)
+    write_file(str(tmp_path / "base.safetensors"), base)
+    code = main(["transfer", "--source", str(tmp_path / "base.safetensors"), "--target",
+                 str(tmp_path / "base.safetensors"), "--lora", str(tmp_path / "not.safetensors"),
+                 "--out", str(tmp_path / "o.safetensors"), "--cache-dir", str(tmp_path / "c"), "--method", "direct"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "not.safetensors" in err and "not a safetensors file" in err
+    assert not (tmp_path / "o.safetensors").exists()
