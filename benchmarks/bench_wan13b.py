@@ -225,12 +225,11 @@ def main() -> int:
 
     proj = projection_14b(results, shape, WAN21_14B)
     big = WAN21_14B
-    elems14 = big.blocks * (8 * big.dim**2 * 3 + 2 * (big.ffn_dim * big.dim * 2 + big.dim**2 * 2))
     print(f"\nprojection for Wan2.1-14B shapes ({big.blocks} blocks, dim {big.dim}, ffn {big.ffn_dim}) on this machine:")
     print(f"  basis ~{results['basis_s'] * proj['flop_ratio'] / 60:.0f} min, drift ~{results['drift_s'] * proj['flop_ratio'] / 60:.0f} min, "
           f"per-LoRA low-rank ~{results['transfer_lowrank_s'] * proj['flop_ratio'] / 60:.0f} min (compute scales with width^3)")
     rss14 = results["transfer_lowrank_rss"] * proj["largest_layer_ratio"]
-    print(f"  cache ~{elems14 * 2 / GIB:.0f} GiB on disk; peak extra RSS ~{rss14 / GIB:.1f} GiB "
+    print(f"  cache ~{results['cache_bytes'] * proj['elem_ratio'] / GIB:.0f} GiB on disk; peak extra RSS ~{rss14 / GIB:.1f} GiB "
           f"(scales with the largest layer) -> {'fits' if rss14 < 20 * GIB else 'does NOT fit'} a 24 GB machine")
     (out / "results.json").write_text(json.dumps(results, indent=1))
     if not a.keep:
