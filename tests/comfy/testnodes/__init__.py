@@ -9,6 +9,8 @@ Loaded by the ComfyUI server started in tests/comfy/conftest.py (linked into its
   dict, so a test reads the sampled result from ``/history`` without saving files.
 * ``CasaTestSleep``: passes a LATENT through after sleeping, checking for interruption, so tests can
   exercise ``POST /interrupt`` on a prompt that is still running.
+* ``CasaTestDumpWeights`` (weights.py): loads a MODEL through ComfyUI (patches baked in) and writes the
+  live weights of the requested layers to the output folder, for comparison with independent maths.
 """
 import time
 
@@ -20,6 +22,8 @@ except ImportError:  # pragma: no cover - older ComfyUI
     from comfy_api.latest import ComfyExtension, io
 
 import comfy.model_management
+
+from .weights import CasaTestDumpWeights, CasaTestPatchInfo
 
 TEXT_DIM = 4096  # Wan's text_dim is fixed (never inferred from the checkpoint)
 
@@ -92,7 +96,7 @@ class CasaTestSleep(io.ComfyNode):
 
 class CasaTestExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [CasaTestZeroConditioning, CasaTestLatentStats, CasaTestSleep]
+        return [CasaTestZeroConditioning, CasaTestLatentStats, CasaTestSleep, CasaTestDumpWeights, CasaTestPatchInfo]
 
 
 async def comfy_entrypoint() -> CasaTestExtension:
