@@ -1,0 +1,117 @@
+"""(h) The second run of the same workflow reuses the basis and the drift from models/casa_cache: after
+POST /free {"free_memory": true, "unload_models": true} (which drops ComfyUI's own output cache, so every
+node really runs again), the ui text of CASALoadSourceBasis and CASAComputeDrift says "reused", the result
+is the same, and it is faster. Timings of both runs are reported in the terminal summary (with or without
+``-s``) and as junit properties."""
+import re
+import time
+import uuid
+
+import pytest
+
+from _fixtures_models import lora_file_deltas, load_safetensors_bytes, rel_err, tiny_set_in
+from graphs import add_save, casa_transfer_graph, ui_text
+
+_SUMMARY_LINES: list[str] = []
+
+
+class _TimingReporter:
+    """Registered at run time: prints the collected lines in pytest's terminal summary."""
+
+    def pytest_terminal_summary(self, terminalreporter):
+        if _SUMMARY_LINES:
+            terminalreporter.write_sep("-", "casa-lora: basis/drift cache timings")
+            for line in _SUMMARY_LINES:
+                terminalreporter.write_line(line)
+
+
+def report(request, line: str) -> None:
+    print(line)
+    pm = request.config.pluginmanager
+    if not pm.has_plugin("casa-cache-timings"):
+        pm.register(_TimingReporter(), "casa-cache-timings")
+    _SUMMARY_LINES.append(line)
+
+
+def node_seconds(text: str) -> float | None:
+    m = re.search(r"(\d+(?:\.\d+)?)\s*s\b", text)
+    return float(m.group(1)) if m else None
+
+
+def prompt_seconds(entry: dict) -> float:
+    """Execution time from the status messages' timestamps (ms), as ComfyUI recorded it."""
+    stamps = {name: d.get("timestamp") for name, d in entry["status"]["messages"] if isinstance(d, dict)}
+    return (stamps["execution_success"] - stamps["execution_start"]) / 1000.0
+
+
+def wait_for_free(client) -> None:
+    """/free only sets flags; the prompt worker acts on them after its current or next item. Run one cheap
+    prompt so the reset has certainly happened before the real one is queued."""
+    g = {"latent": {"class_type": "EmptyHunyuanLatentVideo",
+                    "inputs": {"width": 32 + 16 * (uuid.uuid4().int % 50), "height": 32, "length": 5, "batch_size": 1}},
+         "stats": {"class_type": "CasaTestLatentStats", "inputs": {"samples": ["latent", 0]}}}
+    client.run(g, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def reuse_set(comfy_server):
+    # content of its own (seed 7), so no earlier test can have cached it; dim 256 for measurable timings
+    return tiny_set_in(comfy_server.base_dir, "casa_reuse", seed=7, dim=256, ffn_dim=1024, blocks=2, fp8=False,
+                       distill_lora=False, style_formats=("kohya",), other_size=False)
+
+
+def test_second_run_reuses_basis_and_drift(comfy_server, reuse_set, request, record_property):
+    ts = reuse_set
+    g = casa_transfer_graph(ts.base, ts.distilled, ts.style_lora, injection="exact")
+    add_save(g, "save", f"casa_tests/reuse_{uuid.uuid4().hex[:6]}", dtype="float32")
+
+    runs = []
+    for i in range(2):
+        if i:
+            comfy_server.free(unload_models=True, free_memory=True)
+            wait_for_free(comfy_server)
+        t0 = time.monotonic()
+        entry = comfy_server.run(g, timeout=600)
+        wall = time.monotonic() - t0
+        runs.append((entry, wall))
+    (first, wall1), (second, wall2) = runs
+
+    b1, d1 = ui_text(first, "basis"), ui_text(first, "drift")
+    b2, d2 = ui_text(second, "basis"), ui_text(second, "drift")
+    assert "computed" in b1 and "reused" not in b1, b1
+    assert "computed" in d1 and "reused" not in d1, d1
+    assert "reused" in b2, f"basis not reused after /free: {b2!r}"
+    assert "reused" in d2, f"drift not reused after /free: {d2!r}"
+    # every node ran again (ComfyUI's own cache was dropped): the second run reports its own texts
+    assert ui_text(second, "save") and ui_text(second, "save") != ui_text(first, "save")
+
+    def saved(entry):
+        m = re.search(r"[\w./-]+\.safetensors", ui_text(entry, "save"))
+        tensors, _ = load_safetensors_bytes((comfy_server.base_dir / "models" / "loras" / m.group(0)).read_bytes())
+        return lora_file_deltas(tensors)
+
+    s1, s2 = saved(first), saved(second)
+    assert sorted(s1) == sorted(s2) and s1
+    for layer in s1:
+        assert rel_err(s2[layer], s1[layer]) < 1e-6, layer
+
+    root = comfy_server.base_dir / "models" / "casa_cache"
+    assert any(p.name.startswith("basis-") and (p / "manifest.json").is_file() for p in root.iterdir())
+    assert any(p.name.startswith("drift-") and (p / "manifest.json").is_file() for p in root.iterdir())
+    assert "casa_cache" in comfy_server.get("/models"), "casa_cache is not a registered model folder"
+
+    nb1, nd1, nb2, nd2 = (node_seconds(t) for t in (b1, d1, b2, d2))
+    lines = [
+        f"ComfyUI {comfy_server.version}, Wan dim {ts.shape[0]} / ffn {ts.shape[1]} / {ts.shape[2]} blocks:",
+        f"  run 1 (computed): prompt {prompt_seconds(first):.2f} s (wall {wall1:.2f} s); basis {nb1} s, drift {nd1} s",
+        f"  run 2 (reused):   prompt {prompt_seconds(second):.2f} s (wall {wall2:.2f} s); basis {nb2} s, drift {nd2} s",
+        f"  basis ui: {b1!r} -> {b2!r}",
+        f"  drift ui: {d1!r} -> {d2!r}",
+    ]
+    for line in lines:
+        report(request, line)
+    record_property("run1_prompt_seconds", prompt_seconds(first))
+    record_property("run2_prompt_seconds", prompt_seconds(second))
+    record_property("basis_texts", f"{b1} | {b2}")
+    record_property("drift_texts", f"{d1} | {d2}")
+    assert prompt_seconds(second) < prompt_seconds(first)
