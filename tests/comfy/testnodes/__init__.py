@@ -10,7 +10,9 @@ Loaded by the ComfyUI server started in tests/comfy/conftest.py (linked into its
 * ``CasaTestSleep``: passes a LATENT through after sleeping, checking for interruption, so tests can
   exercise ``POST /interrupt`` on a prompt that is still running.
 * ``CasaTestDumpWeights`` (weights.py): loads a MODEL through ComfyUI (patches baked in) and writes the
-  live weights of the requested layers to the output folder, for comparison with independent maths.
+  live weights of the requested layers to the output folder, for comparison with independent maths;
+  ``CasaTestPatchInfo``: what a MODEL's patch list holds (kind, shapes, dtypes, strengths).
+* ``CasaTestImageStats`` (images.py): an IMAGE's shape, dtype and value range in its ui dict.
 """
 import time
 
@@ -23,6 +25,7 @@ except ImportError:  # pragma: no cover - older ComfyUI
 
 import comfy.model_management
 
+from .images import CasaTestImageStats
 from .weights import CasaTestDumpWeights, CasaTestPatchInfo
 
 TEXT_DIM = 4096  # Wan's text_dim is fixed (never inferred from the checkpoint)
@@ -96,7 +99,8 @@ class CasaTestSleep(io.ComfyNode):
 
 class CasaTestExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [CasaTestZeroConditioning, CasaTestLatentStats, CasaTestSleep, CasaTestDumpWeights, CasaTestPatchInfo]
+        return [CasaTestZeroConditioning, CasaTestLatentStats, CasaTestSleep, CasaTestDumpWeights, CasaTestPatchInfo,
+                CasaTestImageStats]
 
 
 async def comfy_entrypoint() -> CasaTestExtension:
