@@ -138,3 +138,271 @@ def dump_ref(entry: dict, node_id: str) -> dict:
 
 def patch_info(entry: dict, node_id: str) -> dict:
     return entry["outputs"][node_id]["casa_patches"][0]
+
+
+# ---------------------------------------------------------------------------------------------------
+# example workflows (workflows/*.json in the frontend's format, workflows/api/*.json their API twins)
+# ---------------------------------------------------------------------------------------------------
+
+#: the file names the example workflows use, by role (the tests copy tiny models under these names)
+WF_FILES = {
+    "base": "wan2.1_t2v_1.3B_bf16.safetensors",
+    "distilled": "wan2.1_t2v_1.3B_causvid.safetensors",
+    "style": "my_style_lora.safetensors",
+    "distill_lora": "Wan21_CausVid_bidirect2_T2V_1_3B_lora_rank32.safetensors",
+    "text_encoder": "umt5_xxl_fp8_e4m3fn_scaled.safetensors",
+    "vae": "wan_2.1_vae.safetensors",
+}
+WF_NAMES = ("casa_transfer_basic", "casa_compare_methods", "casa_save_lora", "casa_routing_heatmap",
+            "casa_distill_lora_target")
+
+_POSITIVE = ("a red fox trotting through fresh snow in a birch forest, morning light, slow tracking shot, "
+             "in the style of my LoRA")
+_NEGATIVE = ("blurry, low quality, static, overexposed, jpeg artifacts, deformed, extra limbs, "
+             "watermark, text, subtitles")
+
+
+def _n(nid, typ, pos, widgets=None, inputs=None, title=None):
+    return {"id": nid, "type": typ, "pos": list(pos), "widgets": dict(widgets or {}),
+            "inputs": dict(inputs or {}), "title": title}
+
+
+def _note(nid, pos, text):
+    return {"id": nid, "type": "MarkdownNote", "pos": list(pos), "note": text, "title": "Read me"}
+
+
+def _transfer(nid, pos, model, drift, method="CASA", title=None):
+    return _n(nid, "CASATransferLoRA", pos, {
+        "lora_name": WF_FILES["style"], "strength": 1.0, "method": method, "tau": 0.5, "q_dom": 0.5, "q_act": 0.85,
+        "energy": 0.9, "injection": "low-rank", "rank": 128, "kept_energy": 0.0}, {"model": model, "drift": drift},
+        title=title)
+
+
+def _text_and_latent(clip_id, pos_id, neg_id, latent_id, x, y, length=33):
+    return [
+        _n(clip_id, "CLIPLoader", (x, y), {"clip_name": WF_FILES["text_encoder"], "type": "wan", "device": "default"}),
+        _n(pos_id, "CLIPTextEncode", (x, y + 150), {"text": _POSITIVE}, {"clip": (clip_id, 0)},
+           title="CLIP Text Encode (Positive Prompt)"),
+        _n(neg_id, "CLIPTextEncode", (x, y + 390), {"text": _NEGATIVE}, {"clip": (clip_id, 0)},
+           title="CLIP Text Encode (Negative Prompt)"),
+        _n(latent_id, "EmptyHunyuanLatentVideo", (x, y + 630),
+           {"width": 832, "height": 480, "length": length, "batch_size": 1}),
+    ]
+
+
+def _sample_and_save(ks_id, dec_id, save_id, vae_id, model, pos_id, neg_id, latent_id, x, y, prefix, steps=8,
+                     title=None, vae_node=True, vae_y=340):
+    nodes = [
+        _n(ks_id, "KSampler", (x, y), {"seed": 42, "control_after_generate": "fixed", "steps": steps, "cfg": 1.0,
+                                       "sampler_name": "uni_pc", "scheduler": "simple", "denoise": 1.0},
+           {"model": model, "positive": (pos_id, 0), "negative": (neg_id, 0), "latent_image": (latent_id, 0)},
+           title=title),
+        _n(dec_id, "VAEDecode", (x + 330, y), {}, {"samples": (ks_id, 0), "vae": (vae_id, 0)}),
+        _n(save_id, "SaveAnimatedWEBP", (x + 560, y), {"filename_prefix": prefix, "fps": 16.0, "lossless": False,
+                                                       "quality": 90, "method": "default"}, {"images": (dec_id, 0)}),
+    ]
+    if vae_node:
+        nodes.append(_n(vae_id, "VAELoader", (x, vae_y), {"vae_name": WF_FILES["vae"]}))
+    return nodes
+
+
+_INTRO = ("**CASA LoRA transfer** — use a LoRA trained on the *base* model (Wan2.1 T2V 1.3B) on its fast "
+          "*distilled* version.\n\n1. **CASA Load Source Basis**: pick the base model file (the one the LoRA was "
+          "trained on). Analysed once, cached in `models/casa_cache`.\n2. **Load Diffusion Model**: the distilled "
+          "model you want to run (here a CausVid checkpoint).\n3. **CASA Compute Drift**: how distillation moved "
+          "the weights (cached too).\n4. **CASA Transfer LoRA**: pick your LoRA; the patched model goes to the "
+          "sampler. Do not also load the LoRA with a normal LoRA loader.\n\nFirst run: a few minutes for the "
+          "analysis; later runs reuse the cache.")
+
+
+def workflow_specs() -> dict[str, list[dict]]:
+    """The example workflows as node specs: id, type, pos, widgets by name, inputs {name: (src id, slot)}."""
+    f = WF_FILES
+    specs = {}
+
+    core = [
+        _n(2, "CASALoadSourceBasis", (0, 0), {"base_model": f["base"], "storage": "float16"}),
+        _n(3, "UNETLoader", (0, 140), {"unet_name": f["distilled"], "weight_dtype": "default"},
+           title="Load Diffusion Model (distilled)"),
+        _n(4, "CASAComputeDrift", (440, 40), {}, {"basis": (2, 0), "model": (3, 0)}),
+    ]
+
+    specs["casa_transfer_basic"] = [
+        _note(1, (-480, 0), _INTRO), *core,
+        _transfer(5, (760, 0), (3, 0), (4, 0)),
+        *_text_and_latent(6, 7, 8, 9, 0, 320),
+        *_sample_and_save(10, 11, 12, 13, (5, 0), 7, 8, 9, 1120, 0, "casa/transfer_basic"),
+    ]
+
+    cmp_note = ("**Compare transfer methods** — the same LoRA, the same seed, three ways onto the distilled "
+                "model:\n\n- **CASA** (restoration + arbitration)\n- **ProLoRA** (the baseline of the CASA paper)\n"
+                "- **direct reuse** (what the normal LoRA loader does)\n\nThe basis and drift are computed once and "
+                "shared by the three transfers.")
+    specs["casa_compare_methods"] = [
+        _note(1, (-480, 0), cmp_note), *core,
+        _transfer(5, (760, 0), (3, 0), (4, 0), "CASA", title="Transfer: CASA"),
+        _transfer(6, (760, 340), (3, 0), (4, 0), "ProLoRA", title="Transfer: ProLoRA"),
+        _transfer(7, (760, 680), (3, 0), (4, 0), "direct reuse", title="Transfer: direct reuse"),
+        *_text_and_latent(8, 9, 10, 11, 0, 320),
+        *_sample_and_save(12, 13, 14, 30, (5, 0), 9, 10, 11, 1120, 0, "casa/compare_CASA", title="KSampler (CASA)",
+                          vae_y=1020),
+        *_sample_and_save(15, 16, 17, 30, (6, 0), 9, 10, 11, 1120, 340, "casa/compare_ProLoRA",
+                          title="KSampler (ProLoRA)", vae_node=False),
+        *_sample_and_save(18, 19, 20, 30, (7, 0), 9, 10, 11, 1120, 680, "casa/compare_direct",
+                          title="KSampler (direct reuse)", vae_node=False),
+    ]
+
+    save_note = ("**Save the transferred LoRA** — writes `models/loras/casa/my_style_lora_causvid_00001_.safetensors` "
+                 "(ComfyUI's LoRA format). Load it later on the distilled model with the normal **LoraLoaderModelOnly** "
+                 "at strength 1; no CASA node needed then.")
+    specs["casa_save_lora"] = [
+        _note(1, (-480, 0), save_note), *core,
+        _transfer(5, (760, 0), (3, 0), (4, 0)),
+        _n(6, "CASASaveLoRA", (1120, 0), {"filename_prefix": "casa/my_style_lora_causvid", "dtype": "float16"},
+           {"report": (5, 1)}),
+    ]
+
+    hm_note = ("**Routing heatmap** — what CASA saw and decided on one layer: where distillation and the LoRA "
+               "route energy, how aligned they are, and which regions were restored, preserved or arbitrated. "
+               "`layer` = `auto` shows the layer with the most arbitration; type a name such as "
+               "`blocks.0.self_attn.q` to look at another.")
+    specs["casa_routing_heatmap"] = [
+        _note(1, (-480, 0), hm_note), *core,
+        _transfer(5, (760, 0), (3, 0), (4, 0)),
+        _n(6, "CASARoutingHeatmap", (1120, 0), {"layer": "auto"}, {"report": (5, 1)}),
+    ]
+
+    dl_note = ("**Distillation LoRA as the target** — no distilled checkpoint? Build the target from the base "
+               "model plus a distillation LoRA (lightx2v, CausVid, Self-Forcing extracts) with the normal "
+               "**LoraLoaderModelOnly**, then transfer your style LoRA onto that. Keep the distillation LoRA's "
+               "strength the same for the drift and the sampler (they share the node).")
+    specs["casa_distill_lora_target"] = [
+        _note(1, (-480, 0), dl_note),
+        _n(2, "CASALoadSourceBasis", (0, 0), {"base_model": f["base"], "storage": "float16"}),
+        _n(3, "UNETLoader", (0, 140), {"unet_name": f["base"], "weight_dtype": "default"},
+           title="Load Diffusion Model (base)"),
+        _n(14, "LoraLoaderModelOnly", (0, 270), {"lora_name": f["distill_lora"], "strength_model": 1.0},
+           {"model": (3, 0)}, title="Distillation LoRA"),
+        _n(4, "CASAComputeDrift", (440, 40), {}, {"basis": (2, 0), "model": (14, 0)}),
+        _transfer(5, (760, 0), (14, 0), (4, 0)),
+        *_text_and_latent(6, 7, 8, 9, 0, 420),
+        *_sample_and_save(10, 11, 12, 13, (5, 0), 7, 8, 9, 1120, 0, "casa/distill_lora_target", steps=6),
+    ]
+    return specs
+
+
+def _is_widget(spec) -> bool:
+    first = spec[0]
+    return isinstance(first, list) or first in ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
+
+
+def widget_inputs(info: dict) -> list[tuple[str, list]]:
+    """(name, spec) of a node's widget inputs in the order the frontend creates them (input_order)."""
+    order = info.get("input_order") or {}
+    names = list(order.get("required", info["input"].get("required", {}))) + \
+        list(order.get("optional", info["input"].get("optional", {}) or {}))
+    out = []
+    for name in names:
+        spec = (info["input"].get("required") or {}).get(name) or (info["input"].get("optional") or {}).get(name)
+        if spec is not None and _is_widget(spec):
+            out.append((name, spec))
+    return out
+
+
+def _default(spec):
+    opts = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+    if "default" in opts:
+        return opts["default"]
+    if isinstance(spec[0], list):
+        return spec[0][0] if spec[0] else None
+    if spec[0] == "COMBO":
+        return (opts.get("options") or [None])[0]
+    return {"INT": 0, "FLOAT": 0.0, "STRING": "", "BOOLEAN": False}.get(spec[0])
+
+
+def ui_from_specs(nodes: list[dict], object_info: dict) -> dict:
+    """A workflow in the frontend's format from node specs (widget values positional, in input_order, with
+    the frontend's ``control_after_generate`` entry after seeds). Widgets a spec leaves out get the schema's
+    default. The frontend normalises the result when it loads it (tests/comfy/test_nodes_workflows.py)."""
+    links, ui_nodes = [], []
+    out_links: dict[tuple[int, int], list[int]] = {}
+    by_id = {n["id"]: n for n in nodes}
+    for n in nodes:
+        for name, (src, slot) in n.get("inputs", {}).items():
+            lid = len(links) + 1
+            typ = object_info[by_id[src]["type"]]["output"][slot]
+            links.append([lid, src, slot, n["id"], name, typ])  # target slot resolved below
+            out_links.setdefault((src, slot), []).append(lid)
+    for order, n in enumerate(nodes):
+        node = {"id": n["id"], "type": n["type"], "pos": n["pos"], "flags": {}, "order": order, "mode": 0,
+                "inputs": [], "outputs": [], "properties": {"Node name for S&R": n["type"]}}
+        if n.get("title"):
+            node["title"] = n["title"]
+        if n["type"] == "MarkdownNote":
+            node["widgets_values"] = [n["note"]]
+            node["size"] = [420, 360]
+            node["color"], node["bgcolor"] = "#432", "#653"
+            ui_nodes.append(node)
+            continue
+        info = object_info[n["type"]]
+        req = info["input"].get("required") or {}
+        opt = info["input"].get("optional") or {}
+        order_names = [name for name in (info.get("input_order") or {}).get("required", req)] + \
+            [name for name in (info.get("input_order") or {}).get("optional", opt)]
+        for name in order_names:
+            spec = req.get(name) or opt.get(name)
+            if spec is None or _is_widget(spec):
+                continue
+            lid = next((lk[0] for lk in links if lk[3] == n["id"] and lk[4] == name), None)
+            node["inputs"].append({"name": name, "type": spec[0], "link": lid})
+        for lk in links:
+            if lk[3] == n["id"]:
+                lk[4] = next(i for i, inp in enumerate(node["inputs"]) if inp["name"] == lk[4])
+        for slot, typ in enumerate(info["output"]):
+            node["outputs"].append({"name": info["output_name"][slot], "type": typ,
+                                    "links": out_links.get((n["id"], slot), []), "slot_index": slot})
+        values = []
+        for name, spec in widget_inputs(info):
+            values.append(n["widgets"].get(name, _default(spec)))
+            opts = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+            if opts.get("control_after_generate"):
+                values.append(n["widgets"].get("control_after_generate", "fixed"))
+        unknown = set(n["widgets"]) - {name for name, _ in widget_inputs(info)} - {"control_after_generate"}
+        if unknown:
+            raise KeyError(f"{n['type']} has no widget(s) {sorted(unknown)}")
+        node["widgets_values"] = values
+        ui_nodes.append(node)
+    return {"last_node_id": max(n["id"] for n in nodes), "last_link_id": len(links), "nodes": ui_nodes,
+            "links": links, "groups": [], "config": {}, "extra": {"ds": {"scale": 0.75, "offset": [640, 150]}},
+            "version": 0.4}
+
+
+def api_from_ui(workflow: dict, object_info: dict) -> dict:
+    """What the frontend's graphToPrompt makes of a UI workflow, restated in Python (without ``_meta``):
+    virtual nodes (not in /object_info, e.g. MarkdownNote) and muted/bypassed nodes left out, widget values
+    taken positionally in input_order (skipping the control_after_generate entry), links as [src id, slot]."""
+    links = {lk[0]: lk for lk in workflow["links"]}
+    out = {}
+    for node in workflow["nodes"]:
+        if node["type"] not in object_info or node.get("mode", 0) in (2, 4):
+            continue
+        info = object_info[node["type"]]
+        inputs = {}
+        values = list(node.get("widgets_values") or [])
+        if isinstance(node.get("widgets_values"), dict):
+            raise ValueError(f"node {node['id']}: widgets_values as a dict is not the saved format")
+        for name, spec in widget_inputs(info):
+            if not values:
+                raise ValueError(f"node {node['id']} ({node['type']}): no widget value for {name}")
+            inputs[name] = values.pop(0)
+            opts = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+            if opts.get("control_after_generate"):
+                values.pop(0)
+        if values:
+            raise ValueError(f"node {node['id']} ({node['type']}): {len(values)} widget value(s) left over: {values}")
+        for inp in node.get("inputs", []):
+            if inp.get("link") is not None:
+                lk = links[inp["link"]]
+                inputs[inp["name"]] = [str(lk[1]), lk[2]]
+        out[str(node["id"])] = {"inputs": inputs, "class_type": node["type"]}
+    return out

@@ -1,0 +1,387 @@
+"""The example workflows in workflows/ (frontend format) and workflows/api/ (their API twins).
+
+* (b) every API twin runs to completion on the real server, with the tiny models copied under the file
+  names the workflows use; the parts a tiny test cannot run for real are substituted (see
+  ``substitute_for_tiny_models`` and workflows/README.md): CLIPLoader + CLIPTextEncode become the test
+  node CasaTestZeroConditioning, VAELoader + VAEDecode + SaveAnimatedWEBP become CasaTestLatentStats, the
+  latent is 32x32x5 and KSampler takes at most 2 steps. Everything CASA stays exactly as in the file.
+* the frontend-format files are consistent with the nodes' schemas (GET /object_info: node types, socket
+  types, link bookkeeping, widget values in input_order, COMBO options, numeric ranges) and with their
+  API twins (graphToPrompt restated in Python, graphs.api_from_ui);
+* with Chromium installed: the REAL frontend served by the server loads each file and its
+  ``graphToPrompt()`` gives exactly the API twin;
+* GET /workflow_templates lists them under the pack, and the server serves them.
+
+Regenerate the files (after a node schema change) through the real frontend with
+``.venv-comfy/bin/python tests/comfy/test_nodes_workflows.py --write`` (needs Chromium).
+"""
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:
+    sys.path.insert(0, str(HERE))
+
+from graphs import WF_FILES, WF_NAMES, api_from_ui, ui_from_specs, workflow_specs  # noqa: E402
+
+REPO = HERE.parents[1]
+WF_DIR = REPO / "workflows"
+API_DIR = WF_DIR / "api"
+VIRTUAL_NODES = {"MarkdownNote", "Note", "PrimitiveNode", "Reroute"}  # frontend-only node types
+FILE_INPUTS = {"unet_name", "base_model", "lora_name", "clip_name", "vae_name"}
+
+
+def load(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def strip_meta(api: dict) -> dict:
+    return {nid: {k: v for k, v in node.items() if k != "_meta"} for nid, node in api.items()}
+
+
+# ---------------------------------------------------------------------------------------------------
+# headless Chromium over the DevTools protocol (aiohttp is one of ComfyUI's requirements)
+# ---------------------------------------------------------------------------------------------------
+
+class Browser:
+    def __init__(self, exe: str):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.profile = tempfile.mkdtemp(prefix="casa-chromium-")
+        self.proc = subprocess.Popen(
+            [exe, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+             f"--remote-debugging-port={self.port}", f"--user-data-dir={self.profile}", "--window-size=1400,900",
+             "about:blank"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/json", timeout=5) as r:
+                    page = next(t for t in json.load(r) if t["type"] == "page")
+                break
+            except Exception:
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    self.close()
+                    raise RuntimeError("Chromium did not start")
+                time.sleep(0.2)
+        self.loop = asyncio.new_event_loop()
+        self.console: list[str] = []
+        self.n = 0
+        self.loop.run_until_complete(self._connect(page["webSocketDebuggerUrl"]))
+        self.call("Runtime.enable")
+        self.call("Page.enable")
+
+    async def _connect(self, url):
+        import aiohttp
+
+        self.session = aiohttp.ClientSession()
+        self.ws = await self.session.ws_connect(url, max_msg_size=0)
+
+    async def _call(self, method, params, timeout):
+        self.n += 1
+        mid = self.n
+        await self.ws.send_str(json.dumps({"id": mid, "method": method, "params": params or {}}))
+        end = time.monotonic() + timeout
+        while True:
+            msg = await self.ws.receive(timeout=max(0.1, end - time.monotonic()))
+            data = json.loads(msg.data)
+            if data.get("method") == "Runtime.consoleAPICalled":
+                p = data["params"]
+                self.console.append(f"{p.get('type')}: " + " ".join(
+                    str(a.get("value", a.get("description", ""))) for a in p.get("args", [])))
+            if data.get("id") == mid:
+                if "error" in data:
+                    raise RuntimeError(f"{method}: {data['error']}")
+                return data["result"]
+
+    def call(self, method, params=None, timeout=60):
+        return self.loop.run_until_complete(self._call(method, params, timeout))
+
+    def eval(self, expr: str, timeout=60):
+        r = self.call("Runtime.evaluate", {"expression": expr, "awaitPromise": True, "returnByValue": True}, timeout)
+        if "exceptionDetails" in r:
+            raise RuntimeError(json.dumps(r["exceptionDetails"])[:3000])
+        return r["result"].get("value")
+
+    def open_comfy(self, url: str, timeout=120):
+        self.call("Page.navigate", {"url": url})
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if self.eval("!!(window.comfyAPI?.app?.app?.canvas?.ds && window.comfyAPI.app.app.graph"
+                             " && window.LiteGraph?.registered_node_types?.KSampler"
+                             " && window.LiteGraph.registered_node_types.CasaTestZeroConditioning)"):
+                    time.sleep(1.0)  # let the start-up workflow settle
+                    return
+            except RuntimeError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("the ComfyUI frontend did not start:\n" + "\n".join(self.console[-20:]))
+            time.sleep(0.3)
+
+    def load_workflow(self, wf: dict, tries: int = 5) -> dict:
+        """app.loadGraphData(wf), then graphToPrompt(): {"workflow": what the frontend saves, "output": API}.
+        Retried while the frontend is still settling (its own start-up workflow can replace ours)."""
+        for attempt in range(tries):
+            got = json.loads(self.eval(
+                "(async () => { const app = window.comfyAPI.app.app;"
+                f" await app.loadGraphData({json.dumps(wf)}, true, true, 'casa-test');"
+                " await new Promise(r => setTimeout(r, 200));"
+                " const p = await app.graphToPrompt(); return JSON.stringify(p); })()"))
+            if len(got["workflow"]["nodes"]) == len(wf["nodes"]):
+                return got
+            time.sleep(1.0)
+        raise RuntimeError(f"the frontend kept {len(got['workflow']['nodes'])} of {len(wf['nodes'])} nodes")
+
+    def close(self):
+        try:
+            self.loop.run_until_complete(self.ws.close())
+            self.loop.run_until_complete(self.session.close())
+        except Exception:
+            pass
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        shutil.rmtree(self.profile, ignore_errors=True)
+
+
+def chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+# ---------------------------------------------------------------------------------------------------
+# substitution for tiny models
+# ---------------------------------------------------------------------------------------------------
+
+def substitute_for_tiny_models(api: dict) -> dict:
+    """The API twin with the parts that need real umt5-xxl / Wan VAE files replaced (see module docstring)."""
+    g = {nid: copy.deepcopy({k: v for k, v in node.items() if k != "_meta"}) for nid, node in api.items()}
+    decoded = {}  # VAEDecode id -> its samples source
+    for nid, node in list(g.items()):
+        ct = node["class_type"]
+        if ct == "CLIPTextEncode":
+            g[nid] = {"class_type": "CasaTestZeroConditioning", "inputs": {"tokens": 8, "batch": 1}}
+        elif ct in ("CLIPLoader", "VAELoader"):
+            del g[nid]
+        elif ct == "VAEDecode":
+            decoded[nid] = node["inputs"]["samples"]
+            del g[nid]
+        elif ct == "EmptyHunyuanLatentVideo":
+            node["inputs"].update(width=32, height=32, length=5)
+        elif ct == "KSampler":
+            node["inputs"]["steps"] = min(int(node["inputs"]["steps"]), 2)
+    for nid, node in list(g.items()):
+        if node["class_type"] in ("SaveAnimatedWEBP", "SaveWEBM", "SaveVideo", "PreviewImage", "SaveImage"):
+            src = node["inputs"]["images"]
+            assert src[0] in decoded, f"node {nid} saves something that is not a decoded latent"
+            g[nid] = {"class_type": "CasaTestLatentStats", "inputs": {"samples": decoded[src[0]]}}
+    for nid, node in g.items():
+        for name, v in node["inputs"].items():
+            if isinstance(v, list) and len(v) == 2 and isinstance(v[0], str):
+                assert v[0] in g, f"node {nid}.{name} still refers to removed node {v[0]}"
+    return g
+
+
+# ---------------------------------------------------------------------------------------------------
+# tests
+# ---------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def object_info(comfy_server):
+    return comfy_server.object_info()
+
+
+def test_the_five_workflows_and_their_api_twins_exist():
+    top = sorted(p.stem for p in WF_DIR.glob("*.json"))
+    api = sorted(p.stem for p in API_DIR.glob("*.json"))
+    assert top == sorted(WF_NAMES), "workflows/*.json (listed as templates) are exactly the examples"
+    assert api == sorted(WF_NAMES)
+
+
+@pytest.mark.parametrize("name", WF_NAMES)
+def test_ui_workflow_matches_schemas_and_api_twin(object_info, name):
+    wf = load(WF_DIR / f"{name}.json")
+    api = load(API_DIR / f"{name}.json")
+    nodes = {n["id"]: n for n in wf["nodes"]}
+    assert len(nodes) == len(wf["nodes"]), "duplicate node ids"
+    assert wf["last_node_id"] >= max(nodes)
+    assert wf["last_link_id"] >= max((lk[0] for lk in wf["links"]), default=0)
+    for n in wf["nodes"]:
+        assert n["type"] in object_info or n["type"] in VIRTUAL_NODES, f"unknown node type {n['type']}"
+        if n["type"] in object_info:
+            info = object_info[n["type"]]
+            assert [o["type"] for o in n.get("outputs", [])] == info["output"], f"{name}: node {n['id']} outputs"
+    seen = set()
+    for lid, src, sslot, dst, dslot, typ in wf["links"]:
+        assert lid not in seen
+        seen.add(lid)
+        out = nodes[src]["outputs"][sslot]
+        inp = nodes[dst]["inputs"][dslot]
+        assert lid in out["links"] and inp["link"] == lid, f"{name}: link {lid} bookkeeping"
+        assert out["type"] == typ, f"{name}: link {lid} type {typ} != output {out['type']}"
+        info = object_info[nodes[dst]["type"]]
+        spec = (info["input"].get("required") or {}).get(inp["name"]) or (info["input"].get("optional") or {})[inp["name"]]
+        assert spec[0] in (typ, "*"), f"{name}: link {lid} {typ} into {nodes[dst]['type']}.{inp['name']} ({spec[0]})"
+    for n in wf["nodes"]:  # every link an input or output claims exists
+        for inp in n.get("inputs", []):
+            assert inp.get("link") is None or inp["link"] in seen
+        for out in n.get("outputs", []):
+            assert set(out.get("links") or []) <= seen
+
+    # required sockets are connected; widget values are valid for the schema
+    conv = api_from_ui(wf, object_info)
+    for nid, node in conv.items():
+        info = object_info[node["class_type"]]
+        for iname, spec in (info["input"].get("required") or {}).items():
+            assert iname in node["inputs"], f"{name}: node {nid} ({node['class_type']}) misses {iname}"
+            v = node["inputs"][iname]
+            if isinstance(v, list):
+                continue
+            opts = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+            options = spec[0] if isinstance(spec[0], list) else opts.get("options") if spec[0] == "COMBO" else None
+            if options is not None and iname not in FILE_INPUTS:
+                assert v in options, f"{name}: node {nid}.{iname} = {v!r} not in {options}"
+            if spec[0] in ("INT", "FLOAT"):
+                assert opts.get("min", v) <= v <= opts.get("max", v), f"{name}: node {nid}.{iname} = {v}"
+            if iname in FILE_INPUTS:
+                assert v in WF_FILES.values(), f"{name}: node {nid}.{iname} = {v!r} is not a documented default"
+    assert conv == strip_meta(api), f"{name}: the UI file and its API twin disagree"
+
+
+@pytest.fixture(scope="module")
+def browser(comfy_server):
+    exe = chromium()
+    if exe is None:
+        pytest.skip("no Chromium: the real-frontend round trip needs it (apt-get install chromium)")
+    b = Browser(exe)
+    try:
+        b.open_comfy(comfy_server.url)
+        yield b
+    finally:
+        b.close()
+
+
+@pytest.mark.parametrize("name", WF_NAMES)
+def test_real_frontend_loads_workflow_and_exports_the_api_twin(browser, object_info, name):
+    wf = load(WF_DIR / f"{name}.json")
+    api = load(API_DIR / f"{name}.json")
+    n_console = len(browser.console)
+    got = browser.load_workflow(wf)
+    assert got["output"] == api, f"{name}: graphToPrompt differs from workflows/api/{name}.json"
+    saved = got["workflow"]
+    assert sorted(n["id"] for n in saved["nodes"]) == sorted(n["id"] for n in wf["nodes"])
+    assert sorted(tuple(lk) for lk in saved["links"]) == sorted(tuple(lk) for lk in wf["links"])
+    for a, b in zip(sorted(saved["nodes"], key=lambda n: n["id"]), sorted(wf["nodes"], key=lambda n: n["id"])):
+        assert a["type"] == b["type"] and a.get("widgets_values") == b.get("widgets_values"), (name, a["id"])
+    errors = [c for c in browser.console[n_console:] if c.startswith("error") and "canvas is null" not in c]
+    assert not errors, errors
+
+
+def test_templates_are_listed_and_served(comfy_server):
+    listed = comfy_server.get("/workflow_templates")
+    assert sorted(listed.get("casa-lora", [])) == sorted(WF_NAMES), listed
+    for name in WF_NAMES:
+        served = comfy_server.get(f"/api/workflow_templates/casa-lora/{name}.json")
+        if isinstance(served, bytes):
+            served = json.loads(served)
+        assert served == load(WF_DIR / f"{name}.json")
+
+
+@pytest.fixture(scope="module")
+def workflow_models(comfy_server):
+    """Tiny models under the workflows' file names (a fresh set: its own basis and drift)."""
+    from _fixtures_models import copy_model, tiny_set_in
+
+    ts = tiny_set_in(comfy_server.base_dir, "casa_t")
+    copy_model(ts, ts.base, WF_FILES["base"])
+    copy_model(ts, ts.distilled, WF_FILES["distilled"])
+    copy_model(ts, ts.style_lora, WF_FILES["style"], folder="loras")
+    copy_model(ts, ts.distill_lora, WF_FILES["distill_lora"], folder="loras")
+    return ts
+
+
+@pytest.mark.parametrize("name", WF_NAMES)
+def test_api_workflow_runs(comfy_server, workflow_models, name):
+    api = load(API_DIR / f"{name}.json")
+    g = substitute_for_tiny_models(api)
+    kinds = {node["class_type"] for node in api.values()}
+    assert {"CASALoadSourceBasis", "CASAComputeDrift", "CASATransferLoRA"} <= kinds
+    entry = comfy_server.run(g, timeout=600)
+    outs = entry["outputs"]
+    for nid, node in g.items():
+        ct = node["class_type"]
+        if ct == "CasaTestLatentStats":
+            st = outs[nid]["casa_latent_stats"][0]
+            assert st["finite"] and st["shape"] == [1, 16, 2, 4, 4], (nid, st)
+        elif ct == "CASASaveLoRA":
+            text = " ".join(outs[nid]["text"])
+            assert ".safetensors" in text, text
+        elif ct == "CASARoutingHeatmap":
+            assert outs[nid].get("images"), outs[nid]
+    if name == "casa_compare_methods":  # three methods, three different samples
+        stats = [outs[nid]["casa_latent_stats"][0]["mean"] for nid, n in g.items()
+                 if n["class_type"] == "CasaTestLatentStats"]
+        assert len(stats) == 3 and len(set(stats)) == 3, stats
+
+
+# ---------------------------------------------------------------------------------------------------
+# regeneration through the real frontend
+# ---------------------------------------------------------------------------------------------------
+
+def write_workflows(comfy_root: Path | None = None) -> None:
+    """Build each workflow from graphs.workflow_specs(), load it in the real frontend and write what the
+    frontend exports: workflows/<name>.json (graphToPrompt().workflow) and workflows/api/<name>.json
+    (graphToPrompt().output)."""
+    import comfy_locate
+    from comfy_client import ComfyServer, prepare_base_dir
+
+    root = comfy_root or comfy_locate.locate().root
+    exe = chromium()
+    if exe is None:
+        raise SystemExit("needs Chromium")
+    base = prepare_base_dir(tempfile.mkdtemp(prefix="casa-wf-"), pack_root=REPO, test_nodes=HERE / "testnodes")
+    server = ComfyServer(root, base)
+    client = server.start()
+    browser = None
+    try:
+        info = client.object_info()
+        browser = Browser(exe)
+        browser.open_comfy(client.url)
+        API_DIR.mkdir(parents=True, exist_ok=True)
+        for name, spec in workflow_specs().items():
+            wf = ui_from_specs(spec, info)
+            got = browser.load_workflow(wf)
+            mine = api_from_ui(got["workflow"], info)
+            if mine != strip_meta(got["output"]):
+                raise SystemExit(f"{name}: the frontend's export disagrees with graphs.api_from_ui:\n"
+                                 f"frontend: {json.dumps(strip_meta(got['output']), sort_keys=True)}\n"
+                                 f"python:   {json.dumps(mine, sort_keys=True)}")
+            (WF_DIR / f"{name}.json").write_text(json.dumps(got["workflow"], indent=2) + "\n", encoding="utf-8")
+            (API_DIR / f"{name}.json").write_text(json.dumps(got["output"], indent=2) + "\n", encoding="utf-8")
+            print(f"wrote workflows/{name}.json and workflows/api/{name}.json ({len(got['output'])} nodes)")
+    finally:
+        if browser is not None:
+            browser.close()
+        server.stop()
+
+
+if __name__ == "__main__":
+    if "--write" not in sys.argv:
+        raise SystemExit(__doc__)
+    write_workflows()
