@@ -95,21 +95,41 @@ def _write_report(path: Path, reports: dict, extra: dict) -> None:
     os.replace(tmp, path)
 
 
-def _write_heatmaps(out_dir: Path, summaries: dict) -> list[Path]:
+def _write_heatmaps(out_dir: Path, summaries: dict, report=None, scale: float = 2.0) -> list[Path]:
+    """The demo's pictures: the whole-model overview and each interesting layer (the most arbitrated,
+    the largest dominant region, the least energy kept), as PNG files at print resolution.
+
+    ``report`` (a TransferReport or its JSON) gives the per-layer stats (shape, k, shares); without
+    it the CASA report the demo has just written to ``out_dir/report.json`` is read.
+    """
     from .png import write_png
-    from .render import layer_heatmap
+    from .render import auto_layer, interesting_layers, layer_figure, overview_figure
 
-    written = []
     if not summaries:
-        return written
-    # the layer with the largest arbitrated share is the most interesting one to look at
-    def arb_share(s):
-        return float(s["arbitrated"].sum() / s["count"].sum())
-
-    best = max(summaries, key=lambda k: arb_share(summaries[k]))
-    for name in [best]:
+        return []
+    if report is None and (out_dir / "report.json").exists():
+        report = json.loads((out_dir / "report.json").read_text()).get("methods", {}).get("casa")
+    if report is not None and not isinstance(report, dict):
+        report = report.to_json()
+    layers = dict((report or {}).get("layers", {}))
+    config = (report or {}).get("config")
+    written = []
+    picks = interesting_layers({n: s for n, s in layers.items() if n in summaries}) if layers else {}
+    chosen = [auto_layer(layers, summaries) or next(iter(summaries))]
+    for key in ("arbitrated", "dominant", "kept"):
+        for name, _ in picks.get(key, [])[:1]:
+            if name not in chosen:
+                chosen.append(name)
+    tag = {"Software": f"casa-lora {__version__}"}
+    if layers:
+        fig = overview_figure(layers, selected=chosen[0], scale=scale)
+        p = out_dir / "heatmap_overview.png"
+        write_png(p, fig.rgb, {**tag, "Title": "CASA transfer overview"})
+        written.append(p)
+    for name in chosen:
+        fig = layer_figure(summaries[name], name, layers.get(name), config, scale=scale)
         p = out_dir / f"heatmap_{name.replace('.', '_')}.png"
-        write_png(p, layer_heatmap(summaries[name]))
+        write_png(p, fig.rgb, {**tag, "Title": f"CASA routing of {name}"})
         written.append(p)
     return written
 

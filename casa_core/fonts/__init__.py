@@ -49,10 +49,6 @@ def normalize(text: str) -> str:
     return "".join(out)
 
 
-def _master_width(text: str) -> float:
-    return sum(_glyph(c)[0] for c in text)
-
-
 def line_height(px: float) -> int:
     return int(np.ceil((_atlas.ASCENT + _atlas.DESCENT) * px / MASTER))
 
@@ -64,57 +60,67 @@ def ascent(px: float) -> float:
 def text_width(text: str, px: float, bold: bool = False) -> int:
     """Width in pixels of ``text`` at size ``px`` (what :func:`text_mask` returns)."""
     text = normalize(text)
-    w = _master_width(text) + (_bold_extra(px) if bold else 0)
-    return max(int(np.ceil(w * px / MASTER)), 0)
+    w = _layout(text)[1] + (_bold_extra(px) if bold else 0)
+    return max(int(np.ceil(w * px / MASTER)), 1)
 
 
 def _bold_extra(px: float) -> int:
     return max(2, int(round(0.06 * MASTER)))
 
 
-def _area_matrix(n_in: int, n_out: int) -> np.ndarray:
-    """``n_out x n_in`` matrix averaging input cells onto output cells (box filter, exact areas)."""
+def _area_resample(a: np.ndarray, n_out: int, axis: int) -> np.ndarray:
+    """Box-filter resampling of ``a`` along ``axis`` to ``n_out`` cells (exact overlap areas)."""
+    a = np.moveaxis(a, axis, 0)
+    n_in = a.shape[0]
     scale = n_in / n_out
+    # cumulative integral at integer input positions, then at the output edges by linear interpolation
+    cum = np.concatenate([np.zeros((1,) + a.shape[1:], dtype=np.float64), np.cumsum(a, axis=0, dtype=np.float64)])
     edges = np.arange(n_out + 1) * scale
-    lo, hi = edges[:-1, None], edges[1:, None]
-    cells = np.arange(n_in)[None, :]
-    overlap = np.clip(np.minimum(hi, cells + 1) - np.maximum(lo, cells), 0.0, None)
-    return (overlap / scale).astype(np.float32)
+    i = np.clip(np.floor(edges).astype(np.int64), 0, n_in - 1)
+    frac = (edges - i).reshape((-1,) + (1,) * (a.ndim - 1))
+    at = cum[i] + (cum[i + 1] - cum[i]) * frac
+    out = (at[1:] - at[:-1]) / scale
+    return np.moveaxis(out.astype(np.float32), 0, axis)
+
+
+def _layout(text: str) -> tuple[list[tuple[int, int, np.ndarray]], float]:
+    """Glyph placements ``(x, y, coverage)`` at master size and the string's extent."""
+    placed, pen, extent = [], 0.0, 0.0
+    for i, ch in enumerate(text):
+        adv, x0, y0, cov = _glyph(ch)
+        if i == 0 and x0 < 0:
+            pen = -x0  # a first glyph that overhangs its origin (j, x, /) starts at 0
+        if cov.size:
+            x = int(round(pen)) + x0
+            placed.append((x, y0, cov))
+            extent = max(extent, x + cov.shape[1])
+        pen += adv
+    return placed, max(pen, extent)
 
 
 @lru_cache(maxsize=4096)
 def _text_mask_cached(text: str, px: float, bold: bool) -> np.ndarray:
     text = normalize(text)
     extra = _bold_extra(px) if bold else 0
-    total = _master_width(text) + extra
-    h_master = _atlas.ASCENT + _atlas.DESCENT
+    placed, extent = _layout(text)
+    total = extent + extra
     h_out = line_height(px)
     w_out = max(int(np.ceil(total * px / MASTER)), 1)
     # master canvas sized so that it maps exactly onto the output grid
-    w_m = int(round(w_out * MASTER / px))
-    h_m = int(round(h_out * MASTER / px))
-    canvas = np.zeros((max(h_m, h_master), max(w_m, int(np.ceil(total)) + 1)), dtype=np.float32)
-    pen = 0.0
-    for ch in text:
-        adv, x0, y0, cov = _glyph(ch)
-        if cov.size:
-            x = int(round(pen)) + x0
-            hh, ww = cov.shape
-            hh = min(hh, canvas.shape[0] - y0)
-            ww = min(ww, canvas.shape[1] - x)
-            if hh > 0 and ww > 0:
-                region = canvas[y0: y0 + hh, x: x + ww]
-                np.maximum(region, cov[:hh, :ww], out=region)
-        pen += adv
+    w_m = max(int(round(w_out * MASTER / px)), int(np.ceil(total)))
+    h_m = max(int(round(h_out * MASTER / px)), _atlas.ASCENT + _atlas.DESCENT)
+    canvas = np.zeros((h_m, w_m), dtype=np.float32)
+    for x, y0, cov in placed:
+        hh, ww = min(cov.shape[0], h_m - y0), min(cov.shape[1], w_m - x)
+        if hh > 0 and ww > 0:
+            region = canvas[y0: y0 + hh, x: x + ww]
+            np.maximum(region, cov[:hh, :ww], out=region)
     if bold:
         thick = canvas.copy()
         for d in range(1, extra + 1):
             np.maximum(thick[:, d:], canvas[:, :-d], out=thick[:, d:])
         canvas = thick
-    canvas = canvas[:h_m, :w_m]
-    ry = _area_matrix(canvas.shape[0], h_out)
-    rx = _area_matrix(canvas.shape[1], w_out)
-    out = ry @ canvas @ rx.T
+    out = _area_resample(_area_resample(canvas, h_out, 0), w_out, 1)
     # a touch of gamma keeps small text from looking washed out
     out = np.clip(out, 0.0, 1.0) ** 0.8
     out.setflags(write=False)
