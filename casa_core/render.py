@@ -637,7 +637,7 @@ def overview_figure(layers: dict[str, dict], selected: str | None = None, title:
         ("kept", "Energy kept by the injected update", VIRIDIS, 0.0, 1.0),
     ]
     cw = int(max(10, min(34, math.floor(330 / nc))) * scale)
-    ch = int(max(6, min(22, math.floor(560 / nr))) * scale)
+    ch = int(max(6, min(36, math.floor(560 / nr))) * scale)
     cx = _edges(nc, cw, 0)
     ry = _edges(nr, ch, 0)
     H, W = ry[-1][1], cx[-1][1]
@@ -650,7 +650,7 @@ def overview_figure(layers: dict[str, dict], selected: str | None = None, title:
     left = ylab_w + ytick_w
     title_h = text_h(sz.panel_title) + sz.px(6)
     PW = max(left + W + side_gap + side_w, text_w(specs[2][1], sz.panel_title, True) + sz.px(8))
-    PH = title_h + H + sz.px(4) + xlab_h
+    PH = title_h + max(H + sz.px(4) + xlab_h, sz.px(150) + sz.px(4))
     m = sz.margin
     gap = sz.px(22)
     FW = 2 * m + 3 * PW + 2 * gap
@@ -709,7 +709,7 @@ def overview_figure(layers: dict[str, dict], selected: str | None = None, title:
             ticks = [(f / arb_top, fmt_tick_share(f)) for f in _lin_ticks(arb_top)]
         else:
             ticks = [(f, f"{int(round(f * 100))}%") for f in (0.0, 0.25, 0.5, 0.75, 1.0)]
-        box = _colorbar(cv, sx, hy, sz.px(12), H, anchors, ticks, sz)
+        box = _colorbar(cv, sx, hy, sz.px(12), max(H, sz.px(150)), anchors, ticks, sz)
         colorbars.append({"panel": key, **box, "map": "oranges" if anchors is ORANGES else "viridis",
                           "scale": "linear", "lo": vlo, "hi": vhi})
         meta_panels.append({"id": key, "title": ptitle, "x0": hx, "y0": hy, "w": W, "h": H,

@@ -1,0 +1,472 @@
+"""The heatmap widget (web/casa_heatmap.js) in ComfyUI's REAL frontend (comfyui-frontend-package),
+driven in headless Chromium over the DevTools protocol.
+
+A real ComfyUI server with this pack (the ``comfy_server`` fixture) and tiny synthetic models; the
+example workflow ``workflows/casa_routing_heatmap.json`` is loaded into the page (its model names
+swapped for the tiny ones) and queued as a user would; then, in the widget: the picture appears, the
+block and projection pickers are filled from the report, picking another block and another
+projection redraws the picture for that layer by re-running ONLY the heatmap node (the transfer comes
+from ComfyUI's cache), hovering a cell reads out its values, and the overview opens a layer on click.
+Screenshots, the loaded workflow and the browser console go to ``test-artifacts/web_heatmap/<ComfyUI
+version>/`` (gitignored).
+
+Needs Chromium (Debian: ``apt-get install -y chromium``; or set ``CASA_CHROMIUM`` to a browser
+binary).  Without it the test is skipped with that reason through conftest's mechanism (a failure
+when ``CASA_REQUIRE_COMFYUI=1``).  The DevTools client uses aiohttp, one of ComfyUI's requirements.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import conftest
+from test_heatmap_payload import write_tiny_models
+
+REPO = Path(__file__).resolve().parents[2]
+WORKFLOW = REPO / "workflows" / "casa_routing_heatmap.json"
+ARTIFACTS = REPO / "test-artifacts" / "web_heatmap"
+NODE = "CASARoutingHeatmap"
+VIEWPORT = (1600, 1200)
+
+
+def find_chromium() -> str | None:
+    exe = os.environ.get("CASA_CHROMIUM")
+    if exe:
+        return exe if Path(exe).exists() else shutil.which(exe)
+    for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
+        found = shutil.which(name)
+        if found:
+            return found
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------
+# a small DevTools-protocol client
+# ---------------------------------------------------------------------------------------------------
+
+class Chromium:
+    """Headless Chromium (flags of comfyui-notes §7) and one page, over CDP."""
+
+    def __init__(self, exe: str):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.profile = tempfile.mkdtemp(prefix="casa-web-chromium-")
+        self.log_path = Path(self.profile) / "chromium.log"
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(
+            [exe, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             "--disable-dev-shm-usage", f"--user-data-dir={self.profile}", f"--remote-debugging-port={self.port}",
+             f"--window-size={VIEWPORT[0]},{VIEWPORT[1]}", "about:blank"],
+            stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/json", timeout=5) as r:
+                    page = next(t for t in json.load(r) if t["type"] == "page")
+                break
+            except Exception:
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    self.close()
+                    raise RuntimeError(f"Chromium did not start (log {self.log_path})")
+                time.sleep(0.2)
+        self.loop = asyncio.new_event_loop()
+        self.console: list[str] = []
+        self.n = 0
+        self.loop.run_until_complete(self._connect(page["webSocketDebuggerUrl"]))
+        self.call("Runtime.enable")
+        self.call("Page.enable")
+        self.call("Emulation.setDeviceMetricsOverride",
+                  {"width": VIEWPORT[0], "height": VIEWPORT[1], "deviceScaleFactor": 1, "mobile": False})
+
+    async def _connect(self, url):
+        import aiohttp
+
+        self.session = aiohttp.ClientSession()
+        self.ws = await self.session.ws_connect(url, max_msg_size=0)
+
+    def _event(self, data: dict) -> None:
+        method = data.get("method")
+        if method == "Runtime.consoleAPICalled":
+            p = data["params"]
+            self.console.append(f"{p.get('type')}: " + " ".join(
+                str(a.get("value", a.get("description", ""))) for a in p.get("args", [])))
+        elif method == "Runtime.exceptionThrown":
+            d = data["params"]["exceptionDetails"]
+            self.console.append(f"exception: {d.get('exception', {}).get('description') or d.get('text')}")
+
+    async def _call(self, method, params, timeout):
+        self.n += 1
+        mid = self.n
+        await self.ws.send_str(json.dumps({"id": mid, "method": method, "params": params or {}}))
+        end = time.monotonic() + timeout
+        while True:
+            msg = await self.ws.receive(timeout=max(0.1, end - time.monotonic()))
+            data = json.loads(msg.data)
+            if data.get("id") == mid:
+                if "error" in data:
+                    raise RuntimeError(f"{method}: {data['error']}")
+                return data["result"]
+            self._event(data)
+
+    def call(self, method, params=None, timeout=60):
+        return self.loop.run_until_complete(self._call(method, params, timeout))
+
+    def eval(self, expr: str, timeout=60):
+        r = self.call("Runtime.evaluate", {"expression": expr, "awaitPromise": True, "returnByValue": True}, timeout)
+        if "exceptionDetails" in r:
+            d = r["exceptionDetails"]
+            raise RuntimeError(f"JS: {d.get('exception', {}).get('description') or json.dumps(d)[:3000]}")
+        return r["result"].get("value")
+
+    def wait_for(self, expr: str, timeout=60.0, what: str | None = None):
+        deadline = time.monotonic() + timeout
+        last = None
+        while time.monotonic() < deadline:
+            try:
+                last = self.eval(expr)
+            except RuntimeError as e:
+                last = str(e)
+            else:
+                if last:
+                    return last
+            time.sleep(0.2)
+        raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what or expr} (last: {last!r})\n"
+                             "console:\n" + "\n".join(self.console[-25:]))
+
+    def mouse(self, kind: str, x: float, y: float, **kw):
+        self.call("Input.dispatchMouseEvent", {"type": kind, "x": x, "y": y, **kw})
+
+    def click(self, x: float, y: float):
+        self.mouse("mouseMoved", x, y)
+        self.mouse("mousePressed", x, y, button="left", clickCount=1)
+        self.mouse("mouseReleased", x, y, button="left", clickCount=1)
+
+    def screenshot(self, path: Path) -> None:
+        data = self.call("Page.captureScreenshot", {"format": "png"})["data"]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(base64.b64decode(data))
+
+    def close(self):
+        try:
+            self.loop.run_until_complete(self.ws.close())
+            self.loop.run_until_complete(self.session.close())
+        except Exception:
+            pass
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self._log.close()
+        shutil.rmtree(self.profile, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------------
+# fixtures
+# ---------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def chromium_exe(comfy_root):
+    exe = find_chromium()
+    if exe is None:
+        conftest._skip_or_fail("no Chromium for the web widget test: install it (Debian: apt-get install -y "
+                               "chromium) or set CASA_CHROMIUM to a Chromium/Chrome binary")
+    try:
+        import aiohttp  # noqa: F401
+    except ImportError:
+        conftest._skip_or_fail("aiohttp (one of ComfyUI's requirements) is missing in this Python")
+    return exe
+
+
+@pytest.fixture(scope="module")
+def artifacts(comfy_server):
+    d = ARTIFACTS / f"ComfyUI-{comfy_server.version or 'unknown'}"
+    shutil.rmtree(d, ignore_errors=True)
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+@pytest.fixture(scope="module")
+def page(comfy_server, chromium_exe, artifacts):
+    base = comfy_server.base_dir
+    # no first-run template dialog, no minimap over the canvas
+    settings = base / "user" / "default" / "comfy.settings.json"
+    settings.parent.mkdir(parents=True, exist_ok=True)
+    current = json.loads(settings.read_text()) if settings.exists() else {}
+    current.update({"Comfy.TutorialCompleted": True, "Comfy.Minimap.Visible": False})
+    settings.write_text(json.dumps(current))
+    browser = Chromium(chromium_exe)
+    try:
+        browser.call("Page.navigate", {"url": comfy_server.url})
+        browser.wait_for(f"!!(window.comfyAPI?.app?.app?.graph && window.comfyAPI.app.app.canvas?.ds"
+                         f" && window.LiteGraph?.registered_node_types?.{NODE})", 120, "the ComfyUI frontend")
+        time.sleep(1.0)
+        browser.call("Input.dispatchKeyEvent", {"type": "keyDown", "key": "Escape", "code": "Escape",
+                                                "windowsVirtualKeyCode": 27})
+        browser.call("Input.dispatchKeyEvent", {"type": "keyUp", "key": "Escape", "code": "Escape",
+                                                "windowsVirtualKeyCode": 27})
+        yield browser
+    finally:
+        (artifacts / "console.log").write_text("\n".join(browser.console))
+        browser.close()
+
+
+# ---------------------------------------------------------------------------------------------------
+# the workflow
+# ---------------------------------------------------------------------------------------------------
+
+def built_workflow() -> dict:
+    """A UI-format graph like the example's, for when workflows/casa_routing_heatmap.json is absent."""
+    def node(i, type_, pos, size, widgets, inputs=(), outputs=()):
+        return {"id": i, "type": type_, "pos": pos, "size": size, "flags": {}, "order": i - 1, "mode": 0,
+                "inputs": [{"name": n, "type": t, "link": link} for n, t, link in inputs],
+                "outputs": [{"name": n, "type": t, "links": links} for n, t, links in outputs],
+                "properties": {"Node name for S&R": type_}, "widgets_values": widgets}
+
+    nodes = [
+        node(1, "CASALoadSourceBasis", [0, 0], [270, 82], ["base.safetensors", "float16"],
+             outputs=[("basis", "CASA_BASIS", [1])]),
+        node(2, "UNETLoader", [0, 140], [300, 82], ["distilled.safetensors", "default"],
+             outputs=[("MODEL", "MODEL", [2, 3])]),
+        node(3, "CASAComputeDrift", [440, 40], [180, 46], None,
+             inputs=[("basis", "CASA_BASIS", 1), ("model", "MODEL", 2)], outputs=[("drift", "CASA_DRIFT", [4])]),
+        node(4, "CASATransferLoRA", [760, 0], [270, 294],
+             ["lora.safetensors", 1, "CASA", 0.5, 0.5, 0.85, 0.9, "low-rank", 128, 0],
+             inputs=[("model", "MODEL", 3), ("drift", "CASA_DRIFT", 4)],
+             outputs=[("model", "MODEL", []), ("report", "CASA_REPORT", [5])]),
+        node(5, NODE, [1120, 0], [660, 640], ["auto", "layer"], inputs=[("report", "CASA_REPORT", 5)],
+             outputs=[("image", "IMAGE", [])]),
+    ]
+    links = [[1, 1, 0, 3, 0, "CASA_BASIS"], [2, 2, 0, 3, 1, "MODEL"], [3, 2, 0, 4, 0, "MODEL"],
+             [4, 3, 0, 4, 1, "CASA_DRIFT"], [5, 4, 1, 5, 0, "CASA_REPORT"]]
+    return {"last_node_id": 5, "last_link_id": 5, "nodes": nodes, "links": links, "groups": [], "config": {},
+            "extra": {}, "version": 0.4}
+
+
+def example_workflow() -> tuple[dict, str]:
+    if WORKFLOW.exists():
+        return json.loads(WORKFLOW.read_text()), str(WORKFLOW.relative_to(REPO))
+    return built_workflow(), "built in the test (workflows/casa_routing_heatmap.json is absent)"
+
+
+JS_HELPERS = r"""
+window.__casa = window.__casa || (() => {
+  const app = window.comfyAPI.app.app, api = window.comfyAPI.api.api;
+  const log = [];
+  for (const ev of ["execution_start", "execution_cached", "executing", "executed", "execution_error",
+                    "execution_success"]) {
+    api.addEventListener(ev, (e) => log.push([ev, e.detail]));
+  }
+  const hmNode = () => app.graph.nodes.find((n) => n.type === "CASARoutingHeatmap");
+  const widget = () => hmNode()?.casaHeatmap;
+  const canvasHash = () => {
+    const c = widget()?.canvas; if (!c || !c.width) return null;
+    const d = c.getContext("2d").getImageData(0, 0, c.width, c.height).data;
+    let h = 0; for (let i = 0; i < d.length; i += 7) h = (h * 31 + d[i]) >>> 0;
+    return h;
+  };
+  return { app, api, log, hmNode, widget, canvasHash };
+})();
+true
+"""
+
+
+def state(page) -> dict:
+    return page.eval("""(() => { const w = window.__casa.widget(); if (!w) return null;
+        const d = w.root.dataset;
+        return { url: d.imageUrl || null, layer: d.layer || null, view: d.view || null,
+                 block: w.blockSel.value, proj: w.projSel.value,
+                 blocks: Array.from(w.blockSel.options).map(o => o.value),
+                 projs: Array.from(w.projSel.options).map(o => o.value),
+                 layerWidget: w.widget("layer")?.value, viewWidget: w.widget("view")?.value,
+                 readout: w.readout.textContent, status: w.status.textContent,
+                 hash: window.__casa.canvasHash(), pending: !!w.pending }; })()""")
+
+
+def wait_new_picture(page, old_url: str | None, timeout=120.0) -> dict:
+    page.wait_for(f"(() => {{ const w = window.__casa.widget(); const d = w?.root.dataset;"
+                  f" return !!(d?.imageUrl && d.imageUrl !== {json.dumps(old_url)} && w.image && !w.pending); }})()",
+                  timeout, "a new picture in the widget")
+    time.sleep(0.3)
+    return state(page)
+
+
+def fetch_picture(comfy_server, url: str) -> np.ndarray:
+    from PIL import Image
+
+    path = url[url.index("/view"):]
+    status, body = comfy_server.request("GET", path)
+    assert status == 200, (url, status)
+    return np.asarray(Image.open(io.BytesIO(body)).convert("RGB"))
+
+
+def last_run(page, comfy_server) -> tuple[dict, list]:
+    """(history entry, executing node ids) of the last prompt the page saw start."""
+    log = page.eval("window.__casa.log.map(([k, d]) => [k, d])")
+    starts = [i for i, (k, _) in enumerate(log) if k == "execution_start"]
+    assert starts, log
+    pid = log[starts[-1]][1]["prompt_id"]
+    # the frontend hands on `executing` as the bare node id (older ones: {"node", "prompt_id"})
+    executing = [d.get("node") if isinstance(d, dict) else d for k, d in log[starts[-1]:] if k == "executing"]
+    return comfy_server.wait(pid, timeout=120), [str(n) for n in executing if n is not None]
+
+
+def cell_client_point(page, panel_id: str, row: int, col: int) -> dict:
+    return page.eval(f"""(() => {{ const w = window.__casa.widget(); const f = w.payload.figure;
+        const p = f.panels.find(p => p.id === {json.dumps(panel_id)});
+        const [x0, x1] = p.x[{col}], [y0, y1] = p.y[{row}];
+        return w.toClient((x0 + x1) / 2, (y0 + y1) / 2); }})()""")
+
+
+# ---------------------------------------------------------------------------------------------------
+# the test
+# ---------------------------------------------------------------------------------------------------
+
+def test_widget_picks_layers_redraws_and_reads_out_cells(comfy_server, page, artifacts):
+    from casa_core.render import fmt_share
+
+    names = write_tiny_models(comfy_server.base_dir)
+    wf, source = example_workflow()
+    (artifacts / "workflow_loaded.json").write_text(json.dumps(wf, indent=1))
+    print(f"workflow: {source}")
+
+    # load the example workflow as the frontend does, point it at the tiny models
+    page.eval(JS_HELPERS)
+    for attempt in range(5):
+        n = page.eval(f"""(async () => {{ const app = window.comfyAPI.app.app;
+            await app.loadGraphData({json.dumps(wf)}, true, true, "casa_routing_heatmap");
+            await new Promise(r => setTimeout(r, 300));
+            return app.graph.nodes.filter(n => n.type === {json.dumps(NODE)}).length; }})()""")
+        if n == 1:
+            break
+        time.sleep(1.0)
+    assert n == 1, "the example workflow has no (or several) CASARoutingHeatmap nodes"
+    page.eval(f"""(() => {{ const app = window.comfyAPI.app.app;
+        const set = (type, name, v) => {{ for (const n of app.graph.nodes.filter(n => n.type === type)) {{
+            const w = n.widgets.find(w => w.name === name); if (w) w.value = v; }} }};
+        set("CASALoadSourceBasis", "base_model", {json.dumps(names[0])});
+        set("CASALoadSourceBasis", "storage", "float32");
+        set("UNETLoader", "unet_name", {json.dumps(names[1])});
+        set("CASATransferLoRA", "lora_name", {json.dumps(names[2])});
+        set("CASATransferLoRA", "rank", 16);
+        const hm = window.__casa.hmNode();
+        hm.widgets.find(w => w.name === "layer").value = "auto";
+        // bring the heatmap node to the top left of the screen at 100 %
+        const ds = app.canvas.ds; ds.scale = 1;
+        ds.offset = [90 - hm.pos[0], 110 - hm.pos[1]];
+        hm.size = [Math.max(hm.size[0], 1100), Math.max(hm.size[1], 1000)];
+        app.canvas.setDirty(true, true); return true; }})()""")
+    ids = page.eval("""(() => { const g = window.comfyAPI.app.app.graph;
+        const id = (t) => String(g.nodes.find(n => n.type === t)?.id);
+        return {hm: id("CASARoutingHeatmap"), transfer: id("CASATransferLoRA"), basis: id("CASALoadSourceBasis")}; })()""")
+    assert page.eval("!!window.__casa.widget()"), "the extension did not add its widget to the node"
+    assert "run the graph" in state(page)["status"]
+
+    # 1. run the workflow (the Run button's action): the picture appears, the pickers are filled
+    page.eval("window.comfyAPI.app.app.queuePrompt(0, 1).then(() => true)")
+    s1 = wait_new_picture(page, None, timeout=300)
+    entry, _ = last_run(page, comfy_server)
+    payload = entry["outputs"][ids["hm"]]["casa_heatmap"][0]
+    assert s1["layer"] == payload["layer"] and s1["view"] == "layer"
+    layers = [r for r in payload["layers"] if r["routing"]]
+    assert s1["blocks"] == sorted({str(r["block"]) for r in layers}, key=int)
+    first = next(r for r in layers if r["name"] == s1["layer"])
+    assert (s1["block"], s1["proj"]) == (str(first["block"]), first["projection"])
+    assert s1["projs"] == [r["projection"] for r in layers if r["block"] == first["block"]]
+    assert s1["hash"] is not None
+    pic1 = fetch_picture(comfy_server, s1["url"])
+    assert pic1.shape == (payload["figure"]["height"], payload["figure"]["width"], 3)
+    page.screenshot(artifacts / "1_after_run.png")
+
+    # 2. pick another block: only the heatmap node runs again, the picture shows that layer
+    other_block = next(b for b in s1["blocks"] if b != s1["block"])
+    page.eval(f"""(() => {{ const s = window.__casa.widget().blockSel; s.value = {json.dumps(other_block)};
+        s.dispatchEvent(new Event("change", {{bubbles: true}})); return true; }})()""")
+    s2 = wait_new_picture(page, s1["url"])
+    want2 = f"blocks.{other_block}.{s1['proj']}"
+    assert s2["layer"] == want2 and s2["layerWidget"] == want2 and s2["block"] == other_block
+    entry2, executing = last_run(page, comfy_server)
+    assert executing == [ids["hm"]], f"picking a layer re-ran more than the heatmap: {executing}"
+    cached = next(d["nodes"] for k, d in entry2["status"]["messages"] if k == "execution_cached")
+    assert ids["transfer"] in cached and ids["basis"] in cached and ids["hm"] not in cached
+    assert list(entry2["outputs"]) == [ids["hm"]]
+    assert entry2["outputs"][ids["hm"]]["casa_heatmap"][0]["layer"] == want2
+    pic2 = fetch_picture(comfy_server, s2["url"])
+    assert pic2.shape != pic1.shape or not np.array_equal(pic1, pic2), "the picture did not change"
+    assert s2["hash"] != s1["hash"], "the widget's canvas did not change"
+    page.screenshot(artifacts / "2_other_block.png")
+
+    # 3. pick another projection
+    other_proj = next(p for p in s2["projs"] if p != s2["proj"] and p.startswith("ffn"))
+    page.eval(f"""(() => {{ const s = window.__casa.widget().projSel; s.value = {json.dumps(other_proj)};
+        s.dispatchEvent(new Event("change", {{bubbles: true}})); return true; }})()""")
+    s3 = wait_new_picture(page, s2["url"])
+    want3 = f"blocks.{other_block}.{other_proj}"
+    assert s3["layer"] == want3 and s3["layerWidget"] == want3
+    _, executing = last_run(page, comfy_server)
+    assert executing == [ids["hm"]]
+    assert not np.array_equal(fetch_picture(comfy_server, s3["url"]), pic2)
+
+    # 4. hover: the read-out shows the values of the cell under the cursor
+    fig = page.eval("window.__casa.widget().payload.figure")
+    r, c = len(fig["rows"]) // 2, 1
+    pt = cell_client_point(page, "regions", r, c)
+    page.mouse("mouseMoved", pt["x"], pt["y"])
+    page.wait_for("window.__casa.widget().hover !== null", 10, "the hover state")
+    text = state(page)["readout"]
+    v = fig["values"]
+    assert f"receiving {fig['rows'][r]['label']} (" in text and f"sending {fig['cols'][c]['label']} (" in text, text
+    for key in ("restored", "preserved", "arbitrated"):
+        assert f"{key} {fmt_share(v[key][r][c])}" in text, (key, text)
+    assert f"{v['entries'][r][c]:,} entries" in text or f"{v['entries'][r][c]} entries" in text, text
+    assert "drift RMS" in text and "LoRA RMS" in text and "cos " in text
+    # the beyond-k corner of the alignment panel
+    pt = cell_client_point(page, "alignment", len(fig["rows"]) - 1, len(fig["cols"]) - 1)
+    page.mouse("mouseMoved", pt["x"], pt["y"])
+    time.sleep(0.3)
+    assert "beyond the leading subspace" in state(page)["readout"]
+    page.screenshot(artifacts / "3_hover.png")
+
+    # 5. the overview, and a click on one of its cells opens that layer
+    btn = page.eval("""(() => { const r = window.__casa.widget().overviewBtn.getBoundingClientRect();
+        return {x: r.left + r.width / 2, y: r.top + r.height / 2}; })()""")
+    page.click(btn["x"], btn["y"])
+    s5 = wait_new_picture(page, s3["url"])
+    assert s5["view"] == "overview" and s5["viewWidget"] == "overview"
+    ov = page.eval("window.__casa.widget().payload.figure")
+    target = ov["names"][0][0]
+    assert target and target != s3["layer"]
+    pt = cell_client_point(page, "kept", 0, 0)
+    page.mouse("mouseMoved", pt["x"], pt["y"])
+    time.sleep(0.3)
+    assert state(page)["readout"].startswith(f"{target}: ")
+    page.screenshot(artifacts / "4_overview.png")
+    page.click(pt["x"], pt["y"])
+    s6 = wait_new_picture(page, s5["url"])
+    assert s6["view"] == "layer" and s6["layer"] == target and s6["layerWidget"] == target
+    page.screenshot(artifacts / "5_layer_from_overview.png")
+
+    # the widget is not saved with the workflow: widgets_values keep their contract (layer, view)
+    saved = page.eval("window.comfyAPI.app.app.graph.serialize()")
+    hm = next(n for n in saved["nodes"] if n["type"] == NODE)
+    assert hm["widgets_values"] == [target, "layer"]
+    (artifacts / "workflow_after.json").write_text(json.dumps(saved, indent=1))
+    problems = [line for line in page.console if line.startswith(("error", "exception")) and "casa" in line.lower()]
+    assert not problems, problems
