@@ -88,11 +88,11 @@ def _save(sd: dict, path: Path, metadata: dict | None = None) -> None:
     tmp.replace(path)
 
 
-def _style_factors(svd: dict, rank: int, alpha: float, rel_strength: float, seed: int) -> dict:
+def _style_factors(svd: dict, rank: int, alpha: float, rel_strength: float, seed: int, layers=None) -> dict:
     """(up, down) in float32 (bf16-exact values) of casa_core.synth.style_lora, WITHOUT the alpha scale."""
     from casa_core import synth
 
-    sd = synth.style_lora(svd, rank=rank, alpha=alpha, rel_strength=rel_strength, seed=seed)
+    sd = synth.style_lora(svd, rank=rank, alpha=alpha, rel_strength=rel_strength, seed=seed, layers=layers)
     out = {}
     for name in svd:
         key = "lora_unet_" + name.replace(".", "_")
@@ -123,7 +123,7 @@ def _distill_factors(svd: dict, base_sd: dict, rank: int, alpha: float, rel: flo
 
 def write_tiny_set(base_dir, prefix: str = "casa_t", seed: int = 0, dim: int = 128, ffn_dim: int = 256,
                    blocks: int = 2, rel_drift: float = 5e-3, fp8: bool = True, distill_lora: bool = True,
-                   style_formats=tuple(STYLE_FORMATS), other_size: bool = True) -> TinySet:
+                   style_formats=tuple(STYLE_FORMATS), other_size: bool = True, style_layers=None) -> TinySet:
     """Write a base/distilled pair and the optional extras into ``base_dir/models``.
 
     Names: ``<prefix>_base.safetensors``, ``<prefix>_distilled.safetensors``, ``<prefix>_distilled_fp8…``
@@ -155,7 +155,7 @@ def write_tiny_set(base_dir, prefix: str = "casa_t", seed: int = 0, dim: int = 1
                      extra=lf.distill_extras(base_sd, seed=seed + 3, std=1e-3))
 
     # one style LoRA in several trainers' formats
-    style = _style_factors(svd, STYLE_RANK, STYLE_ALPHA, rel_strength=0.05, seed=seed + 4)
+    style = _style_factors(svd, STYLE_RANK, STYLE_ALPHA, rel_strength=0.05, seed=seed + 4, layers=style_layers)
     scale = STYLE_ALPHA / STYLE_RANK  # 0.5: folding it into `up` is exact in floating point
     for tag in style_formats:
         fmt, has_alpha = STYLE_FORMATS[tag]

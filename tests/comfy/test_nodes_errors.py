@@ -106,9 +106,11 @@ def cache_folders(client):
 
 @pytest.fixture(scope="module")
 def big_set(comfy_server):
-    # dim 512 / ffn 2048 / 4 blocks: the basis takes several seconds on a CPU
+    # dim 512 / ffn 2048 / 4 blocks: the basis takes several seconds on a CPU; the LoRA touches two layers
+    # only, so that the rerun's transfer stays short
     return tiny_set_in(comfy_server.base_dir, "casa_big", seed=11, dim=512, ffn_dim=2048, blocks=4, fp8=False,
-                       distill_lora=False, style_formats=("kohya",), other_size=False)
+                       distill_lora=False, style_formats=("kohya",), other_size=False,
+                       style_layers=("blocks.0.self_attn.q", "blocks.3.ffn.2"))
 
 
 def test_interrupt_during_basis_leaves_no_reusable_cache(comfy_server, big_set, truth_cache):
@@ -117,6 +119,7 @@ def test_interrupt_during_basis_leaves_no_reusable_cache(comfy_server, big_set, 
     add_save(g, "save", f"casa_tests/big_{uuid.uuid4().hex[:6]}", dtype="float32")
     complete_before, partial_before = cache_folders(comfy_server)
 
+    t_start = time.monotonic()
     pid = comfy_server.post_prompt(g)
     deadline = time.monotonic() + 120
     started = None
@@ -131,8 +134,10 @@ def test_interrupt_during_basis_leaves_no_reusable_cache(comfy_server, big_set, 
         assert time.monotonic() < deadline, "no basis-*.partial folder appeared under models/casa_cache"
         time.sleep(0.02)
     time.sleep(0.3)  # let it write a few layers
+    t_int = time.monotonic()
     comfy_server.interrupt()
     entry = comfy_server.wait(pid, timeout=120)
+    t_stopped = time.monotonic()
     messages = entry["status"]["messages"]
     assert entry["status"]["status_str"] == "error", messages
     interrupted = next((d for name, d in messages if name == "execution_interrupted"), None)
@@ -151,6 +156,7 @@ def test_interrupt_during_basis_leaves_no_reusable_cache(comfy_server, big_set, 
     assert "computed" in text and "reused" not in text, text
     complete_final, _ = cache_folders(comfy_server)
     assert {p for p in complete_final - complete_before if p.startswith("basis-")}, "no complete basis folder"
+    t_truth = time.monotonic()
     m = re.search(r"[\w./-]+\.safetensors", ui_text(entry, "save"))
     tensors, _ = load_safetensors_bytes((comfy_server.base_dir / "models" / "loras" / m.group(0)).read_bytes())
     got = lora_file_deltas(tensors)
@@ -158,4 +164,5 @@ def test_interrupt_during_basis_leaves_no_reusable_cache(comfy_server, big_set, 
                         target_path=ts.unet_path(ts.distilled))
     for layer, d in exp.deltas.items():
         assert rel_err(got[layer], d) < TOL, f"{layer}: resumed basis gives another transfer"
-    print(f"rerun after interrupt: {seconds:.1f} s; basis: {text}")
+    print(f"basis started after {t_int - t_start:.1f} s, stopped {t_stopped - t_int:.1f} s after /interrupt; "
+          f"rerun {seconds:.1f} s ({text}); casa_core ground truth {time.monotonic() - t_truth:.1f} s")
