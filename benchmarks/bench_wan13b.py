@@ -16,6 +16,7 @@ import gc
 import json
 import math
 import shutil
+import subprocess
 import sys
 import threading
 import time
@@ -161,6 +162,24 @@ def projection_14b(per_layer: dict, small: WanShape, big: WanShape) -> dict:
             "largest_layer_ratio": (big.ffn_dim * big.dim) / (small.ffn_dim * small.dim)}
 
 
+def child_transfer(out: Path, mode: str, rank: int) -> None:
+    """One per-LoRA transfer from the caches (cache reads included); prints a JSON line."""
+    cache = out / "cache"
+    source = Checkpoint(out / "source.safetensors", memo_dir=cache)
+    target = Checkpoint(out / "target.safetensors", memo_dir=cache)
+    basis = load_or_build_basis(source, cache)
+    drift = load_or_build_drift(basis, WeightDifference(source, target), cache)
+    spec = OutputSpec(mode="lowrank", rank=rank) if mode == "lowrank" else OutputSpec(mode="exact", rank=None)
+    gc.collect()
+    with PeakRSS() as peak:
+        t = time.perf_counter()
+        lora = read_lora(out / "lora.safetensors", basis.layers)
+        rep = run_transfer_to_file(lora, basis, drift, TransferConfig(method="casa", output=spec), 1.0,
+                                   out / f"transferred_{mode}.safetensors")
+        dt = time.perf_counter() - t
+    print(json.dumps({"seconds": dt, "peak_extra_rss": peak.extra, "kept_energy": rep.totals()["kept_energy"]}))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="bench_out")
@@ -170,7 +189,11 @@ def main() -> int:
     ap.add_argument("--rank", type=int, default=128, help="rank of the low-rank output")
     ap.add_argument("--skip-exact", action="store_true")
     ap.add_argument("--keep", action="store_true", help="keep the generated files and caches")
+    ap.add_argument("--child-transfer", choices=["lowrank", "exact"], help=argparse.SUPPRESS)
     a = ap.parse_args()
+    if a.child_transfer:
+        child_transfer(Path(a.out), a.child_transfer, a.rank)
+        return 0
     shape = WanShape(dim=WAN21_1_3B.dim, ffn_dim=WAN21_1_3B.ffn_dim, blocks=a.blocks)
     out = Path(a.out)
     if out.exists():
@@ -196,24 +219,21 @@ def main() -> int:
     print(f"drift (one-time):  {results['drift_s']:7.1f} s   {drift.bytes_on_disk() / GIB:.2f} GiB", flush=True)
     results["cache_bytes"] = basis.bytes_on_disk() + drift.bytes_on_disk()
 
-    lora = read_lora(lora_path, basis.layers)
-    modes = [("lowrank", OutputSpec(mode="lowrank", rank=a.rank))]
-    if not a.skip_exact:
-        modes.append(("exact", OutputSpec(mode="exact", rank=None)))
-    for label, spec in modes:
-        gc.collect()
-        cfg = TransferConfig(method="casa", output=spec)
-        with PeakRSS() as peak:
-            t = time.perf_counter()
-            rep = run_transfer_to_file(lora, basis, drift, cfg, 1.0, out / f"transferred_{label}.safetensors")
-            dt = time.perf_counter() - t
-        tot = rep.totals()
+    modes = ["lowrank"] + ([] if a.skip_exact else ["exact"])
+    for label in modes:
+        # each transfer in a fresh process, so that its peak RSS is its own
+        child = subprocess.run(
+            [sys.executable, __file__, "--child-transfer", label, "--out", str(out), "--rank", str(a.rank)],
+            check=True, capture_output=True, text=True,
+        )
+        r = json.loads(child.stdout.strip().splitlines()[-1])
+        dt, extra = r["seconds"], r["peak_extra_rss"]
         results[f"transfer_{label}_s"] = dt
-        results[f"transfer_{label}_rss"] = peak.extra
-        results[f"transfer_{label}_kept"] = tot["kept_energy"]
+        results[f"transfer_{label}_rss"] = extra
+        results[f"transfer_{label}_kept"] = r["kept_energy"]
         size = (out / f"transferred_{label}.safetensors").stat().st_size
-        print(f"per-LoRA CASA {label:7s}: {dt:7.1f} s   peak extra RSS {peak.extra / GIB:.2f} GiB   "
-              f"energy kept {tot['kept_energy']:.1%}   file {size / GIB:.2f} GiB", flush=True)
+        print(f"per-LoRA CASA {label:7s}: {dt:7.1f} s   peak extra RSS {extra / GIB:.2f} GiB   "
+              f"energy kept {r['kept_energy']:.1%}   file {size / GIB:.2f} GiB", flush=True)
 
     print(f"cache on disk (basis + drift): {results['cache_bytes'] / GIB:.2f} GiB", flush=True)
     print("\ndrift error against float64 (weight space: ||U C_F V^T - dF|| / ||dF||, with the caches' float16 storage):")
