@@ -9,7 +9,8 @@ import uuid
 
 import pytest
 
-from _fixtures_models import lora_file_deltas, load_safetensors_bytes, rel_err, tiny_set_in
+from _fixtures_models import (_save, casa_expected, lora_file_deltas, load_safetensors_bytes, rel_err, tiny_set_in,
+                              truth_cache)  # noqa: F401  (fixture)
 from graphs import add_save, casa_transfer_graph, ui_text
 
 _SUMMARY_LINES: list[str] = []
@@ -116,3 +117,55 @@ def test_second_run_reuses_basis_and_drift(comfy_server, reuse_set, request, rec
     record_property("drift_texts", f"{d1} | {d2}")
     if None not in (nb1, nd1, nb2, nd2):  # the cache is what made the difference
         assert nb2 < nb1 and nd2 < nd1, (b1, b2, d1, d2)
+
+
+def _saved(client, entry):
+    m = re.search(r"[\w./-]+\.safetensors", ui_text(entry, "save"))
+    tensors, _ = load_safetensors_bytes((client.base_dir / "models" / "loras" / m.group(0)).read_bytes())
+    return lora_file_deltas(tensors)
+
+
+def test_files_changed_under_the_same_name_are_not_served_from_the_cache(comfy_server, truth_cache):
+    """The disk caches are keyed by content: a distilled (then a base) model rewritten under the same file
+    name gets a new drift (a new basis), and the transfer follows the new files."""
+    import torch
+
+    ts = tiny_set_in(comfy_server.base_dir, "casa_inval", seed=21, fp8=False, distill_lora=False,
+                     style_formats=("kohya",), other_size=False)
+    g = casa_transfer_graph(ts.base, ts.distilled, ts.style_lora, injection="exact")
+    add_save(g, "save", f"casa_tests/inval_{uuid.uuid4().hex[:6]}", dtype="float32")
+
+    def run_fresh():
+        comfy_server.free(unload_models=True, free_memory=True)
+        wait_for_free(comfy_server)  # ComfyUI's own cache would otherwise keep the old UNETLoader output
+        entry = comfy_server.run(g, timeout=600)
+        return entry, ui_text(entry, "basis"), ui_text(entry, "drift")
+
+    first, b1, d1 = run_fresh()
+    assert "reused" not in b1 and "reused" not in d1, (b1, d1)
+
+    g_ = torch.Generator().manual_seed(99)
+    new_distilled = {k: (v + 0.01 * v.abs().mean() * torch.randn(v.shape, generator=g_)
+                         if k.startswith("blocks.1.") and k.endswith(".weight") and v.ndim == 2 else v)
+                     for k, v in ts.distilled_sd.items()}
+    _save(new_distilled, ts.unet_path(ts.distilled))
+    second, b2, d2 = run_fresh()
+    assert "reused" in b2, b2
+    assert "reused" not in d2 and "computed" in d2, f"drift of a rewritten target served from the cache: {d2!r}"
+    exp = casa_expected(ts.unet_path(ts.base), ts.lora_path(ts.style_lora), truth_cache, injection="exact",
+                        target_path=ts.unet_path(ts.distilled))
+    got = _saved(comfy_server, second)
+    for layer, d in exp.deltas.items():
+        assert rel_err(got[layer], d) < 2e-4, f"{layer}: transfer does not follow the rewritten target"
+
+    new_base = {k: (v * 1.01 if k.startswith("blocks.0.") and k.endswith(".weight") and v.ndim == 2 else v)
+                for k, v in ts.base_sd.items()}
+    _save(new_base, ts.unet_path(ts.base))
+    third, b3, d3 = run_fresh()
+    assert "reused" not in b3 and "computed" in b3, f"basis of a rewritten base served from the cache: {b3!r}"
+    assert "reused" not in d3, d3
+    exp = casa_expected(ts.unet_path(ts.base), ts.lora_path(ts.style_lora), truth_cache, injection="exact",
+                        target_path=ts.unet_path(ts.distilled))
+    got = _saved(comfy_server, third)
+    for layer, d in exp.deltas.items():
+        assert rel_err(got[layer], d) < 2e-4, f"{layer}: transfer does not follow the rewritten base"

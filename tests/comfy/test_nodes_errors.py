@@ -133,7 +133,7 @@ def test_interrupt_during_basis_leaves_no_reusable_cache(comfy_server, big_set, 
             "the basis was complete before it could be interrupted (model too small?)"
         assert time.monotonic() < deadline, "no basis-*.partial folder appeared under models/casa_cache"
         time.sleep(0.02)
-    time.sleep(0.3)  # let it write a few layers
+    time.sleep(0.1)  # let it write a layer or two (the basis can take as little as ~1 s on an idle CPU)
     t_int = time.monotonic()
     comfy_server.interrupt()
     entry = comfy_server.wait(pid, timeout=120)
@@ -166,3 +166,52 @@ def test_interrupt_during_basis_leaves_no_reusable_cache(comfy_server, big_set, 
         assert rel_err(got[layer], d) < TOL, f"{layer}: resumed basis gives another transfer"
     print(f"basis started after {t_int - t_start:.1f} s, stopped {t_stopped - t_int:.1f} s after /interrupt; "
           f"rerun {seconds:.1f} s ({text}); casa_core ground truth {time.monotonic() - t_truth:.1f} s")
+
+
+def test_interrupt_during_drift_leaves_no_reusable_cache(comfy_server, big_set, truth_cache):
+    """Same for the drift: a target of its own (the big distilled model, moved a little more) whose drift is
+    interrupted while being computed; the basis comes from the cache."""
+    import torch
+
+    from _fixtures_models import _save
+
+    ts = big_set
+    name = f"casa_big_distilled_{uuid.uuid4().hex[:6]}.safetensors"
+    g_ = torch.Generator().manual_seed(5)
+    target = {k: (v + 0.002 * v.abs().mean() * torch.randn(v.shape, generator=g_)
+                  if k.startswith("blocks.") and k.endswith(".weight") and v.ndim == 2 else v)
+              for k, v in ts.distilled_sd.items()}
+    _save(target, ts.unet_path(name))
+    g = casa_transfer_graph(ts.base, name, ts.style_lora, injection="exact")
+    add_save(g, "save", f"casa_tests/bigdrift_{uuid.uuid4().hex[:6]}", dtype="float32")
+    complete_before, partial_before = cache_folders(comfy_server)
+
+    pid = comfy_server.post_prompt(g)
+    deadline = time.monotonic() + 300
+    while True:
+        complete, partial = cache_folders(comfy_server)
+        if {p for p in partial - partial_before if p.startswith("drift-")}:
+            break
+        assert not {p for p in complete - complete_before if p.startswith("drift-")}, \
+            "the drift was complete before it could be interrupted"
+        assert time.monotonic() < deadline, "no drift-*.partial folder appeared under models/casa_cache"
+        time.sleep(0.02)
+    comfy_server.interrupt()
+    entry = comfy_server.wait(pid, timeout=120)
+    messages = entry["status"]["messages"]
+    interrupted = next((d for n, d in messages if n == "execution_interrupted"), None)
+    assert interrupted is not None and interrupted.get("node_type") == "CASAComputeDrift", messages
+    complete_after, _ = cache_folders(comfy_server)
+    assert not {p for p in complete_after - complete_before if p.startswith("drift-")}, \
+        "an interrupted drift looks complete"
+
+    entry = comfy_server.run(g, timeout=600)
+    text = ui_text(entry, "drift")
+    assert "computed" in text and "reused" not in text, text
+    m = re.search(r"[\w./-]+\.safetensors", ui_text(entry, "save"))
+    tensors, _ = load_safetensors_bytes((comfy_server.base_dir / "models" / "loras" / m.group(0)).read_bytes())
+    got = lora_file_deltas(tensors)
+    exp = casa_expected(ts.unet_path(ts.base), ts.lora_path(ts.style_lora), truth_cache, injection="exact",
+                        target_path=ts.unet_path(name))
+    for layer, d in exp.deltas.items():
+        assert rel_err(got[layer], d) < TOL, f"{layer}: resumed drift gives another transfer"

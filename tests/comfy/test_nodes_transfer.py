@@ -204,3 +204,80 @@ def test_ksampler_runs_on_the_patched_model(comfy_server, tiny_set):
     a, b = latent_stats(entry, stats_patched), latent_stats(entry, stats_plain)
     assert a["finite"] and b["finite"] and a["shape"] == b["shape"] == [1, 16, 2, 4, 4]
     assert (a["mean"], a["std"]) != (b["mean"], b["std"]), "the transferred LoRA changed nothing in the sample"
+
+
+def test_non_lowrank_keys_are_applied_like_comfyuis_loader(comfy_server, tiny_set, truth_cache):
+    """A style LoRA that also carries ``.diff`` (norms, head.head) and ``.diff_b`` (biases) keys, at strength
+    0.5: the transferred MODEL's block linears are W_t + ΔCASA (casa_core), and every other parameter
+    (biases, norm weights, head.head) is exactly what ComfyUI's own LoraLoaderModelOnly makes of the same
+    file at the same strength."""
+    from safetensors.torch import load_file
+
+    from _fixtures_models import lf
+
+    ts = tiny_set
+    name = f"casa_t_style_with_diffs_{uuid.uuid4().hex[:6]}.safetensors"
+    sd = load_file(str(ts.lora_path(ts.style["kohya"])))
+    extras = {k: v for k, v in lf.distill_extras(ts.base_sd, seed=9, std=2e-3).items() if not k.endswith(".diff_m")}
+    sd.update(extras)
+    from safetensors.torch import save_file
+
+    save_file(sd, str(ts.lora_path(name)))
+    strength = 0.5
+    case = ("CASA", "exact", 128, 0.0, strength)
+    g = graph_for(ts, case, lora=name)
+    g["stock"] = {"class_type": "LoraLoaderModelOnly", "inputs": {"model": ["target", 0], "lora_name": name,
+                                                                  "strength_model": strength}}
+    tag = uuid.uuid4().hex[:6]
+    add_dump(g, "dump_casa", ["transfer", 0], f"diffs_casa_{tag}", keys="**")
+    add_dump(g, "dump_stock", ["stock", 0], f"diffs_stock_{tag}", keys="**", after=["dump_casa", 0])
+    add_save(g, "save", f"casa_tests/diffs_{tag}", dtype="float32")
+    entry = comfy_server.run(g, timeout=300)
+    casa, _ = fetch_dump(comfy_server, entry, "dump_casa")
+    stock, _ = fetch_dump(comfy_server, entry, "dump_stock")
+    exp = expected_for(ts, truth_cache, case, lora=name)
+
+    moved = 0
+    for key, w in casa.items():
+        original = ts.distilled_sd[key].float()
+        layer = key[: -len(".weight")] if key.endswith(".weight") else None
+        if layer in exp.deltas:
+            assert rel_err(w - original, exp.deltas[layer]) < TOL, key
+        else:
+            assert torch.allclose(w, stock[key], rtol=0, atol=1e-7), f"{key}: differs from LoraLoaderModelOnly"
+            moved += not torch.equal(w, original)
+    # the diffs really were applied (biases of 20 linears, 10 norms, head.head; not the modulation)
+    assert moved >= 20 + 10 + 1, moved
+
+    # the saved file carries them too: loaded at strength 1 by the stock loader, every parameter matches
+    saved = re.search(r"casa_tests/diffs_[^\s'\"]*\.safetensors", ui_text(entry, "save")).group(0)
+    g2 = {"target": {"class_type": "UNETLoader", "inputs": {"unet_name": ts.distilled, "weight_dtype": "default"}},
+          "lora": {"class_type": "LoraLoaderModelOnly", "inputs": {"model": ["target", 0], "lora_name": saved,
+                                                                   "strength_model": 1.0}}}
+    add_dump(g2, "dump", ["lora", 0], f"diffs_saved_{tag}", keys="**")
+    reloaded, _ = fetch_dump(comfy_server, comfy_server.run(g2, timeout=300), "dump")
+    for key, w in casa.items():
+        original = ts.distilled_sd[key].float()
+        assert rel_err(reloaded[key] - original, w - original) < TOL if not torch.equal(w, original) \
+            else torch.equal(reloaded[key], original), f"{key}: the saved LoRA does not reproduce the transfer"
+
+
+def test_two_saves_with_one_prefix_write_two_files(comfy_server, tiny_set):
+    """CASASaveLoRA numbers its files (<prefix>_<counter>): two saves never overwrite each other."""
+    ts = tiny_set
+    prefix = f"casa_tests/twice_{uuid.uuid4().hex[:6]}"
+    g = graph_for(ts, ("CASA", "low-rank", 8, 0.0, 1.0))
+    add_save(g, "save_a", prefix, dtype="float16")
+    add_save(g, "save_b", prefix, dtype="float32")
+    entry = comfy_server.run(g, timeout=300)
+    names = []
+    for nid in ("save_a", "save_b"):
+        m = re.search(re.escape(prefix) + r"[^\s'\"]*\.safetensors", ui_text(entry, nid))
+        assert m, ui_text(entry, nid)
+        names.append(m.group(0))
+    assert names[0] != names[1], names
+    dtypes = set()
+    for n in names:
+        tensors, _ = load_safetensors_bytes((comfy_server.base_dir / "models" / "loras" / n).read_bytes())
+        dtypes |= {str(t.dtype) for k, t in tensors.items() if k.endswith("lora_up.weight")}
+    assert dtypes == {"torch.float16", "torch.float32"}, dtypes

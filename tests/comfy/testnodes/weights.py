@@ -12,7 +12,9 @@
    (``blocks.0.self_attn.q``); the metadata ``dtype.<layer>`` records the live weight's dtype.
 
 ``keys``: comma-separated canonical layer names (``blocks.0.self_attn.q``) or ComfyUI keys
-(``diffusion_model.blocks.0.self_attn.q.weight``); ``*`` = every 2-D weight of the diffusion model.
+(``diffusion_model.blocks.0.self_attn.q.weight``); ``*`` = every 2-D weight of the diffusion model (saved
+under canonical layer names); ``**`` = every parameter (biases, norms, modulation too), saved under its
+full parameter name (``blocks.0.self_attn.q.bias``, ``blocks.0.norm3.weight``, ``head.head.weight``).
 ``after`` (optional, any type) only orders execution: wire another dump's output into it.
 Output: the dump's file name relative to the output folder (STRING); ui ``casa_dump`` =
 ``[{"filename", "subfolder", "type": "output"}]`` (fetch it with ``/view``) and text.
@@ -91,12 +93,18 @@ class CasaTestDumpWeights(io.ComfyNode):
         from safetensors.torch import save_file
 
         comfy.model_management.load_models_gpu([model], force_patch_weights=True)
-        wanted = _all_layer_keys(model) if keys.strip() in ("", "*") else [_comfy_key(k) for k in keys.split(",") if k.strip()]
+        every = keys.strip() == "**"
+        if every:
+            wanted = [PREFIX + name for name, _ in model.model.diffusion_model.named_parameters()]
+        elif keys.strip() in ("", "*"):
+            wanted = _all_layer_keys(model)
+        else:
+            wanted = [_comfy_key(k) for k in keys.split(",") if k.strip()]
         tensors, meta = {}, {}
         with torch.no_grad():
             for key in wanted:
                 w = comfy.model_patcher.get_key_weight(model.model, key)[0]
-                layer = key[len(PREFIX):-len(".weight")]
+                layer = key[len(PREFIX):] if every else key[len(PREFIX):-len(".weight")]
                 meta[f"dtype.{layer}"] = str(getattr(w, "dtype", "?")).replace("torch.", "")
                 meta[f"class.{layer}"] = type(w).__name__
                 tensors[layer] = _dequantize(w).detach().to("cpu", torch.float32).clone().contiguous()
