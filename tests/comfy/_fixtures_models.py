@@ -113,7 +113,8 @@ def _distill_factors(svd: dict, base_sd: dict, rank: int, alpha: float, rel: flo
         up_head = u[:, :h] @ torch.randn(h, rank, generator=g)
         down_head = torch.randn(rank, h, generator=g) @ v[:, :h].T
         up = up_head / up_head.norm() + 0.5 * torch.randn(u.shape[0], rank, generator=g) / (u.shape[0] * rank) ** 0.5
-        down = down_head / down_head.norm() + 0.5 * torch.randn(rank, v.shape[0], generator=g) / (v.shape[0] * rank) ** 0.5
+        noise = torch.randn(rank, v.shape[0], generator=g) / (v.shape[0] * rank) ** 0.5
+        down = down_head / down_head.norm() + 0.5 * noise
         w = base_sd[name + ".weight"].float()
         cur = float((up @ down).norm()) * alpha / rank
         up = up * (rel * float(w.norm()) / cur)

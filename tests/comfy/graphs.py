@@ -253,7 +253,8 @@ def workflow_specs() -> dict[str, list[dict]]:
     ]
 
     save_note = ("**Save the transferred LoRA** — writes `models/loras/casa/my_style_lora_causvid_00001_.safetensors` "
-                 "(ComfyUI's LoRA format). Load it later on the distilled model with the normal **LoraLoaderModelOnly** "
+                 "(ComfyUI's LoRA format). Load it later on the distilled model with the normal "
+                 "**LoraLoaderModelOnly** "
                  "at strength 1; no CASA node needed then.")
     specs["casa_save_lora"] = [
         _note(1, (-480, 0), save_note), *core,

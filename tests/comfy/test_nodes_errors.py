@@ -10,7 +10,6 @@ import pytest
 
 from _fixtures_models import (casa_expected, copy_model, lora_file_deltas, load_safetensors_bytes, rel_err,
                               tiny_set, tiny_set_in, truth_cache)  # noqa: F401  (fixtures)
-from comfy_client import ComfyExecutionError
 from graphs import add_save, casa_transfer_graph, ksampler_graph, latent_stats, ui_text
 
 TOL = 2e-4

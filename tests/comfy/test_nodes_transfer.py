@@ -128,7 +128,8 @@ def test_every_trainer_format_gives_the_same_transfer(comfy_server, tiny_set, tr
         part = graph_for(ts, case, lora=name)
         g.update({k: v for k, v in part.items() if k != "transfer"})
         g[f"transfer_{fmt}"] = part["transfer"]
-        add_dump(g, f"dump_{fmt}", [f"transfer_{fmt}", 0], f"fmt_{fmt}_{tag}", keys="blocks.0.self_attn.q,blocks.1.ffn.2",
+        add_dump(g, f"dump_{fmt}", [f"transfer_{fmt}", 0], f"fmt_{fmt}_{tag}",
+                 keys="blocks.0.self_attn.q,blocks.1.ffn.2",
                  after=prev)
         prev = [f"dump_{fmt}", 0]
     entry = comfy_server.run(g, timeout=300)

@@ -241,7 +241,8 @@ def test_ui_workflow_matches_schemas_and_api_twin(object_info, name):
         assert lid in out["links"] and inp["link"] == lid, f"{name}: link {lid} bookkeeping"
         assert out["type"] == typ, f"{name}: link {lid} type {typ} != output {out['type']}"
         info = object_info[nodes[dst]["type"]]
-        spec = (info["input"].get("required") or {}).get(inp["name"]) or (info["input"].get("optional") or {})[inp["name"]]
+        spec = (info["input"].get("required") or {}).get(inp["name"]) or \
+            (info["input"].get("optional") or {})[inp["name"]]
         assert spec[0] in (typ, "*"), f"{name}: link {lid} {typ} into {nodes[dst]['type']}.{inp['name']} ({spec[0]})"
     for n in wf["nodes"]:  # every link an input or output claims exists
         for inp in n.get("inputs", []):
@@ -285,7 +286,8 @@ def browser(comfy_server, comfy_root, tmp_path_factory):
     if fe_root:
         from comfy_client import ComfyServer, prepare_base_dir
 
-        base = prepare_base_dir(tmp_path_factory.mktemp("comfyui-frontend"), pack_root=REPO, test_nodes=HERE / "testnodes")
+        base = prepare_base_dir(tmp_path_factory.mktemp("comfyui-frontend"), pack_root=REPO,
+                                test_nodes=HERE / "testnodes")
         server = ComfyServer(comfy_root, base, extra_args=["--front-end-root", fe_root])
         url = server.start().url
     b = Browser(exe)

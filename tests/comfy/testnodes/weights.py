@@ -121,7 +121,8 @@ def _describe_patch_value(v) -> dict:
     """JSON-able description of one patch value as stored by ModelPatcher.add_patches."""
     if isinstance(v, (tuple, list)) and len(v) == 2 and isinstance(v[0], str):
         kind, payload = v
-        tensors = [t for t in (payload if isinstance(payload, (tuple, list)) else (payload,)) if isinstance(t, torch.Tensor)]
+        items = payload if isinstance(payload, (tuple, list)) else (payload,)
+        tensors = [t for t in items if isinstance(t, torch.Tensor)]
         return {"kind": kind, "shapes": [list(t.shape) for t in tensors],
                 "dtypes": [str(t.dtype).replace("torch.", "") for t in tensors]}
     weights = getattr(v, "weights", None)
@@ -163,4 +164,5 @@ class CasaTestPatchInfo(io.ComfyNode):
             info[k] = [{"strength_patch": float(p[0]), "strength_model": float(p[2]), **_describe_patch_value(p[1])}
                        for p in entries]
         dtype = str(model.model_dtype()).replace("torch.", "") if hasattr(model, "model_dtype") else "?"
-        return io.NodeOutput(ui={"casa_patches": [info], "casa_model": [{"class": type(model).__name__, "dtype": dtype}]})
+        return io.NodeOutput(ui={"casa_patches": [info],
+                                 "casa_model": [{"class": type(model).__name__, "dtype": dtype}]})
