@@ -7,6 +7,8 @@
 #    found ($COMFYUI_PATH, <ComfyUI>/custom_nodes/<this repo>, or ~/.cache/casa-lora/ComfyUI).
 #    Without one they are collected and skipped, and the summary says how many.
 #
+# The frontend tests also need Chromium: Debian's `chromium` is installed when missing.
+#
 # Environments live in $CASA_VENVS (default ~/.cache/casa-lora/venvs), keyed by a hash of the
 # requirement files, so they are built once per machine and rebuilt when a requirement changes.
 set -euo pipefail
@@ -43,6 +45,12 @@ if [ -n "$COMFY_ROOT" ]; then
         "$CVENV/bin/pip" install -q -c tests/comfy/constraints.txt \
             -r tests/comfy/requirements.txt -r "$COMFY_ROOT/requirements.txt" >&2
         touch "$CVENV/.complete"
+    fi
+    # the frontend tests drive the real ComfyUI page in headless Chromium (Debian's package)
+    if ! command -v chromium >/dev/null 2>&1 && [ -z "${CASA_CHROMIUM:-}" ] && command -v apt-get >/dev/null 2>&1; then
+        echo "== installing Debian's chromium for the frontend tests" >&2
+        { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } >&2 \
+            || echo "== could not install chromium: the frontend tests will be skipped (see the summary)" >&2
     fi
     echo "== ComfyUI tests ($CVENV)"
     COMFYUI_PATH="$COMFY_ROOT" "$CVENV/bin/python" -m pytest tests/comfy -q -p no:cacheprovider
