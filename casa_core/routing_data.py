@@ -19,13 +19,49 @@ from .routing import Routing
 MAX_GROUPS = 48
 
 
-def cluster_groups(labels: torch.Tensor, n_clusters: int, max_groups: int = MAX_GROUPS) -> torch.Tensor:
-    """Group index of every cluster."""
+def _even_split(sizes: torch.Tensor, n_groups: int) -> torch.Tensor:
+    """Consecutive clusters into ``n_groups`` groups of roughly equal total size."""
+    start = torch.cumsum(sizes, 0) - sizes  # members before each cluster
+    return torch.clamp((start * n_groups / sizes.sum()).long(), max=n_groups - 1)
+
+
+def cluster_groups(
+    labels: torch.Tensor, n_clusters: int, max_groups: int = MAX_GROUPS, kinds: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Group index of every cluster.
+
+    With ``kinds`` (one code per cluster, e.g. its dominance), only neighbouring clusters of the
+    same kind are merged, so every group is wholly dominant or wholly not (when there are at
+    most ``max_groups`` runs of equal kind; otherwise groups follow sizes alone).
+    """
     if n_clusters <= max_groups:
         return torch.arange(n_clusters)
     sizes = torch.bincount(labels.cpu(), minlength=n_clusters).double()
-    start = torch.cumsum(sizes, 0) - sizes  # members before each cluster
-    return torch.clamp((start * max_groups / sizes.sum()).long(), max=max_groups - 1)
+    if kinds is None:
+        return _compact(_even_split(sizes, max_groups))
+    kinds = kinds.cpu()
+    change = torch.ones(n_clusters, dtype=torch.bool)
+    change[1:] = kinds[1:] != kinds[:-1]
+    run = torch.cumsum(change.long(), 0) - 1
+    n_runs = int(run[-1]) + 1
+    if n_runs > max_groups:
+        return _compact(_even_split(sizes, max_groups))
+    run_sizes = torch.zeros(n_runs, dtype=torch.float64).index_add_(0, run, sizes)
+    # one group per run, the rest shared in proportion to the runs' sizes
+    share = 1 + torch.floor(run_sizes / run_sizes.sum() * (max_groups - n_runs)).long()
+    out = torch.empty(n_clusters, dtype=torch.long)
+    first = 0
+    for r in range(n_runs):
+        members = torch.nonzero(run == r).flatten()
+        n_g = min(int(share[r]), members.numel())
+        out[members] = first + _even_split(sizes[members], n_g)
+        first += n_g
+    return _compact(out)
+
+
+def _compact(groups: torch.Tensor) -> torch.Tensor:
+    """Renumber groups 0..G-1 without gaps (order kept)."""
+    return torch.unique(groups, return_inverse=True)[1]
 
 
 def _pair_sums(x: torch.Tensor, row_oh: torch.Tensor, col_oh: torch.Tensor) -> torch.Tensor:
@@ -35,7 +71,9 @@ def _pair_sums(x: torch.Tensor, row_oh: torch.Tensor, col_oh: torch.Tensor) -> t
 
 def routing_summary(c_l: torch.Tensor, c_f: torch.Tensor, routing: Routing, max_groups: int = MAX_GROUPS) -> dict[str, torch.Tensor]:
     k = routing.k
-    group_of_cluster = cluster_groups(routing.labels.cpu(), routing.n_clusters, max_groups).to(c_l.device)
+    dom = routing.dominance
+    kinds = dom.recv_dominant.long().cpu() * 2 + dom.send_dominant.long().cpu()
+    group_of_cluster = cluster_groups(routing.labels.cpu(), routing.n_clusters, max_groups, kinds).to(c_l.device)
     n_groups = int(group_of_cluster.max()) + 1 if routing.n_clusters else 0
     outside = n_groups  # the extra group beyond k
     g = n_groups + 1

@@ -6,6 +6,8 @@ ComfyUI's model patcher) never hold more than one dense layer in memory.
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -213,17 +215,45 @@ def run_transfer_to_file(
         extra = {n: passthrough.pop(comfy_key(n, "diff")) for n, _, _ in entries if comfy_key(n, "diff") in passthrough}
         tensors = ((r.output.tensors[0] + extra[r.layer].float(),) if r.layer in extra else r.output.tensors
                    for r in results)
+        write_comfy_lora(str(out_path), entries, tensors, passthrough=passthrough,
+                         metadata=provenance(lora, basis, drift, cfg, strength), dtype=dtype)
     else:
-        # ranks are only known once computed (energy mode); low-rank factors are small
-        kept = [(r.layer, r.output.kind, tuple(t.to(dtype) for t in r.output.tensors)) for r in results]
-        entries = [(layer, kind, tuple(tuple(t.shape) for t in ts)) for layer, kind, ts in kept]
-        tensors = (ts for _, _, ts in kept)
-    write_comfy_lora(
-        str(out_path), entries, tensors, passthrough=passthrough,
-        metadata=provenance(lora, basis, drift, cfg, strength), dtype=dtype,
-    )
+        # ranks are only known once computed (energy mode): the factors go to a spill file
+        # next to the output first, so memory does not grow with the model's depth
+        with _Spill(Path(out_path).parent) as spill:
+            kept = [(r.layer, r.output.kind, tuple(spill.put(t.to(dtype)) for t in r.output.tensors))
+                    for r in results]
+            entries = [(layer, kind, tuple(ref[2] for ref in refs)) for layer, kind, refs in kept]
+            tensors = (tuple(spill.get(ref) for ref in refs) for _, _, refs in kept)
+            write_comfy_lora(str(out_path), entries, tensors, passthrough=passthrough,
+                             metadata=provenance(lora, basis, drift, cfg, strength), dtype=dtype)
     report.seconds = time.perf_counter() - t0
     return report
+
+
+class _Spill:
+    """A temporary file holding tensors written once and read back once (no pickle: raw bytes)."""
+
+    def __init__(self, folder: Path):
+        self.file = tempfile.TemporaryFile(dir=folder, prefix=".casa-spill-")
+
+    def __enter__(self) -> "_Spill":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.file.close()
+
+    def put(self, t: torch.Tensor) -> tuple[int, torch.dtype, tuple[int, ...]]:
+        offset = self.file.seek(0, os.SEEK_END)
+        self.file.write(t.contiguous().view(torch.uint8).numpy().tobytes())
+        return offset, t.dtype, tuple(t.shape)
+
+    def get(self, ref: tuple[int, torch.dtype, tuple[int, ...]]) -> torch.Tensor:
+        offset, dtype, shape = ref
+        n = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+        self.file.seek(offset)
+        raw = bytearray(self.file.read(n))
+        return torch.frombuffer(raw, dtype=torch.uint8).view(dtype).reshape(shape)
 
 
 def transfer_order(lora) -> list[str]:
