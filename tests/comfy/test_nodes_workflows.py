@@ -8,8 +8,8 @@
 * the frontend-format files are consistent with the nodes' schemas (GET /object_info: node types, socket
   types, link bookkeeping, widget values in input_order, COMBO options, numeric ranges) and with their
   API twins (graphToPrompt restated in Python, graphs.api_from_ui);
-* with Chromium installed: the REAL frontend served by the server loads each file and its
-  ``graphToPrompt()`` gives exactly the API twin;
+* with Chromium installed (driven through chromium_cdp.py; skipped without it): the REAL frontend served
+  by the server loads each file and its ``graphToPrompt()`` gives exactly the API twin;
 * GET /workflow_templates lists them under the pack, and the server serves them.
 
 Regenerate the files (after a node schema change) through the real frontend with
@@ -17,16 +17,10 @@ Regenerate the files (after a node schema change) through the real frontend with
 """
 from __future__ import annotations
 
-import asyncio
 import copy
 import json
-import shutil
-import socket
-import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -35,6 +29,7 @@ HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
+from chromium_cdp import Chromium, find_chromium, require_chromium  # noqa: E402
 from graphs import WF_FILES, WF_NAMES, api_from_ui, ui_from_specs, workflow_specs  # noqa: E402
 
 REPO = HERE.parents[1]
@@ -42,6 +37,7 @@ WF_DIR = REPO / "workflows"
 API_DIR = WF_DIR / "api"
 VIRTUAL_NODES = {"MarkdownNote", "Note", "PrimitiveNode", "Reroute"}  # frontend-only node types
 FILE_INPUTS = {"unet_name", "base_model", "lora_name", "clip_name", "vae_name"}
+COMFY_READY = ("KSampler", "CasaTestZeroConditioning")  # node types the frontend must have registered
 
 
 def load(path: Path) -> dict:
@@ -50,119 +46,6 @@ def load(path: Path) -> dict:
 
 def strip_meta(api: dict) -> dict:
     return {nid: {k: v for k, v in node.items() if k != "_meta"} for nid, node in api.items()}
-
-
-# ---------------------------------------------------------------------------------------------------
-# headless Chromium over the DevTools protocol (aiohttp is one of ComfyUI's requirements)
-# ---------------------------------------------------------------------------------------------------
-
-class Browser:
-    def __init__(self, exe: str):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.profile = tempfile.mkdtemp(prefix="casa-chromium-")
-        self.proc = subprocess.Popen(
-            [exe, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-             f"--remote-debugging-port={self.port}", f"--user-data-dir={self.profile}", "--window-size=1400,900",
-             "about:blank"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/json", timeout=5) as r:
-                    page = next(t for t in json.load(r) if t["type"] == "page")
-                break
-            except Exception:
-                if time.monotonic() > deadline or self.proc.poll() is not None:
-                    self.close()
-                    raise RuntimeError("Chromium did not start")
-                time.sleep(0.2)
-        self.loop = asyncio.new_event_loop()
-        self.console: list[str] = []
-        self.n = 0
-        self.loop.run_until_complete(self._connect(page["webSocketDebuggerUrl"]))
-        self.call("Runtime.enable")
-        self.call("Page.enable")
-
-    async def _connect(self, url):
-        import aiohttp
-
-        self.session = aiohttp.ClientSession()
-        self.ws = await self.session.ws_connect(url, max_msg_size=0)
-
-    async def _call(self, method, params, timeout):
-        self.n += 1
-        mid = self.n
-        await self.ws.send_str(json.dumps({"id": mid, "method": method, "params": params or {}}))
-        end = time.monotonic() + timeout
-        while True:
-            msg = await self.ws.receive(timeout=max(0.1, end - time.monotonic()))
-            data = json.loads(msg.data)
-            if data.get("method") == "Runtime.consoleAPICalled":
-                p = data["params"]
-                self.console.append(f"{p.get('type')}: " + " ".join(
-                    str(a.get("value", a.get("description", ""))) for a in p.get("args", [])))
-            if data.get("id") == mid:
-                if "error" in data:
-                    raise RuntimeError(f"{method}: {data['error']}")
-                return data["result"]
-
-    def call(self, method, params=None, timeout=60):
-        return self.loop.run_until_complete(self._call(method, params, timeout))
-
-    def eval(self, expr: str, timeout=60):
-        r = self.call("Runtime.evaluate", {"expression": expr, "awaitPromise": True, "returnByValue": True}, timeout)
-        if "exceptionDetails" in r:
-            raise RuntimeError(json.dumps(r["exceptionDetails"])[:3000])
-        return r["result"].get("value")
-
-    def open_comfy(self, url: str, timeout=120):
-        self.call("Page.navigate", {"url": url})
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                if self.eval("!!(window.comfyAPI?.app?.app?.canvas?.ds && window.comfyAPI.app.app.graph"
-                             " && window.LiteGraph?.registered_node_types?.KSampler"
-                             " && window.LiteGraph.registered_node_types.CasaTestZeroConditioning)"):
-                    time.sleep(1.0)  # let the start-up workflow settle
-                    return
-            except RuntimeError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("the ComfyUI frontend did not start:\n" + "\n".join(self.console[-20:]))
-            time.sleep(0.3)
-
-    def load_workflow(self, wf: dict, tries: int = 5) -> dict:
-        """app.loadGraphData(wf), then graphToPrompt(): {"workflow": what the frontend saves, "output": API}.
-        Retried while the frontend is still settling (its own start-up workflow can replace ours)."""
-        for attempt in range(tries):
-            got = json.loads(self.eval(
-                "(async () => { const app = window.comfyAPI.app.app;"
-                f" await app.loadGraphData({json.dumps(wf)}, true, true, 'casa-test');"
-                " await new Promise(r => setTimeout(r, 200));"
-                " const p = await app.graphToPrompt(); return JSON.stringify(p); })()"))
-            if len(got["workflow"]["nodes"]) == len(wf["nodes"]):
-                return got
-            time.sleep(1.0)
-        raise RuntimeError(f"the frontend kept {len(got['workflow']['nodes'])} of {len(wf['nodes'])} nodes")
-
-    def close(self):
-        try:
-            self.loop.run_until_complete(self.ws.close())
-            self.loop.run_until_complete(self.session.close())
-        except Exception:
-            pass
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        shutil.rmtree(self.profile, ignore_errors=True)
-
-
-def chromium() -> str | None:
-    return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -277,9 +160,7 @@ def browser(comfy_server, comfy_root, tmp_path_factory):
     started with ``--front-end-root <dir>``."""
     import os
 
-    exe = chromium()
-    if exe is None:
-        pytest.skip("no Chromium: the real-frontend round trip needs it (apt-get install chromium)")
+    exe = require_chromium("the real-frontend round trip")
     server = None
     url = comfy_server.url
     fe_root = os.environ.get("CASA_FRONTEND_ROOT")
@@ -290,9 +171,9 @@ def browser(comfy_server, comfy_root, tmp_path_factory):
                                 test_nodes=HERE / "testnodes")
         server = ComfyServer(comfy_root, base, extra_args=["--front-end-root", fe_root])
         url = server.start().url
-    b = Browser(exe)
+    b = Chromium(exe)
     try:
-        b.open_comfy(url)
+        b.open_comfy(url, COMFY_READY)
         b.frontend_version = b.eval("window.__COMFYUI_FRONTEND_VERSION__ || ''")
         print(f"frontend {b.frontend_version} at {url}")
         yield b
@@ -383,7 +264,7 @@ def write_workflows(comfy_root: Path | None = None) -> None:
     from comfy_client import ComfyServer, prepare_base_dir
 
     root = comfy_root or comfy_locate.locate().root
-    exe = chromium()
+    exe = find_chromium()
     if exe is None:
         raise SystemExit("needs Chromium")
     base = prepare_base_dir(tempfile.mkdtemp(prefix="casa-wf-"), pack_root=REPO, test_nodes=HERE / "testnodes")
@@ -392,8 +273,8 @@ def write_workflows(comfy_root: Path | None = None) -> None:
     browser = None
     try:
         info = client.object_info()
-        browser = Browser(exe)
-        browser.open_comfy(client.url)
+        browser = Chromium(exe)
+        browser.open_comfy(client.url, COMFY_READY)
         API_DIR.mkdir(parents=True, exist_ok=True)
         for name, spec in workflow_specs().items():
             wf = ui_from_specs(spec, info)

@@ -1,5 +1,5 @@
 """The heatmap widget (web/casa_heatmap.js) in ComfyUI's REAL frontend (comfyui-frontend-package),
-driven in headless Chromium over the DevTools protocol.
+driven in headless Chromium over the DevTools protocol (chromium_cdp.py).
 
 A real ComfyUI server with this pack (the ``comfy_server`` fixture) and tiny synthetic models; the
 example workflow ``workflows/casa_routing_heatmap.json`` is loaded into the page (its model names
@@ -12,27 +12,21 @@ version>/`` (gitignored).
 
 Needs Chromium (Debian: ``apt-get install -y chromium``; or set ``CASA_CHROMIUM`` to a browser
 binary).  Without it the test is skipped with that reason through conftest's mechanism (a failure
-when ``CASA_REQUIRE_COMFYUI=1``).  The DevTools client uses aiohttp, one of ComfyUI's requirements.
+when ``CASA_REQUIRE_COMFYUI=1``).  The DevTools client (chromium_cdp.py) uses aiohttp, one of ComfyUI's
+requirements.
 """
 from __future__ import annotations
 
-import asyncio
-import base64
 import io
 import json
-import os
 import shutil
-import socket
-import subprocess
-import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-import conftest
+from chromium_cdp import Chromium, require_chromium
 from test_heatmap_payload import write_tiny_models
 
 REPO = Path(__file__).resolve().parents[2]
@@ -42,157 +36,13 @@ NODE = "CASARoutingHeatmap"
 VIEWPORT = (1600, 1200)
 
 
-def find_chromium() -> str | None:
-    exe = os.environ.get("CASA_CHROMIUM")
-    if exe:
-        return exe if Path(exe).exists() else shutil.which(exe)
-    for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
-        found = shutil.which(name)
-        if found:
-            return found
-    return None
-
-
-# ---------------------------------------------------------------------------------------------------
-# a small DevTools-protocol client
-# ---------------------------------------------------------------------------------------------------
-
-class Chromium:
-    """Headless Chromium (flags of comfyui-notes §7) and one page, over CDP."""
-
-    def __init__(self, exe: str):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.profile = tempfile.mkdtemp(prefix="casa-web-chromium-")
-        self.log_path = Path(self.profile) / "chromium.log"
-        self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(
-            [exe, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             "--disable-dev-shm-usage", f"--user-data-dir={self.profile}", f"--remote-debugging-port={self.port}",
-             f"--window-size={VIEWPORT[0]},{VIEWPORT[1]}", "about:blank"],
-            stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/json", timeout=5) as r:
-                    page = next(t for t in json.load(r) if t["type"] == "page")
-                break
-            except Exception:
-                if time.monotonic() > deadline or self.proc.poll() is not None:
-                    self.close()
-                    raise RuntimeError(f"Chromium did not start (log {self.log_path})")
-                time.sleep(0.2)
-        self.loop = asyncio.new_event_loop()
-        self.console: list[str] = []
-        self.n = 0
-        self.loop.run_until_complete(self._connect(page["webSocketDebuggerUrl"]))
-        self.call("Runtime.enable")
-        self.call("Page.enable")
-        self.call("Emulation.setDeviceMetricsOverride",
-                  {"width": VIEWPORT[0], "height": VIEWPORT[1], "deviceScaleFactor": 1, "mobile": False})
-
-    async def _connect(self, url):
-        import aiohttp
-
-        self.session = aiohttp.ClientSession()
-        self.ws = await self.session.ws_connect(url, max_msg_size=0)
-
-    def _event(self, data: dict) -> None:
-        method = data.get("method")
-        if method == "Runtime.consoleAPICalled":
-            p = data["params"]
-            self.console.append(f"{p.get('type')}: " + " ".join(
-                str(a.get("value", a.get("description", ""))) for a in p.get("args", [])))
-        elif method == "Runtime.exceptionThrown":
-            d = data["params"]["exceptionDetails"]
-            self.console.append(f"exception: {d.get('exception', {}).get('description') or d.get('text')}")
-
-    async def _call(self, method, params, timeout):
-        self.n += 1
-        mid = self.n
-        await self.ws.send_str(json.dumps({"id": mid, "method": method, "params": params or {}}))
-        end = time.monotonic() + timeout
-        while True:
-            msg = await self.ws.receive(timeout=max(0.1, end - time.monotonic()))
-            data = json.loads(msg.data)
-            if data.get("id") == mid:
-                if "error" in data:
-                    raise RuntimeError(f"{method}: {data['error']}")
-                return data["result"]
-            self._event(data)
-
-    def call(self, method, params=None, timeout=60):
-        return self.loop.run_until_complete(self._call(method, params, timeout))
-
-    def eval(self, expr: str, timeout=60):
-        r = self.call("Runtime.evaluate", {"expression": expr, "awaitPromise": True, "returnByValue": True}, timeout)
-        if "exceptionDetails" in r:
-            d = r["exceptionDetails"]
-            raise RuntimeError(f"JS: {d.get('exception', {}).get('description') or json.dumps(d)[:3000]}")
-        return r["result"].get("value")
-
-    def wait_for(self, expr: str, timeout=60.0, what: str | None = None):
-        deadline = time.monotonic() + timeout
-        last = None
-        while time.monotonic() < deadline:
-            try:
-                last = self.eval(expr)
-            except RuntimeError as e:
-                last = str(e)
-            else:
-                if last:
-                    return last
-            time.sleep(0.2)
-        raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what or expr} (last: {last!r})\n"
-                             "console:\n" + "\n".join(self.console[-25:]))
-
-    def mouse(self, kind: str, x: float, y: float, **kw):
-        self.call("Input.dispatchMouseEvent", {"type": kind, "x": x, "y": y, **kw})
-
-    def click(self, x: float, y: float):
-        self.mouse("mouseMoved", x, y)
-        self.mouse("mousePressed", x, y, button="left", clickCount=1)
-        self.mouse("mouseReleased", x, y, button="left", clickCount=1)
-
-    def screenshot(self, path: Path) -> None:
-        data = self.call("Page.captureScreenshot", {"format": "png"})["data"]
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(base64.b64decode(data))
-
-    def close(self):
-        try:
-            self.loop.run_until_complete(self.ws.close())
-            self.loop.run_until_complete(self.session.close())
-        except Exception:
-            pass
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self._log.close()
-        shutil.rmtree(self.profile, ignore_errors=True)
-
-
 # ---------------------------------------------------------------------------------------------------
 # fixtures
 # ---------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
 def chromium_exe(comfy_root):
-    exe = find_chromium()
-    if exe is None:
-        conftest._skip_or_fail("no Chromium for the web widget test: install it (Debian: apt-get install -y "
-                               "chromium) or set CASA_CHROMIUM to a Chromium/Chrome binary")
-    try:
-        import aiohttp  # noqa: F401
-    except ImportError:
-        conftest._skip_or_fail("aiohttp (one of ComfyUI's requirements) is missing in this Python")
-    return exe
+    return require_chromium("the web widget test")
 
 
 @pytest.fixture(scope="module")
@@ -212,16 +62,10 @@ def page(comfy_server, chromium_exe, artifacts):
     current = json.loads(settings.read_text()) if settings.exists() else {}
     current.update({"Comfy.TutorialCompleted": True, "Comfy.Minimap.Visible": False})
     settings.write_text(json.dumps(current))
-    browser = Chromium(chromium_exe)
+    browser = Chromium(chromium_exe, window=VIEWPORT)
     try:
-        browser.call("Page.navigate", {"url": comfy_server.url})
-        browser.wait_for(f"!!(window.comfyAPI?.app?.app?.graph && window.comfyAPI.app.app.canvas?.ds"
-                         f" && window.LiteGraph?.registered_node_types?.{NODE})", 120, "the ComfyUI frontend")
-        time.sleep(1.0)
-        browser.call("Input.dispatchKeyEvent", {"type": "keyDown", "key": "Escape", "code": "Escape",
-                                                "windowsVirtualKeyCode": 27})
-        browser.call("Input.dispatchKeyEvent", {"type": "keyUp", "key": "Escape", "code": "Escape",
-                                                "windowsVirtualKeyCode": 27})
+        browser.open_comfy(comfy_server.url, (NODE,))
+        browser.press("Escape", 27)
         yield browser
     finally:
         (artifacts / "console.log").write_text("\n".join(browser.console))
