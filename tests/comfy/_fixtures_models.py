@@ -27,9 +27,7 @@ from pathlib import Path
 
 import torch
 
-import _tiny  # noqa: F401  (puts the repository root on sys.path for casa_core, loads tests/helpers)
-
-lf = _tiny._load_shared_helpers()  # tests/helpers/lora_formats.py
+from _tiny import lora_formats as lf  # tests/helpers/lora_formats.py (and the repository root on sys.path)
 
 STYLE_RANK = 16
 STYLE_ALPHA = 8.0

@@ -2,6 +2,11 @@
 from __future__ import annotations
 
 
+def api_node(class_type: str, **inputs) -> dict:
+    """One API-format node: ``{"class_type": class_type, "inputs": inputs}`` (links as ``[node_id, slot]``)."""
+    return {"class_type": class_type, "inputs": inputs}
+
+
 def ksampler_graph(unet_name: str, steps: int = 2, seed: int = 0, cfg: float = 1.0, width: int = 32,
                    height: int = 32, length: int = 5, sampler: str = "euler", scheduler: str = "simple",
                    weight_dtype: str = "default", tokens: int = 8, model_source=None) -> dict:
@@ -12,15 +17,13 @@ def ksampler_graph(unet_name: str, steps: int = 2, seed: int = 0, cfg: float = 1
     The result's stats are in ``entry["outputs"]["stats"]["casa_latent_stats"][0]``.
     """
     return {
-        "unet": {"class_type": "UNETLoader", "inputs": {"unet_name": unet_name, "weight_dtype": weight_dtype}},
-        "cond": {"class_type": "CasaTestZeroConditioning", "inputs": {"tokens": tokens, "batch": 1}},
-        "latent": {"class_type": "EmptyHunyuanLatentVideo",
-                   "inputs": {"width": width, "height": height, "length": length, "batch_size": 1}},
-        "sampler": {"class_type": "KSampler", "inputs": {
-            "model": model_source or ["unet", 0], "positive": ["cond", 0], "negative": ["cond", 0],
-            "latent_image": ["latent", 0], "seed": seed, "steps": steps, "cfg": cfg,
-            "sampler_name": sampler, "scheduler": scheduler, "denoise": 1.0}},
-        "stats": {"class_type": "CasaTestLatentStats", "inputs": {"samples": ["sampler", 0]}},
+        "unet": api_node("UNETLoader", unet_name=unet_name, weight_dtype=weight_dtype),
+        "cond": api_node("CasaTestZeroConditioning", tokens=tokens, batch=1),
+        "latent": api_node("EmptyHunyuanLatentVideo", width=width, height=height, length=length, batch_size=1),
+        "sampler": api_node("KSampler", model=model_source or ["unet", 0], positive=["cond", 0],
+                            negative=["cond", 0], latent_image=["latent", 0], seed=seed, steps=steps, cfg=cfg,
+                            sampler_name=sampler, scheduler=scheduler, denoise=1.0),
+        "stats": api_node("CasaTestLatentStats", samples=["sampler", 0]),
     }
 
 
@@ -60,19 +63,18 @@ def casa_transfer_graph(base: str, target: str, lora: str, *, storage: str = "fl
     drift was computed on is ``target_model(graph)``.
     """
     g = {
-        "basis": {"class_type": "CASALoadSourceBasis", "inputs": {"base_model": base, "storage": storage}},
-        "target": {"class_type": "UNETLoader", "inputs": {"unet_name": target, "weight_dtype": weight_dtype}},
+        "basis": api_node("CASALoadSourceBasis", base_model=base, storage=storage),
+        "target": api_node("UNETLoader", unet_name=target, weight_dtype=weight_dtype),
     }
     model = ["target", 0]
     if distill_lora is not None:
-        g["distill"] = {"class_type": "LoraLoaderModelOnly",
-                        "inputs": {"model": model, "lora_name": distill_lora, "strength_model": distill_strength}}
+        g["distill"] = api_node("LoraLoaderModelOnly", model=model, lora_name=distill_lora,
+                                strength_model=distill_strength)
         model = ["distill", 0]
-    g["drift"] = {"class_type": "CASAComputeDrift", "inputs": {"basis": ["basis", 0], "model": model}}
-    g["transfer"] = {"class_type": "CASATransferLoRA", "inputs": {
-        "model": model, "drift": ["drift", 0], "lora_name": lora, "strength": strength, "method": method,
-        "tau": tau, "q_dom": q_dom, "q_act": q_act, "energy": energy, "injection": injection, "rank": rank,
-        "kept_energy": kept_energy}}
+    g["drift"] = api_node("CASAComputeDrift", basis=["basis", 0], model=model)
+    g["transfer"] = api_node("CASATransferLoRA", model=model, drift=["drift", 0], lora_name=lora,
+                             strength=strength, method=method, tau=tau, q_dom=q_dom, q_act=q_act, energy=energy,
+                             injection=injection, rank=rank, kept_energy=kept_energy)
     return g
 
 
@@ -80,29 +82,29 @@ def target_model(graph: dict) -> list:
     return ["distill", 0] if "distill" in graph else ["target", 0]
 
 
+# add_*(graph, node_id, ...): add one node to ``graph`` under ``node_id``; return ``graph``
+
+
 def add_dump(graph: dict, node_id: str, model, filename: str, keys: str = "*", after=None) -> dict:
     """CasaTestDumpWeights: the live weights of ``model`` after ComfyUI loads it (patches baked in)."""
-    inputs = {"model": model, "keys": keys, "filename": filename}
+    graph[node_id] = api_node("CasaTestDumpWeights", model=model, keys=keys, filename=filename)
     if after is not None:
-        inputs["after"] = after
-    graph[node_id] = {"class_type": "CasaTestDumpWeights", "inputs": inputs}
+        graph[node_id]["inputs"]["after"] = after
     return graph
 
 
 def add_patch_info(graph: dict, node_id: str, model) -> dict:
-    graph[node_id] = {"class_type": "CasaTestPatchInfo", "inputs": {"model": model}}
+    graph[node_id] = api_node("CasaTestPatchInfo", model=model)
     return graph
 
 
 def add_save(graph: dict, node_id: str, prefix: str, dtype: str = "float16", report=None) -> dict:
-    graph[node_id] = {"class_type": "CASASaveLoRA", "inputs": {
-        "report": report or ["transfer", 1], "filename_prefix": prefix, "dtype": dtype}}
+    graph[node_id] = api_node("CASASaveLoRA", report=report or ["transfer", 1], filename_prefix=prefix, dtype=dtype)
     return graph
 
 
 def add_heatmap(graph: dict, node_id: str, layer: str = "auto", report=None) -> dict:
-    graph[node_id] = {"class_type": "CASARoutingHeatmap", "inputs": {"report": report or ["transfer", 1],
-                                                                     "layer": layer}}
+    graph[node_id] = api_node("CASARoutingHeatmap", report=report or ["transfer", 1], layer=layer)
     return graph
 
 
@@ -112,11 +114,11 @@ def add_ksampler(graph: dict, model, prefix: str = "ks_", seed: int = 0, steps: 
     part = ksampler_graph("unused", steps=steps, seed=seed, model_source=model, **kw)
     del part["unet"]
     ren = {k: prefix + k for k in part}
-    for nid, node in part.items():
-        for name, v in node["inputs"].items():
+    for nid, n in part.items():
+        for name, v in n["inputs"].items():
             if isinstance(v, list) and len(v) == 2 and v[0] in ren:
-                node["inputs"][name] = [ren[v[0]], v[1]]
-        graph[ren[nid]] = node
+                n["inputs"][name] = [ren[v[0]], v[1]]
+        graph[ren[nid]] = n
     return ren["stats"]
 
 
