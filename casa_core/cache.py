@@ -60,9 +60,10 @@ def encode(t: torch.Tensor, storage: str, scaled: bool) -> dict[str, torch.Tenso
     return {"": (t / scale).to(torch.float16), ".scale": torch.tensor([scale], dtype=torch.float32)}
 
 
-def decode(f: SafeTensorsFile, name: str, device: torch.device | str = "cpu") -> torch.Tensor:
+def decode(f, name: str, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Inverse of :func:`encode`; ``f`` is an open shard or a dict of its tensors."""
     t = f.get(name).to(device=device, dtype=torch.float32)
-    if f"{name}.scale" in f.keys():
+    if f"{name}.scale" in f:
         t = t * float(f.get(f"{name}.scale")[0])
     return t
 

@@ -164,7 +164,7 @@ def cmd_demo(a) -> int:
             progress=Bar(method[:10]), summaries=summaries if method == "casa" else None,
         )
     _write_report(out / "report.json", reports, {"source": str(paths["base"]), "target": str(paths["distilled"]), "lora": str(paths["lora"])})
-    pngs = _write_heatmaps(out, summaries)
+    pngs = _write_heatmaps(out, summaries, reports["casa"])
     print()
     summary_table(reports)
     print(f"\nfiles in {out}: models/, loras/transferred_<method>.safetensors, report.json, " + ", ".join(p.name for p in pngs))

@@ -13,7 +13,7 @@ import torch
 
 from . import layer as L
 from .basis import SourceBasis, WeightProvider
-from .cache import LayerCache, Progress, encode, settings_key
+from .cache import LayerCache, Progress, decode, encode, settings_key
 from .errors import CasaError
 from .formats.checkpoint import check_finite
 
@@ -110,8 +110,7 @@ def decode_drift(name: str, tensors: dict[str, torch.Tensor], info: dict, device
     """Inverse of :func:`encode_drift`."""
 
     def dec(key: str) -> torch.Tensor:
-        t = tensors[key].to(device=device, dtype=torch.float32)
-        return t * float(tensors[key + ".scale"][0]) if key + ".scale" in tensors else t
+        return decode(tensors, key, device)
 
     comp = None
     if info["mode"] == "complement":

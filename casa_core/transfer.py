@@ -92,6 +92,14 @@ class TransferReport:
         }
 
 
+def start_report(lora, cfg: TransferConfig, strength: float) -> "TransferReport":
+    """An empty report for transferring ``lora``, listing its pass-through and unmatched keys."""
+    report = TransferReport(cfg.method, config_dict(cfg, strength))
+    report.passthrough = sorted(lora.passthrough)
+    report.unmatched = list(lora.unmatched)
+    return report
+
+
 def config_dict(cfg: TransferConfig, strength: float) -> dict:
     p, o = cfg.params, cfg.output
     return {
@@ -196,9 +204,7 @@ def run_transfer_to_file(
     from .formats.lora_write import write_comfy_lora
 
     t0 = time.perf_counter()
-    report = TransferReport(cfg.method, config_dict(cfg, strength))
-    report.passthrough = sorted(lora.passthrough)
-    report.unmatched = list(lora.unmatched)
+    report = start_report(lora, cfg, strength)
     results = iter_transfer(lora, basis, drift, cfg, report, progress)
     if summaries is not None:
         def keep(it):

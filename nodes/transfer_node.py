@@ -13,7 +13,7 @@ from comfy_api.latest import io, ui
 from ..casa_core.factorize import OutputSpec
 from ..casa_core.formats.lora import read_lora
 from ..casa_core.routing import CasaParams
-from ..casa_core.transfer import TransferConfig, TransferReport, config_dict, iter_transfer, provenance
+from ..casa_core.transfer import TransferConfig, iter_transfer, provenance, start_report
 from .common import CATEGORY, DriftType, ReportHandle, ReportType, cache_dir, compute_device, progress_callback
 
 METHOD_CHOICES = {
@@ -102,10 +102,8 @@ class CASATransferLoRA(io.ComfyNode):
             spec = OutputSpec(mode="lowrank", rank=rank)
         cfg = TransferConfig(method=METHOD_CHOICES[method], params=CasaParams(tau=tau, q_dom=q_dom, q_act=q_act,
                              energy=energy), output=spec, device=str(compute_device()))
-        report = TransferReport(cfg.method, config_dict(cfg, strength))
+        report = start_report(lora, cfg, strength)
         passthrough = lora.passthrough_at_strength()
-        report.passthrough = sorted(passthrough)
-        report.unmatched = list(lora.unmatched)
         handle = ReportHandle(report, lora_name, strength, provenance(lora, basis, drift.drift, cfg, strength),
                               passthrough=passthrough)
         dtype = _exact_dtype(model)
