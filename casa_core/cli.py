@@ -134,6 +134,11 @@ def _write_heatmaps(out_dir: Path, summaries: dict, report=None, scale: float = 
     return written
 
 
+def _inputs(source, target, lora) -> dict:
+    """The report's record of its input files: names only (a shared report must not carry local paths)."""
+    return {"source": Path(source).name, "target": Path(target).name, "lora": Path(lora).name}
+
+
 def cmd_demo(a) -> int:
     from . import synth
     from .formats.checkpoint import Checkpoint
@@ -163,7 +168,7 @@ def cmd_demo(a) -> int:
             lora, basis, drift, cfg, 1.0, out / "loras" / f"transferred_{method}.safetensors",
             progress=Bar(method[:10]), summaries=summaries if method == "casa" else None,
         )
-    _write_report(out / "report.json", reports, {"source": str(paths["base"]), "target": str(paths["distilled"]), "lora": str(paths["lora"])})
+    _write_report(out / "report.json", reports, _inputs(paths["base"], paths["distilled"], paths["lora"]))
     pngs = _write_heatmaps(out, summaries, reports["casa"])
     print()
     summary_table(reports)
@@ -198,7 +203,7 @@ def cmd_transfer(a) -> int:
         reports[method] = run_transfer_to_file(lora, basis, drift, cfg, a.strength, path, dtype=dtype, progress=Bar(method[:10]))
         print(f"wrote {path}", file=sys.stderr)
     if a.report:
-        _write_report(Path(a.report), reports, {"source": a.source, "target": a.target or a.distill_lora, "lora": a.lora})
+        _write_report(Path(a.report), reports, _inputs(a.source, a.target or a.distill_lora, a.lora))
     print()
     summary_table(reports)
     if lora.unmatched:

@@ -80,7 +80,9 @@ class LoRADrift:
 
 
 def _name(p) -> str:
-    return str(getattr(p, "path", None) or p.identity())
+    """A provider's file name (never its folder: reports and LoRA metadata must not carry local paths)."""
+    path = getattr(p, "path", None)
+    return Path(str(path)).name if path else p.identity()
 
 
 class TargetDrift:

@@ -368,9 +368,9 @@ def _hash_file(path: str) -> str:
 def file_digest(path: str | os.PathLike[str], memo_dir: str | os.PathLike[str] | None = None) -> str:
     """Hex blake2b (20-byte digest) of the whole file, streamed in 16 MiB chunks.
 
-    With ``memo_dir``, digests are memoised in ``memo_dir/file_digests.json`` keyed by the file's real
-    path and checked against its size and ``st_mtime_ns``; an entry whose size or mtime no longer
-    matches is recomputed and replaced.
+    With ``memo_dir``, digests are memoised in ``memo_dir/file_digests.json`` keyed by a hash of the
+    file's real path (the memo never stores a path in clear) and checked against its size and
+    ``st_mtime_ns``; an entry whose size or mtime no longer matches is recomputed and replaced.
     """
     real = os.path.realpath(os.fspath(path))
     if memo_dir is None:
@@ -378,13 +378,14 @@ def file_digest(path: str | os.PathLike[str], memo_dir: str | os.PathLike[str] |
     st = os.stat(real)
     memo_path = os.path.join(os.fspath(memo_dir), _DIGEST_MEMO_NAME)
     memo = _load_memo(memo_path)
-    entry = memo.get(real)
+    slot = "path:" + hashlib.blake2b(real.encode("utf-8", "surrogateescape"), digest_size=16).hexdigest()
+    entry = memo.get(slot)
     if (isinstance(entry, dict) and entry.get("size") == st.st_size
             and entry.get("mtime_ns") == st.st_mtime_ns and isinstance(entry.get("digest"), str)):
         return entry["digest"]
     digest = _hash_file(real)
     memo = _load_memo(memo_path)  # re-read: another process may have added entries meanwhile
-    memo[real] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "digest": digest}
+    memo[slot] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "digest": digest}
     _store_memo(memo_path, memo)
     return digest
 

@@ -111,7 +111,7 @@ def test_lowrank_keeps_reported_share_and_is_deterministic(trio):
 def test_second_run_reuses_caches(trio, monkeypatch):
     source, target, cache = _open(trio)
     basis = load_or_build_basis(source, cache)
-    load_or_build_drift(basis, WeightDifference(source, target), cache)
+    drift = load_or_build_drift(basis, WeightDifference(source, target), cache)
     import casa_core.layer as L
 
     def boom(*a, **k):
@@ -120,7 +120,14 @@ def test_second_run_reuses_caches(trio, monkeypatch):
     monkeypatch.setattr(L, "compute_basis", boom)
     monkeypatch.setattr(L, "compute_drift", boom)
     basis2 = load_or_build_basis(source, cache)
-    load_or_build_drift(basis2, WeightDifference(source, target), cache)
+    drift2 = load_or_build_drift(basis2, WeightDifference(source, target), cache)
+    # the same cache folders, and the same numbers as the first build
+    assert basis2.cache.final == basis.cache.final
+    name = "blocks.0.ffn.0"
+    first, again = basis.layer(name), basis2.layer(name)
+    assert torch.equal(first.S, again.S) and torch.equal(first.U, again.U)
+    assert drift2.cache.final == drift.cache.final
+    assert torch.equal(drift.layer(name, first).c_f, drift2.layer(name, again).c_f)
 
 
 def test_interrupted_basis_leaves_no_cache_and_resumes(tmp_path):
