@@ -191,7 +191,7 @@ def cmd_transfer(a) -> int:
         if a.target is not None:
             dsrc = WeightDifference(source, Checkpoint(a.target, memo_dir=cache))
         else:
-            dsrc = LoRADrift(read_lora(a.distill_lora, source.layers, strength=a.distill_strength, memo_dir=cache))
+            dsrc = LoRADrift(read_lora(a.distill_lora, source.layers, strength=a.distill_strength, memo_dir=cache), source)
         drift = load_or_build_drift(basis, dsrc, cache, device=a.device, progress=Bar("drift"))
     lora = read_lora(a.lora, source.layers, strength=a.strength, memo_dir=cache)
     out = Path(a.out)

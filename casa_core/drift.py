@@ -1,8 +1,16 @@
 """The distillation drift ``C_F = U^T (W_t - W_s) V`` of every layer, cached on disk.
 
-``W_t - W_s`` is always formed from the two real weights in float32 (never from a rebuilt
-``W_s``), or taken directly as the dense delta of a distillation LoRA (lightx2v, CausVid,
-Lightning ...: the LoRA *is* the drift).
+``W_t - W_s`` is always formed from the two real weights (never from a rebuilt ``W_s``), by one
+function, :func:`weight_difference`: both weights in float64, subtracted, rounded once to float32.
+For weights stored in float32 or narrower that difference is exact before its one rounding, so it
+does not depend on how either weight was produced.
+
+A distillation LoRA (lightx2v, CausVid, Lightning ...) is a target like any other: :class:`LoRADrift`
+is the difference between the source and :class:`LoRAApplied` (the source with the LoRA added, in
+float64), through the same function. ComfyUI's own patcher, asked for the same weight in float64
+(``nodes/model_weights.py``), gives the same float64 sum up to the last float64 bit, so the node's
+drift (base + distillation LoRA loaded by ComfyUI) and the command line's drift (the two files) are
+the same float32 numbers, not two roundings that CASA's thresholds could split apart.
 """
 from __future__ import annotations
 
@@ -16,6 +24,7 @@ from .basis import SourceBasis, WeightProvider
 from .cache import LayerCache, Progress, decode, encode, settings_key
 from .errors import CasaError
 from .formats.checkpoint import check_finite
+from .formats.keys import comfy_key
 
 
 class DriftSource(Protocol):
@@ -25,6 +34,18 @@ class DriftSource(Protocol):
         """``W_t - W_s`` in float32 (``out x in``), or None where the target equals the source."""
 
     def describe(self) -> str: ...
+
+
+_ROWS_PER_CHUNK = 1024  # bounds the float64 temporaries of weight_difference to a few rows at a time
+
+
+def weight_difference(target: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+    """``target - source`` in float32, computed in float64 and rounded once (row chunks, bounded memory)."""
+    out = torch.empty(source.shape, dtype=torch.float32, device=source.device)
+    for r in range(0, source.shape[0], _ROWS_PER_CHUNK):
+        rows = slice(r, r + _ROWS_PER_CHUNK)
+        out[rows] = (target[rows].to(torch.float64) - source[rows].to(torch.float64)).to(torch.float32)
+    return out
 
 
 class WeightDifference:
@@ -49,17 +70,50 @@ class WeightDifference:
                 f"source's is {shape[0]}x{shape[1]} — the two models are not the same architecture",
                 file=_name(self.target), layer=layer,
             )
-        wt = self.target.get(layer).float()
+        wt = self.target.get(layer)
         check_finite(wt, file=_name(self.target), layer=layer, what="weight")
-        ws = self.source.get(layer).float()
+        ws = self.source.get(layer)
         check_finite(ws, file=_name(self.source), layer=layer, what="weight")
-        return wt - ws
+        return weight_difference(wt, ws)
 
 
-class LoRADrift:
-    """Drift given by a distillation LoRA applied to the source (its dense update)."""
+class LoRAApplied:
+    """The source with a distillation LoRA added (``W_s + strength * scale * up @ down``, plus its
+    ``.diff`` layers), in float64: the target weights a distillation LoRA describes.
 
-    def __init__(self, lora):  # casa_core.formats.lora.LoRAFile
+    The sum is formed as ComfyUI's patcher forms it (the factors' product, times the strength-and-
+    alpha scale, added to the weight), here in float64."""
+
+    def __init__(self, source: WeightProvider, lora):  # lora: casa_core.formats.lora.LoRAFile
+        self.source, self.lora = source, lora
+        self.layers = source.layers
+        self.path = lora.path
+
+    def identity(self) -> str:
+        return f"applied({self.source.identity()},{self.lora.identity()})"
+
+    def get(self, layer: str) -> torch.Tensor:
+        w = self.source.get(layer).to(torch.float64)
+        upd = self.lora.updates.get(layer)
+        if upd is not None:
+            if hasattr(upd, "up"):
+                w = w + upd.scale * (upd.up.to(torch.float64) @ upd.down.to(torch.float64))
+            else:
+                w = w + upd.delta.to(torch.float64)
+        if layer in self.lora.passthrough_layers:  # a full .diff: strength times the file's tensor
+            raw = self.lora.passthrough.get(comfy_key(layer, "diff"))
+            if raw is not None and raw.numel() == w.numel():
+                w = w + self.lora.strength * raw.to(torch.float64).reshape(w.shape)
+            else:
+                w = w + self.lora.passthrough_layers[layer].to(torch.float64)
+        return w
+
+
+class LoRADrift(WeightDifference):
+    """Drift given by a distillation LoRA applied to the source: ``LoRAApplied(source, lora) - source``."""
+
+    def __init__(self, lora, source: WeightProvider):  # lora: casa_core.formats.lora.LoRAFile
+        super().__init__(source, LoRAApplied(source, lora))
         self.lora = lora
 
     def identity(self) -> str:
@@ -69,14 +123,9 @@ class LoRADrift:
         return f"distillation LoRA {Path(self.lora.path).name}"
 
     def delta(self, layer: str, shape: tuple[int, int]) -> torch.Tensor | None:
-        total = None
-        upd = self.lora.updates.get(layer)
-        if upd is not None:
-            total = upd.dense() if hasattr(upd, "dense") else upd.delta
-        diff = self.lora.passthrough_layers.get(layer)
-        if diff is not None:
-            total = diff.float() if total is None else total + diff.float()
-        return total
+        if layer not in self.lora.updates and layer not in self.lora.passthrough_layers:
+            return torch.zeros(shape)  # the LoRA leaves this layer as it is: present, and no drift
+        return super().delta(layer, shape)
 
 
 def _name(p) -> str:

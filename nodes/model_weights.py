@@ -71,13 +71,18 @@ class ComfyModelWeights:
         return _plain(w)
 
     def get(self, layer: str) -> torch.Tensor:
+        """The effective weight: float32 without patches, else ComfyUI's patches applied in float64.
+
+        float64 is what casa_core's ``LoRAApplied`` uses for a distillation LoRA file, so the drift of
+        base + distillation LoRA is the same here and in the command line (casa_core.drift)."""
         key = PREFIX + layer + ".weight"
         with torch.no_grad():
-            w = self.original(layer).to(torch.float32).clone()
+            w = self.original(layer)
             patches = self.patcher.patches.get(key, [])
-            if patches:
-                w = comfy.lora.calculate_weight(patches, w, key)
-        return w.float()
+            if not patches:
+                return w.to(torch.float32)
+            w = w.to(torch.float64).clone()
+            return comfy.lora.calculate_weight(patches, w, key, intermediate_dtype=torch.float64)
 
     def identity(self) -> str:
         """Content digest of the effective weights (original weights + this patcher's patches)."""

@@ -281,7 +281,7 @@ def casa_expected(source_path, lora_path, cache_dir, *, method: str = "casa", in
     if method != "direct":
         basis = load_or_build_basis(source, cache_dir, storage=storage)
         if distill_lora_path is not None:
-            dsrc = LoRADrift(read_lora(distill_lora_path, source.layers, strength=distill_strength))
+            dsrc = LoRADrift(read_lora(distill_lora_path, source.layers, strength=distill_strength), source)
         elif target_weights is not None:
             dsrc = WeightDifference(source, DictWeights(target_weights, "target"))
         else:

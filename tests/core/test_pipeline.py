@@ -181,7 +181,7 @@ def test_distillation_lora_drift_equals_checkpoint_drift(tmp_path):
     cache = tmp_path / "cache"
     src = Checkpoint(tmp_path / "base.safetensors")
     basis = load_or_build_basis(src, cache, storage="float32")
-    d1 = load_or_build_drift(basis, LoRADrift(read_lora(tmp_path / "distill.safetensors", src.layers)), cache)
+    d1 = load_or_build_drift(basis, LoRADrift(read_lora(tmp_path / "distill.safetensors", src.layers), src), cache)
     d2 = load_or_build_drift(basis, WeightDifference(src, Checkpoint(tmp_path / "merged.safetensors")), cache)
     for layer in ["blocks.0.self_attn.q", "blocks.1.ffn.0", "blocks.1.ffn.2", "head.head"]:
         b = basis.layer(layer)
