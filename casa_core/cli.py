@@ -214,7 +214,8 @@ def cmd_transfer(a) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m casa_core", description="Transfer a base-model LoRA to a distilled model (CASA, ProLoRA, direct reuse).")
+    prog = "casa-lora" if Path(sys.argv[0]).name == "casa-lora" else "python -m casa_core"
+    p = argparse.ArgumentParser(prog=prog, description="Transfer a base-model LoRA to a distilled model (CASA, ProLoRA, direct reuse).")
     p.add_argument("--version", action="version", version=__version__)
     sub = p.add_subparsers(dest="cmd", required=True)
     d = sub.add_parser("demo", help="build a small Wan-shaped base/distilled/LoRA trio and transfer with every method")

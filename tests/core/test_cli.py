@@ -1,7 +1,11 @@
 """The command line: demo and transfer, end to end on tiny files."""
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+
+import pytest
 
 import torch
 from safetensors.torch import load_file
@@ -10,10 +14,21 @@ from casa_core import synth
 from casa_core.cli import main
 from casa_core.formats.safetensors_io import write_file
 
+DEMO_ARGS = ("--dim", "128", "--ffn-dim", "256", "--blocks", "1", "--rank", "8")
 
-def test_demo_writes_every_method_a_report_and_a_picture(tmp_path, capsys):
-    out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--dim", "128", "--ffn-dim", "256", "--blocks", "1", "--rank", "8"]) == 0
+
+@pytest.fixture(scope="module")
+def demo_out(tmp_path_factory):
+    """One ``demo`` run at test size, shared by the tests below: (its folder, what it printed)."""
+    out = tmp_path_factory.mktemp("demo") / "first"
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(["demo", "--out", str(out), *DEMO_ARGS]) == 0
+    return out, printed.getvalue()
+
+
+def test_demo_writes_every_method_a_report_and_a_picture(demo_out):
+    out, text = demo_out
     report = json.loads((out / "report.json").read_text())
     assert set(report["methods"]) == {"casa", "restoration_only", "arbitration_only", "prolora", "direct"}
     for method, rep in report["methods"].items():
@@ -27,7 +42,6 @@ def test_demo_writes_every_method_a_report_and_a_picture(tmp_path, capsys):
             assert sd[k].shape[1] == 8, (method, k, sd[k].shape)
     pngs = list(out.glob("*.png"))
     assert pngs and all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
-    text = capsys.readouterr().out
     assert "CASA (restoration + arbitration)" in text and "Direct reuse" in text
 
 
@@ -64,13 +78,11 @@ def test_bad_input_is_one_sentence_and_exit_code_2(tmp_path, capsys):
     assert not (tmp_path / "o.safetensors").exists()
 
 
-def test_outputs_are_reproducible_and_carry_no_local_path(tmp_path):
+def test_outputs_are_reproducible_and_carry_no_local_path(tmp_path, demo_out):
     """The same inputs in two different folders give byte-identical LoRA files, and nothing the pack
     writes (LoRAs, report, cache manifests, the digest memo) contains the folder it ran in."""
-    outs = [tmp_path / "first", tmp_path / "some" / "other" / "place"]
-    args = ["--dim", "128", "--ffn-dim", "256", "--blocks", "1", "--rank", "8"]
-    for out in outs:
-        assert main(["demo", "--out", str(out), *args]) == 0
+    outs = [demo_out[0], tmp_path / "some" / "other" / "place"]
+    assert main(["demo", "--out", str(outs[1]), *DEMO_ARGS]) == 0
     loras = sorted(p.name for p in (outs[0] / "loras").glob("transferred_*.safetensors"))
     assert len(loras) == 5
     for name in loras:
@@ -82,5 +94,5 @@ def test_outputs_are_reproducible_and_carry_no_local_path(tmp_path):
             data = p.read_bytes()
             if p.suffix == ".safetensors":  # the header (metadata, key names) is where text lives
                 data = data[8:8 + int.from_bytes(data[:8], "little")]
-            for needle in (str(tmp_path), str(out), str(tmp_path.resolve())):
+            for needle in {str(out.parent), str(out), str(out.resolve().parent)}:
                 assert needle.encode() not in data, f"{p.relative_to(out)} contains the local path {needle}"
