@@ -393,6 +393,36 @@ def _wrap(text: str, size: float, width: int) -> list[str]:
 # one layer
 # ------------------------------------------------------------------------------------------------
 
+#: the first sentence of a layer's verdict, by :func:`verdict_kind`
+VERDICTS = {
+    "no_lora": "Your LoRA does not change this layer.",
+    "unchanged": "Distillation left this layer unchanged: your LoRA applies exactly as trained.",
+    "little": "Distillation moved little here: your LoRA is kept nearly as trained.",
+    "similar": "Distillation and your LoRA are of similar size here: CASA balanced the two.",
+    "larger": "Distillation changed this layer far more than your LoRA: its strong directions are protected.",
+    "unknown": "CASA kept the distilled model's strong directions and applied your LoRA around them.",
+}
+
+
+def verdict_kind(stats: dict | None) -> str:
+    """``no_lora``, ``unchanged`` (no drift), ``little`` (drift < 0.1 x the LoRA), ``larger`` (drift > 3 x
+    the LoRA), ``similar`` or ``unknown``: the size of the distillation's change (``drift_norm``) against
+    the LoRA's (``lora_norm``), both Frobenius norms of weight differences."""
+    st = stats or {}
+    drift, lora = st.get("drift_norm"), st.get("lora_norm")
+    if lora is not None and lora <= 0:
+        return "no_lora"
+    if drift is not None and drift <= 0:
+        return "unchanged"
+    if drift is None or lora is None:
+        return "unknown"
+    if drift < 0.1 * lora:
+        return "little"
+    if drift > 3 * lora:
+        return "larger"
+    return "similar"
+
+
 def layer_verdict(stats: dict | None, totals: dict | None = None, config: dict | None = None) -> str:
     """One line in plain words: what CASA made of this layer for the user's LoRA.
 
@@ -401,19 +431,8 @@ def layer_verdict(stats: dict | None, totals: dict | None = None, config: dict |
     energy the injected patch keeps.
     """
     st = stats or {}
-    drift, lora = st.get("drift_norm"), st.get("lora_norm")
-    if lora is not None and lora <= 0:
-        line = "Your LoRA does not change this layer."
-    elif drift is not None and drift <= 0:
-        line = "Distillation left this layer unchanged: your LoRA applies exactly as trained."
-    elif drift is None or lora is None:
-        line = "CASA kept the distilled model's strong directions and applied your LoRA around them."
-    elif drift < 0.1 * lora:
-        line = "Distillation moved little here: your LoRA is kept nearly as trained."
-    elif drift > 3 * lora:
-        line = "Distillation changed this layer far more than your LoRA: its strong directions are protected."
-    else:
-        line = "Distillation and your LoRA are of similar size here: CASA balanced the two."
+    lora = st.get("lora_norm")
+    line = VERDICTS[verdict_kind(st)]
     ent = st.get("entries") or (totals or {}).get("entries")
     arb = None
     if ent and st.get("arbitrated_entries") is not None:
