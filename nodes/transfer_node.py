@@ -164,9 +164,8 @@ def _summary(h: ReportHandle, method: str, injection: str, rank: int, q_act: flo
         ent = sum(r.get("entries", 0) for r in layers)
         cand = sum(r.get("candidates", 0) for r in layers)
         if ent and cand:
-            lines.append(f"(arbitrated: the top {fmt_share(1 - q_act)} of the {fmt_share(cand / ent)} of entries where "
-                         f"both push the same way in the protected directions, as q_act {q_act:g} asks: expected, "
-                         "not a problem)")
+            lines.append(f"(as q_act {q_act:g} asks: the top {fmt_share(1 - q_act)} of the {fmt_share(cand / ent)} "
+                         "where both push the same way in protected directions; expected)")
         kinds = [verdict_kind(r) for r in layers]
         parts = [(kinds.count("little") + kinds.count("unchanged"), "barely moved by distillation (LoRA kept nearly "
                   "as trained)"), (kinds.count("similar"), "similar in size"),

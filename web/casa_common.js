@@ -47,21 +47,25 @@ export function record(node) {
   return state.results.get(recordKey(node)) || null;
 }
 
-// the node and everything upstream of it in an API graph, in a canonical form
-export function signature(apiGraph, nodeId) {
-  if (!apiGraph) return null;
+// the ids of a node and of every node upstream of it in an API graph
+export function upstream(apiGraph, nodeId) {
   const seen = new Set();
-  const order = [];
   const visit = (id) => {
     id = String(id);
-    if (seen.has(id) || !apiGraph[id]) return;
+    if (seen.has(id) || !apiGraph?.[id]) return;
     seen.add(id);
-    order.push(id);
     for (const v of Object.values(apiGraph[id].inputs || {})) {
       if (Array.isArray(v) && v.length === 2 && (typeof v[0] === "string" || typeof v[0] === "number")) visit(v[0]);
     }
   };
   visit(nodeId);
+  return seen;
+}
+
+// the node and everything upstream of it in an API graph, in a canonical form
+export function signature(apiGraph, nodeId) {
+  if (!apiGraph) return null;
+  const order = [...upstream(apiGraph, nodeId)];
   if (!order.length) return null;
   const canon = (x) => (Array.isArray(x) ? x.map(canon) : x && typeof x === "object"
     ? Object.fromEntries(Object.keys(x).sort().map((k) => [k, canon(x[k])])) : x);
@@ -118,9 +122,12 @@ function hook() {
     const where = d.node_type ? ` in ${d.node_type}` : "";
     const message = why === "error" ? `the last run failed${where}${d.exception_message ? `: ${d.exception_message}` : ""}`
       : "the last run was cancelled";
+    const at = d.node_id != null ? String(d.node_id) : null;
     for (const id of Object.keys(q.graph)) {
       const node = nodeById(id);
       if (!node || !TYPES.has(node.comfyClass ?? node.type) || done.has(String(id))) continue;
+      // the run stopped at `at`: the nodes there and downstream of it kept their earlier output
+      if (at && !upstream(q.graph, id).has(at)) continue;
       const rec = record(node);
       if (rec) rec.failed = { promptId: d.prompt_id, message };
       else state.results.set(recordKey(node), { promptId: null, output: null, sig: null,
@@ -193,10 +200,13 @@ async function restoreFromHistory(node) {
     if (out) {
       found = { promptId, output: out, sig: signature(apiGraph, node.id), failed: null };
       failedAfter = null;
-    } else if (entry.status?.status_str === "error" || entry.status?.messages?.some?.(([k]) => k === "execution_interrupted")) {
-      const err = entry.status.messages.find(([k]) => k === "execution_error")?.[1];
-      failedAfter = { promptId, message: err ? `the last run failed in ${err.node_type}: ${err.exception_message}`
-        : "the last run was cancelled" };
+    } else {
+      const msgs = entry.status?.messages || [];
+      const err = msgs.find(([k]) => k === "execution_error" || k === "execution_interrupted")?.[1];
+      if (err && (err.node_id == null || upstream(apiGraph, node.id).has(String(err.node_id)))) {
+        failedAfter = { promptId, message: err.exception_message != null
+          ? `the last run failed in ${err.node_type}: ${err.exception_message}` : "the last run was cancelled" };
+      }
     }
   }
   if (!found || record(node)) return;
@@ -239,3 +249,5 @@ export function fitTitle(node, extra = 64) {
 }
 
 export { app, api };
+
+hook();

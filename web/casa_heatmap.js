@@ -407,13 +407,12 @@ class HeatmapWidget {
       this.readout.innerHTML = html;
       return;
     }
-    const t = this.payload?.figure?.totals;
     const summary = this.payload?.summary || "";
     this.readout.textContent = !this.payload
       ? ""
       : this.payload.figure?.kind === "overview"
         ? `${summary} \u00b7 hover a layer for its verdict; click one to open it`
-        : `${this.payload.figure?.verdict || ""} Layer: restored ${pct(t?.restored)}, preserved ${pct(t?.preserved)}, arbitrated ${pct(t?.arbitrated)} (hover a cell for its values).`;
+        : `${summary} (hover a cell for its values)`;
     this.readout.dataset.summary = summary;
   }
 }

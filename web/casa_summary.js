@@ -11,7 +11,7 @@ import { CASA_NODE_TYPES, fitTitle, onRecord, record, restore, restoreAll, stale
 const TYPES = new Set(CASA_NODE_TYPES.filter((t) => t !== "CASARoutingHeatmap"));
 const WIDGET = "casa_summary";
 const LINE_PX = 16;
-const MAX_PX = 260;
+const MAX_PX = 360;
 
 const CSS = `
 .casa-summary { box-sizing: border-box; width: 100%; height: 100%; overflow: auto; padding: 4px 6px;
@@ -97,7 +97,7 @@ class SummaryView {
     const el = this.root;
     if (!el.isConnected || !el.clientWidth) return;
     // the text, the area's padding (8) and what the frontend keeps around a DOM widget
-    const around = Math.min(30, Math.max(0, this.height() - el.clientHeight / (this.scale() || 1)));
+    const around = Math.min(30, Math.max(0, this.height() - el.clientHeight)); // layout px (not zoomed)
     let h = 10 + around;
     for (const c of el.childNodes) {
       h += c.nodeType === 1 ? c.getBoundingClientRect().height / (this.scale() || 1) : 0;
