@@ -372,7 +372,7 @@ def test_widget_picks_layers_redraws_and_reads_out_cells(comfy_server, page, art
     page.screenshot(artifacts / "6b_tab_switched_back.png")
 
     # 7. a reload of the page: the same picture and picks, from the stored output (/history)
-    page.call("Page.reload", {"ignoreCache": True})
+    page.reload()
     page.wait_for(f"!!(window.comfyAPI?.app?.app?.graph?.nodes?.some(n => n.type === {json.dumps(NODE)}))", 120,
                   "the page after the reload")
     time.sleep(1.0)
