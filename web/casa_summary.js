@@ -148,6 +148,7 @@ app.registerExtension({
       fitTitle(this);
       if (this.size[0] < 300) this.setSize([300, this.size[1]]);
       view.fit();
+      requestAnimationFrame(() => view.measure());
       return r;
     };
 

@@ -215,8 +215,9 @@ def open_node_info(page, node_type: str) -> None:
         const n = app.graph.nodes.find(n => n.type === {json.dumps(node_type)});
         const ds = app.canvas.ds; ds.scale = 1; ds.offset = [260 - n.pos[0], 260 - n.pos[1]];
         app.canvas.deselectAll?.(); app.canvas.selectNode(n); app.canvas.setDirty(true, true); return true; }})()""")
-    box = page.wait_for("""(() => { const b = [...document.querySelectorAll("button")].find(b =>
-        b.getAttribute("aria-label") === "Node Info" && b.offsetParent);
+    # 1.49.6 labels it "Node Info"; 1.35.9 has the same button with only its (i) icon
+    box = page.wait_for("""(() => { const b = [...document.querySelectorAll("button")].find(b => b.offsetParent &&
+        (b.getAttribute("aria-label") === "Node Info" || b.querySelector("i[class*='lucide--info']")));
         if (!b) return null; const r = b.getBoundingClientRect(); return {x: r.left + r.width / 2, y: r.top + r.height / 2}; })()""",
                         15, "the node's info button")
     page.click(box["x"], box["y"])
@@ -260,18 +261,30 @@ CARDS = r"""(() => { const out = {};
   return out; })()"""
 
 
-def click_text(page, text: str, tags: str = "button, span, a, li, div, p") -> None:
-    box = page.wait_for(f"""(() => {{ const norm = (s) => s.replace(/\\u00ad/g, "").trim();
-        const els = [...document.querySelectorAll({json.dumps(tags)})].filter(e => e.offsetParent && norm(e.textContent) === {json.dumps(text)});
+def click_text(page, text: str, tags: str = "button, span, a, li, div, p", within: str = "body") -> None:
+    """A real click on the innermost visible element (of ``tags``, inside ``within``) whose text is ``text``."""
+    box = f"""(() => {{ const norm = (s) => s.replace(/\\u00ad/g, "").trim();
+        const root = [...document.querySelectorAll({json.dumps(within)})].filter(e => e.getClientRects().length).pop();
+        if (!root) return null;
+        const els = [...root.querySelectorAll({json.dumps(tags)})].filter(e => e.offsetParent && norm(e.textContent) === {json.dumps(text)});
         const e = els[els.length - 1]; if (!e) return null; const r = e.getBoundingClientRect();
-        return {{x: r.left + r.width / 2, y: r.top + r.height / 2}}; }})()""", 20, f"{text!r} on the page")
-    page.click(box["x"], box["y"])
+        return {{x: r.left + r.width / 2, y: r.top + r.height / 2}}; }})()"""
+    where = None
+    for _ in range(50):  # until it stops moving (dialogs open with an animation)
+        now = page.wait_for(box, 20, f"{text!r} on the page")
+        if now == where:
+            break
+        where = now
+        time.sleep(0.15)
+    page.click(where["x"], where["y"])
 
 
 def test_the_template_browser_shows_titles_and_thumbnails_and_opens_an_example(server, page):
     page.press("Escape", 27)
     click_text(page, "Templates")
-    click_text(page, "casa-lora")
+    click_text(page, "casa-lora", within="[role=dialog]")
+    time.sleep(1.0)
+    page.screenshot(page.artifacts / "3_template_browser_opened.png")
     titles = [wf_title(n) for n in WF_NAMES]
     cards = page.wait_for(f"""(() => {{ const c = {CARDS}; const want = {json.dumps(titles)};
         return want.every(t => c[t] && c[t].loaded) ? c : null; }})()""", 30, "the pack's cards with their thumbnails")
@@ -296,7 +309,7 @@ def test_the_template_browser_shows_titles_and_thumbnails_and_opens_an_example(s
     assert status == 200 and jpg == (REPO / "workflows" / f"{wf_title('casa_wan22_two_experts')}.jpg").read_bytes()
     assert WORKFLOWS["casa_wan22_two_experts"][1]
     # opening one loads it into the canvas
-    click_text(page, wf_title("casa_wan22_two_experts"), "h3")
+    click_text(page, wf_title("casa_wan22_two_experts"), "h3", within="[role=dialog]")
     wf = json.loads((REPO / "workflows" / f"{wf_title('casa_wan22_two_experts')}.json").read_text())
     page.wait_for(f"window.comfyAPI.app.app.graph.nodes.filter(n => n.type === 'CASATransferLoRA').length === 2 && "
                   f"window.comfyAPI.app.app.graph.nodes.length === {len(wf['nodes'])}", 30, "the Wan2.2 example")
