@@ -50,16 +50,41 @@ def chromium_exe(comfy_root):
 
 
 @pytest.fixture(scope="module")
-def artifacts(comfy_server):
-    d = ARTIFACTS / f"ComfyUI-{comfy_server.version or 'unknown'}"
+def server(comfy_server, comfy_root, tmp_path_factory):
+    """The test server, or with CASA_FRONTEND_ROOT=<static folder of another comfyui-frontend-package> a
+    second one on that frontend (``--front-end-root``), e.g. 1.35.9, the one ComfyUI 0.8.0 pins."""
+    import os
+
+    fe_root = os.environ.get("CASA_FRONTEND_ROOT")
+    if not fe_root:
+        yield comfy_server
+        return
+    from comfy_client import ComfyServer, prepare_base_dir
+
+    base = prepare_base_dir(tmp_path_factory.mktemp("comfyui-fe-hm"), pack_root=REPO,
+                            test_nodes=Path(__file__).resolve().parent / "testnodes")
+    srv = ComfyServer(comfy_root, base, extra_args=["--front-end-root", fe_root])
+    client = srv.start()
+    infos = sorted(Path(fe_root).resolve().parents[1].glob("comfyui_frontend_package-*.dist-info"))
+    tag = infos[-1].name.split("-")[1].removesuffix(".dist") if infos else "other"
+    client.version = f"{comfy_server.version}-frontend-{tag}"
+    try:
+        yield client
+    finally:
+        srv.stop()
+
+
+@pytest.fixture(scope="module")
+def artifacts(server):
+    d = ARTIFACTS / f"ComfyUI-{server.version or 'unknown'}"
     shutil.rmtree(d, ignore_errors=True)
     d.mkdir(parents=True, exist_ok=True)
     return d
 
 
 @pytest.fixture(scope="module")
-def page(comfy_server, chromium_exe, artifacts):
-    base = comfy_server.base_dir
+def page(server, chromium_exe, artifacts):
+    base = server.base_dir
     # no first-run template dialog, no minimap over the canvas
     settings = base / "user" / "default" / "comfy.settings.json"
     settings.parent.mkdir(parents=True, exist_ok=True)
@@ -68,7 +93,7 @@ def page(comfy_server, chromium_exe, artifacts):
     settings.write_text(json.dumps(current))
     browser = Chromium(chromium_exe, window=VIEWPORT)
     try:
-        browser.open_comfy(comfy_server.url, (NODE,))
+        browser.open_comfy(server.url, (NODE,))
         browser.press("Escape", 27)
         yield browser
     finally:
@@ -215,7 +240,8 @@ def cell_client_point(page, panel_id: str, row: int, col: int) -> dict:
 # the test
 # ---------------------------------------------------------------------------------------------------
 
-def test_widget_picks_layers_redraws_and_reads_out_cells(comfy_server, page, artifacts):
+def test_widget_picks_layers_redraws_and_reads_out_cells(server, page, artifacts):
+    comfy_server = server
     from casa_core.render import fmt_share
 
     names = write_tiny_models(comfy_server.base_dir)
