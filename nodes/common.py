@@ -50,8 +50,8 @@ def summary_ui(node: str, summary: str, warnings=(), **extra) -> dict:
 
 
 def advanced() -> dict:
-    """Keyword arguments that mark an input as advanced (hidden on the node until "show advanced" in
-    frontends that know the flag; ComfyUI >= ~0.10 has the ``advanced`` argument)."""
+    """Keyword arguments that mark an input as advanced (listed under "Advanced inputs" in the properties panel,
+    hidden by Vue nodes until "show advanced"): ComfyUI 0.33.0 has the ``advanced`` argument, 0.8.0 does not."""
     if "advanced" in inspect.signature(io.Float.Input.__init__).parameters:
         return {"advanced": True}
     return {}
