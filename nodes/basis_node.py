@@ -9,8 +9,7 @@ from comfy_api.latest import io
 
 from ..casa_core.basis import basis_cache, load_or_build_basis
 from ..casa_core.formats.checkpoint import Checkpoint
-from .common import (CATEGORY, BasisHandle, BasisType, advanced, cache_dir, compute_device, progress_callback,
-                     summary_ui)
+from .common import CATEGORY, BasisHandle, BasisType, advanced, cache_dir, compute_device, progress_callback, summary_ui
 
 
 class CASALoadSourceBasis(io.ComfyNode):

@@ -108,8 +108,8 @@ class DriftHandle:
 
     def warnings(self) -> list[str]:
         if self.drift.info and self.moved() == 0:
-            return [f"the model is identical to the base {self.basis.name} in every layer: connect the distilled "
-                    "model (or the base with a distillation LoRA), else CASA has nothing to work with"]
+            return [(f"the model is identical to the base {self.basis.name} in every layer: connect the distilled "
+                     "model (or the base with a distillation LoRA), else CASA has nothing to work with")]
         return []
 
 

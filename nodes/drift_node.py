@@ -6,8 +6,16 @@ import time
 from comfy_api.latest import io
 
 from ..casa_core.drift import WeightDifference, drift_cache, load_or_build_drift
-from .common import (CATEGORY, BasisType, DriftHandle, DriftType, cache_dir, compute_device, progress_callback,
-                     summary_ui)
+from .common import (
+    CATEGORY,
+    BasisType,
+    DriftHandle,
+    DriftType,
+    cache_dir,
+    compute_device,
+    progress_callback,
+    summary_ui,
+)
 from .model_weights import ComfyModelWeights
 
 

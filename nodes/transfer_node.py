@@ -3,10 +3,9 @@ from __future__ import annotations
 
 import time
 
-import torch
-
 import comfy.lora
 import folder_paths
+import torch
 from comfy.weight_adapter import LoRAAdapter
 from comfy_api.latest import io
 
@@ -15,8 +14,17 @@ from ..casa_core.formats.lora import read_lora
 from ..casa_core.render import fmt_share, verdict_kind
 from ..casa_core.routing import CasaParams
 from ..casa_core.transfer import TransferConfig, iter_transfer, provenance, start_report
-from .common import (CATEGORY, DriftType, ReportHandle, ReportType, advanced, cache_dir, compute_device,
-                     progress_callback, summary_ui)
+from .common import (
+    CATEGORY,
+    DriftType,
+    ReportHandle,
+    ReportType,
+    advanced,
+    cache_dir,
+    compute_device,
+    progress_callback,
+    summary_ui,
+)
 
 METHOD_CHOICES = {
     "CASA": "casa",
@@ -153,8 +161,8 @@ def _summary(h: ReportHandle, method: str, injection: str, rank: int, q_act: flo
     """The node's summary in plain words, and its warnings."""
     t = h.report.totals()
     held = sum(x.numel() * x.element_size() for out in h.outputs.values() for x in out.tensors)
-    lines = [f"{method} transfer of {h.lora_name} at strength {h.strength:g}: {t['layers']} layers in "
-             f"{h.report.seconds:.1f} s"]
+    lines = [(f"{method} transfer of {h.lora_name} at strength {h.strength:g}: {t['layers']} layers in "
+              f"{h.report.seconds:.1f} s")]
     warnings = []
     if "dominant_share" in t:
         layers = h.report.layers.values()
@@ -167,8 +175,8 @@ def _summary(h: ReportHandle, method: str, injection: str, rank: int, q_act: flo
             lines.append(f"(as q_act {q_act:g} asks: the top {fmt_share(1 - q_act)} of the {fmt_share(cand / ent)} "
                          "where both push the same way in protected directions; expected)")
         kinds = [verdict_kind(r) for r in layers]
-        parts = [(kinds.count("little") + kinds.count("unchanged"), "barely moved by distillation (LoRA kept nearly "
-                  "as trained)"), (kinds.count("similar"), "similar in size"),
+        parts = [(kinds.count("little") + kinds.count("unchanged"),
+                  "barely moved by distillation (LoRA kept nearly as trained)"), (kinds.count("similar"), "similar in size"),
                  (kinds.count("larger"), "changed far more by distillation than by the LoRA (protected)")]
         lines.append("Layers: " + ", ".join(f"{n} {what}" for n, what in parts if n))
     patch = f"the low-rank patch (rank {rank})" if injection == "low-rank" else "the exact update"

@@ -12,5 +12,5 @@ def comfy_has_advanced(client) -> bool:
     if src is None or not src.exists():
         return False
     text = src.read_text(encoding="utf-8")
-    block = re.search(r"class Float\b.*?def __init__\((.*?)\):", text, re.S)
+    block = re.search(r"class Float\b.*?def __init__\((.*?)\):", text, re.DOTALL)
     return bool(block and "advanced" in block.group(1))

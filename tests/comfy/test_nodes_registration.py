@@ -127,9 +127,6 @@ def test_file_lists_follow_comfyui_folders(comfy_server, tiny_set):
     assert sorted(lora_opts) == sorted(lora_files)
 
 
-from _fixtures_models import tiny_set  # noqa: E402,F401  (fixture)
-
-
 #: the expert inputs (advanced: listed apart by frontends that know the flag) and what they default to
 EXPERT = {"CASALoadSourceBasis": ["storage"], "CASATransferLoRA": ["tau", "q_dom", "q_act", "energy", "kept_energy"],
           "CASASaveLoRA": ["dtype"]}
@@ -170,3 +167,6 @@ def test_the_web_extension_and_the_help_pages_are_served(comfy_server):
     for node in CASA_NODES:
         status, body = comfy_server.request("GET", f"/extensions/casa-lora/docs/{node}.md")
         assert status == 200 and body.startswith(b"# CASA "), (node, status)
+
+
+from _fixtures_models import tiny_set  # noqa: E402,F401  (fixture)

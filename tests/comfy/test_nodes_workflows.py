@@ -37,8 +37,7 @@ if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
 from chromium_cdp import Chromium, find_chromium, require_chromium  # noqa: E402
-from graphs import (WF_FILES, WF_NAMES, WORKFLOWS, api_from_ui, ui_from_specs, wf_title,  # noqa: E402
-                    workflow_specs)
+from graphs import WF_FILES, WF_NAMES, WORKFLOWS, api_from_ui, ui_from_specs, wf_title, workflow_specs  # noqa: E402
 
 REPO = HERE.parents[1]
 WF_DIR = REPO / "workflows"

@@ -23,7 +23,6 @@ import uuid
 from pathlib import Path
 
 import pytest
-
 from chromium_cdp import Chromium, require_chromium
 from graphs import WF_NAMES, WORKFLOWS, ui_text, wf_title
 from test_heatmap_payload import write_tiny_models

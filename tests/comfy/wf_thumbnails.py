@@ -14,11 +14,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-
 import _tiny  # noqa: F401  (puts the repository root on sys.path, for casa_core)
-from casa_core.draw import Canvas, text_h, text_w
+import numpy as np
 from graphs import WORKFLOWS
+
+from casa_core.draw import Canvas, text_h, text_w
 
 SIZE = 512
 BG = (24, 28, 36)

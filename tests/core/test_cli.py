@@ -193,7 +193,7 @@ def test_a_batch_killed_midway_redoes_only_what_was_unfinished(tmp_path):
     assert (out / names[0]).exists() and not (out / names[1]).exists() and not (out / names[2]).exists()
     assert partial.exists(), "the killed job left its partial file (what the rerun must clean up)"
     first = (out / names[0]).stat()
-    done = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300)
+    done = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300, check=False)
     assert done.returncode == 0, done.stderr
     assert f"removed {partial}" in done.stderr
     rows = {ln.split()[0]: ln for ln in done.stdout.splitlines() if ln.startswith("style_")}

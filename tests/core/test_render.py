@@ -65,7 +65,7 @@ def arbitrated_full(restored: np.ndarray, arbitrated: np.ndarray) -> float:
     if len(vals) < 5:
         return vals[-1]
     pos = 0.9 * (len(vals) - 1)
-    lo = int(math.floor(pos))
+    lo = math.floor(pos)
     return vals[lo] + (vals[min(lo + 1, len(vals) - 1)] - vals[lo]) * (pos - lo)
 
 
