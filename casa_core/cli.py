@@ -176,41 +176,126 @@ def cmd_demo(a) -> int:
     return 0
 
 
+def _drift_source(a, source, cache: Path):
+    """What the drift is measured from: a distilled checkpoint or a distillation LoRA (opened, not computed)."""
+    from .formats.checkpoint import Checkpoint
+    from .formats.lora import read_lora
+
+    if a.target is not None:
+        return WeightDifference(source, Checkpoint(a.target, memo_dir=cache))
+    return LoRADrift(read_lora(a.distill_lora, source.layers, strength=a.distill_strength, memo_dir=cache), source)
+
+
+def _check_target_shapes(source, dsrc) -> None:
+    """A distilled checkpoint's layers must have the base's shapes (checked on the headers, before the SVD)."""
+    target = getattr(dsrc, "target", None)
+    layers = getattr(target, "layers", None)
+    if not isinstance(layers, dict):
+        return
+    for name, shape in source.layers.items():
+        got = layers.get(name)
+        if got is not None and tuple(got) != tuple(shape):
+            raise CasaError(f"{getattr(target, 'path', target)}, layer {name}: the target weight is {got[0]}x{got[1]} "
+                            f"but the base's is {shape[0]}x{shape[1]} — the two models are not the same architecture",
+                            file=str(getattr(target, "path", "")), layer=name)
+
+
 def cmd_transfer(a) -> int:
+    from . import batch as B
     from .formats.checkpoint import Checkpoint
     from .formats.lora import read_lora
 
     cache = Path(a.cache_dir)
-    source = Checkpoint(a.source, memo_dir=cache)
     if (a.target is None) == (a.distill_lora is None):
         raise CasaError("give exactly one of --target (a distilled checkpoint) or --distill-lora (a distillation LoRA)")
     methods = a.method
-    basis = drift = None
+    # fail fast: every input file is opened and checked before the long computations start
+    loras = B.expand_loras(a.lora)
+    plan = B.plan_jobs(loras, methods, a.out)
+    source = Checkpoint(a.source, memo_dir=cache)
+    dsrc = None
     if any(m != "direct" for m in methods):
-        basis = load_or_build_basis(source, cache, device=a.device, progress=Bar("basis"))
-        if a.target is not None:
-            dsrc = WeightDifference(source, Checkpoint(a.target, memo_dir=cache))
-        else:
-            dsrc = LoRADrift(read_lora(a.distill_lora, source.layers, strength=a.distill_strength, memo_dir=cache), source)
-        drift = load_or_build_drift(basis, dsrc, cache, device=a.device, progress=Bar("drift"))
-    lora = read_lora(a.lora, source.layers, strength=a.strength, memo_dir=cache)
-    out = Path(a.out)
+        dsrc = _drift_source(a, source, cache)
+        _check_target_shapes(source, dsrc)
     dtype = getattr(torch, a.dtype)
+    cfgs = {m: TransferConfig(method=m, params=_params(a), output=_output(a), device=a.device) for m in methods}
+    # every LoRA checked against the base's layers; outputs already made from the same inputs and settings kept
+    B.check_and_resume(plan, source.layers, a.strength, cache, lambda job, lora: B.expected_provenance(
+        job, lora, cfgs[job.method], a.strength, source, dsrc))
+    pending = [j for j in plan.jobs if j.status == "pending"]
+    basis = drift = None
+    if any(j.method != "direct" for j in pending):
+        basis = load_or_build_basis(source, cache, device=a.device, progress=Bar("basis"))
+        drift = load_or_build_drift(basis, dsrc, cache, device=a.device, progress=Bar("drift"))
+    if plan.batch:
+        return _run_batch(a, plan, source.layers, basis, drift, cfgs, dtype, cache)
+    lora = read_lora(loras[0], source.layers, strength=a.strength, memo_dir=cache)
     reports = {}
-    for method in methods:
-        path = out if len(methods) == 1 else out.with_name(f"{out.stem}_{method}{out.suffix}")
-        cfg = TransferConfig(method=method, params=_params(a), output=_output(a), device=a.device)
-        reports[method] = run_transfer_to_file(lora, basis, drift, cfg, a.strength, path, dtype=dtype, progress=Bar(method[:10]))
-        print(f"wrote {path}", file=sys.stderr)
-    if a.report:
-        _write_report(Path(a.report), reports, _inputs(a.source, a.target or a.distill_lora, a.lora))
-    print()
-    summary_table(reports)
+    for job in plan.jobs:
+        if job.status == "skipped":
+            print(f"{job.out} is finished (same inputs and settings): skipped", file=sys.stderr)
+            continue
+        reports[job.method] = run_transfer_to_file(lora, basis, drift, cfgs[job.method], a.strength, job.out,
+                                                   dtype=dtype, progress=Bar(job.method[:10]))
+        print(f"wrote {job.out}", file=sys.stderr)
+    if a.report and reports:
+        _write_report(Path(a.report), reports, _inputs(a.source, a.target or a.distill_lora, loras[0]))
+    if reports:
+        print()
+        summary_table(reports)
     if lora.unmatched:
         print(f"\n{len(lora.unmatched)} LoRA key(s) matched no layer and were left out, e.g. {lora.unmatched[0]}")
     if lora.passthrough:
         print(f"{len(lora.passthrough)} non-low-rank key(s) carried through unchanged")
     return 0
+
+
+def _run_batch(a, plan, layers: dict, basis, drift, cfgs, dtype, cache: Path) -> int:
+    """Several LoRAs: one line per LoRA (and method) while they run, a table at the end."""
+    from . import batch as B
+    from .formats.lora import read_lora
+
+    plan.jobs[0].out.parent.mkdir(parents=True, exist_ok=True)
+    n = len(plan.jobs)
+    n_methods = len(cfgs)
+    warnings = []
+    try:
+        lora, lora_path = None, None
+        for i, job in enumerate(plan.jobs, 1):
+            line = B.JobLine(B.job_prefix(i, n, job, n_methods))
+            if job.status == "skipped":
+                line.finish(B.job_result(job))
+                continue
+            try:
+                if lora_path != job.lora:
+                    lora = read_lora(job.lora, layers, strength=a.strength, memo_dir=cache)
+                    lora_path = job.lora
+                    if lora.unmatched:
+                        warnings.append(f"{job.lora.name}: {len(lora.unmatched)} LoRA key(s) matched no layer and "
+                                        f"were left out, e.g. {lora.unmatched[0]}")
+                t0 = time.perf_counter()
+                job.report = run_transfer_to_file(lora, basis, drift, cfgs[job.method], a.strength, job.out,
+                                                  dtype=dtype, progress=line)
+                job.seconds = time.perf_counter() - t0
+                job.status = "written"
+            except CasaError as exc:
+                job.status, job.detail = "failed", str(exc)
+            line.finish(B.job_result(job))
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        B.batch_table(plan.jobs)
+        print("\ninterrupted: the finished outputs are kept; run the same command again to do the rest",
+              file=sys.stderr)
+        return 130
+    finally:
+        if a.report:
+            B.write_json(Path(a.report), B.batch_report(plan.jobs, {"source": Path(a.source).name,
+                                                                    "target": Path(a.target or a.distill_lora).name}))
+    print()
+    B.batch_table(plan.jobs)
+    for w in warnings:
+        print(w)
+    return 2 if any(j.status == "failed" for j in plan.jobs) else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -230,10 +315,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--target", help="distilled model checkpoint (.safetensors)")
     t.add_argument("--distill-lora", help="instead of --target: a distillation LoRA applied to the base (lightx2v, CausVid …)")
     t.add_argument("--distill-strength", type=float, default=1.0, help="strength of --distill-lora (default 1.0)")
-    t.add_argument("--lora", required=True, help="the LoRA to transfer")
+    t.add_argument("--lora", required=True, nargs="+",
+                   help="the LoRA(s) to transfer: files and/or folders of .safetensors (all against one basis and drift)")
     t.add_argument("--strength", type=float, default=1.0, help="LoRA strength, applied before the transfer (default 1.0)")
     t.add_argument("--method", nargs="+", choices=METHODS, default=["casa"], help="one or more methods (default casa)")
-    t.add_argument("--out", required=True, help="output LoRA path (with several methods, _<method> is appended)")
+    t.add_argument("--out", required=True,
+                   help="output LoRA path (with several methods, _<method> is appended); with several LoRAs a folder, "
+                   "each output named after its LoRA. Outputs already made with the same inputs and settings are "
+                   "skipped, so an interrupted batch resumes when run again")
     t.add_argument("--report", help="write a JSON report here")
     _add_common(t)
     return p

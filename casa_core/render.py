@@ -6,8 +6,14 @@ the CASA paper's Figures 5b, 6 and 7:
 a. routing energy density of the distillation drift ``C_F`` and b. of the LoRA ``C_L`` (the RMS of
    the routing entries of each receiving x sending cluster-group block, one shared log colour scale);
 c. directional alignment ``cos(C_L, C_F)`` of each block, diverging scale -1..1;
-d. the CASA region map: each cell filled bottom-up with its shares of arbitrated, preserved (the
-   rest of the dominant region) and restored entries; the layer's shares are printed beside it.
+d. the CASA region map: every cell one flat colour, so the regions read as regions on every layer
+   shape: restored (blue) where most of the cell's entries are outside the dominant region, else
+   the dominant region's grey turning orange with the cell's share of arbitrated entries (full
+   orange at the layer's most arbitrated cell); the exact shares are in the legend (the layer's)
+   and in ``meta`` (each cell's, for the hover read-out).
+
+The header gives a one-line verdict in plain words (:func:`layer_verdict`), the footer one line per
+region saying what it means for the LoRA (:data:`REGION_MEANING`).
 
 Strips along the axes mark the dominant clusters of the drift (receiving: left, sending: top).
 Rows are receivers (output / left singular directions), columns senders (input / right singular
@@ -39,7 +45,13 @@ REGION_COLOURS = {
     "preserved": (196, 196, 196),
     "arbitrated": (236, 112, 20),
 }
-REGION_ORDER = ("arbitrated", "preserved", "restored")  # bottom-up fill order inside a cell
+#: what each region means for the user's LoRA, one line each (picture legend, widget, help pages)
+REGION_MEANING = {
+    "restored": "outside the distilled model's strong directions: its small changes there are undone "
+                "and your LoRA applies as trained",
+    "preserved": "inside its strong directions: the distilled model's change is kept and your LoRA is added on top",
+    "arbitrated": "where your LoRA and the distillation push the same way hard: only the stronger of the two is kept",
+}
 DOM_LO, DOM_HI = np.array([236.0, 236.0, 236.0]), np.array([55.0, 55.0, 55.0])
 LOG_DECADES = 5.0  # the shared energy scale spans at most this many decades below its maximum
 
@@ -285,28 +297,24 @@ def _paint_cells(colors: np.ndarray, ry: list, cx: list, bg=WHITE) -> np.ndarray
     return out
 
 
-def _paint_regions(shares: dict[str, np.ndarray], ry: list, cx: list, bg=WHITE) -> np.ndarray:
-    """Region map: every cell filled bottom-up by its shares (anti-aliased at the boundaries)."""
-    h, w = ry[-1][1], cx[-1][1]
-    iy, ix = _index_map(ry, h), _index_map(cx, w)
-    out = np.zeros((h, w, 3), dtype=np.float64)
-    r = np.clip(iy, 0, None)
-    c = np.clip(ix, 0, None)
-    # position of each pixel row inside its cell, in cell heights from the bottom
-    cell_h = np.array([b - a for a, b in ry], dtype=np.float64)
-    bottoms = np.array([b for _, b in ry], dtype=np.float64)
-    y = np.arange(h, dtype=np.float64)
-    u0 = (bottoms[r] - (y + 1)) / cell_h[r]  # lower edge of the pixel row
-    u1 = (bottoms[r] - y) / cell_h[r]
-    lo = np.zeros((h, w))
-    for name in REGION_ORDER:
-        s = shares[name][r][:, c]
-        hi = lo + s
-        ov = np.clip(np.minimum(u1[:, None], hi) - np.maximum(u0[:, None], lo), 0.0, None) * cell_h[r][:, None]
-        out += ov[..., None] * np.asarray(REGION_COLOURS[name], dtype=np.float64)
-        lo = hi
-    out[(iy < 0)[:, None] | (ix < 0)[None, :]] = bg
-    return out
+def region_cell_colours(restored: np.ndarray, arbitrated: np.ndarray) -> tuple[np.ndarray, float]:
+    """One colour per cell (rows x cols x 3) and the arbitrated share that is full orange.
+
+    A cell is restored (blue) when at least half of its entries are restored; otherwise it belongs
+    to the dominant region: grey, mixed towards orange in proportion to its arbitrated share, full
+    orange from the 90th percentile of the dominant cells' non-zero arbitrated shares (so that one
+    tiny fully arbitrated cell does not wash out the others).
+    """
+    rest = restored >= 0.5
+    arb = arbitrated[~rest]
+    arb = arb[arb > 0]
+    arb_top = float(np.quantile(arb, 0.9)) if arb.size >= 5 else float(arb.max()) if arb.size else 0.0
+    t = np.clip(arbitrated / arb_top, 0.0, 1.0) if arb_top > 0 else np.zeros_like(arbitrated)
+    grey = np.asarray(REGION_COLOURS["preserved"], dtype=np.float64)
+    orange = np.asarray(REGION_COLOURS["arbitrated"], dtype=np.float64)
+    out = grey + (orange - grey) * t[..., None]
+    out[rest] = REGION_COLOURS["restored"]
+    return out, arb_top
 
 
 def _tick_step(cell: float, need: float) -> int:
@@ -338,13 +346,15 @@ def _ticks_shown(groups: list[dict], edges: list[list[int]], need: float) -> lis
 class _Sizes:
     def __init__(self, s: float):
         self.s = s
-        self.title = 20 * s
-        self.subtitle = 13 * s
+        # at scale 1 no text is below 12 px: legible at 0.83x (10 px), the widget's default size
+        self.title = 18 * s
+        self.verdict = 14 * s
+        self.subtitle = 12 * s
         self.panel_title = 14 * s
-        self.axis = 12 * s
-        self.tick = 11 * s
-        self.note = 11 * s
-        self.margin = int(round(22 * s))
+        self.axis = 13 * s
+        self.tick = 12 * s
+        self.note = 12 * s
+        self.margin = int(round(18 * s))
 
     def px(self, v: float) -> int:
         return max(1, int(round(v * self.s)))
@@ -383,6 +393,69 @@ def _wrap(text: str, size: float, width: int) -> list[str]:
 # one layer
 # ------------------------------------------------------------------------------------------------
 
+#: the first sentence of a layer's verdict, by :func:`verdict_kind`
+VERDICTS = {
+    "no_lora": "Your LoRA does not change this layer.",
+    "unchanged": "Distillation left this layer unchanged: your LoRA applies exactly as trained.",
+    "little": "Distillation moved little here: your LoRA is kept nearly as trained.",
+    "similar": "Distillation and your LoRA are of similar size here: CASA balanced the two.",
+    "larger": "Distillation changed this layer far more than your LoRA: its strong directions are protected.",
+    "unknown": "CASA kept the distilled model's strong directions and applied your LoRA around them.",
+}
+
+
+def verdict_kind(stats: dict | None) -> str:
+    """``no_lora``, ``unchanged`` (no drift), ``little`` (drift < 0.1 x the LoRA), ``larger`` (drift > 3 x
+    the LoRA), ``similar`` or ``unknown``: the size of the distillation's change (``drift_norm``) against
+    the LoRA's (``lora_norm``), both Frobenius norms of weight differences."""
+    st = stats or {}
+    drift, lora = st.get("drift_norm"), st.get("lora_norm")
+    if lora is not None and lora <= 0:
+        return "no_lora"
+    if drift is not None and drift <= 0:
+        return "unchanged"
+    if drift is None or lora is None:
+        return "unknown"
+    if drift < 0.1 * lora:
+        return "little"
+    if drift > 3 * lora:
+        return "larger"
+    return "similar"
+
+
+def layer_verdict(stats: dict | None, totals: dict | None = None, config: dict | None = None) -> str:
+    """One line in plain words: what CASA made of this layer for the user's LoRA.
+
+    From the layer's report stats: the size of the distillation's change (``drift_norm``) against the
+    LoRA's (``lora_norm``, both Frobenius norms of weight differences), the arbitrated share and the
+    energy the injected patch keeps.
+    """
+    st = stats or {}
+    lora = st.get("lora_norm")
+    line = VERDICTS[verdict_kind(st)]
+    ent = st.get("entries") or (totals or {}).get("entries")
+    arb = None
+    if ent and st.get("arbitrated_entries") is not None:
+        arb = st["arbitrated_entries"] / ent
+    elif totals is not None:
+        arb = totals.get("arbitrated")
+    if arb is not None and arb >= 0.01 and not (lora is not None and lora <= 0):
+        line += f" The stronger of the two was kept on {fmt_share(arb)} of the entries."
+    if st.get("rel_error") is not None:
+        kept = max(0.0, 1.0 - float(st["rel_error"]) ** 2)
+        if kept < 0.9:
+            line += f" The low-rank patch keeps only {fmt_share(kept)} of the update: raise rank."
+    return line
+
+
+def _fit_label(options: list[str], size: float, room: float) -> str:
+    """The first (longest) label that fits ``room`` pixels, else the last."""
+    for o in options:
+        if text_w(o, size) <= room:
+            return o
+    return options[-1]
+
+
 def layer_figure(summary: dict, name: str = "", stats: dict | None = None, config: dict | None = None,
                  scale: float = 1.0) -> Figure:
     """The four-panel picture of one layer (see the module doc) and its ``meta``."""
@@ -390,70 +463,94 @@ def layer_figure(summary: dict, name: str = "", stats: dict | None = None, confi
     sz = _Sizes(scale)
     rows, cols = d["rows"], d["cols"]
     nr, nc = len(rows), len(cols)
-    cell = int(max(3, min(40 * scale, math.floor(330 * scale / max(nr, nc, 1)))))
+    cell = int(max(3, min(32 * scale, math.floor(300 * scale / max(nr, nc, 1)))))
     gap = sz.px(3)
     ry = _edges(nr, cell, gap if rows and rows[-1]["label"] == ">k" and nr > 1 else 0)
     cx = _edges(nc, cell, gap if cols and cols[-1]["label"] == ">k" and nc > 1 else 0)
     H, W = ry[-1][1], cx[-1][1]
+    t = d["totals"]
+    region_rgb, arb_top = region_cell_colours(d["restored"], d["arbitrated"])
 
-    # geometry of one panel block
+    # geometry of one panel
     strip, strip_gap = sz.px(6), sz.px(2)
     row_ticks = _ticks_shown(rows, ry, text_h(sz.tick) * 1.2)
     col_ticks = _ticks_shown(cols, cx, max(text_w(">k", sz.tick), text_w(str(nc), sz.tick)) + sz.px(4))
     ytick_w = max([text_w(rows[i]["label"], sz.tick) for i in row_ticks] + [text_w("00", sz.tick)]) + sz.px(4)
     ylab_w = text_h(sz.axis) + sz.px(4)
-    side_gap, side_w = sz.px(14), sz.px(118)
     left = ylab_w + ytick_w + strip + strip_gap
+    bw = sz.px(14)
+    bar_labels = ["1e-10", "-1 opposite", "+1 same", "0 unrelated", "log scale"]
+    legend_w = max(text_w(r, sz.axis) for r in REGION_COLOURS) + bw + sz.px(6)
+    side_w = max(max(text_w(b, sz.tick) for b in bar_labels) + bw + sz.px(10), legend_w)
+    side_gap = sz.px(12)
+    panels_spec = [
+        ("drift", "a  Distillation: how much it changed"),
+        ("lora", "b  Your LoRA: how much it changes"),
+        ("alignment", "c  Same direction or opposite?"),
+        ("regions", "d  What CASA did"),
+    ]
+    title_need = max(text_w(ti, sz.panel_title, True) for _, ti in panels_spec) + sz.px(8)
+    PW = max(left + W + side_gap + side_w, title_need)
     title_h = text_h(sz.panel_title) + sz.px(4)
-    PW = left + W + side_gap + side_w
-    PH = title_h + strip + strip_gap + H + sz.px(4) + text_h(sz.tick) + sz.px(2) + text_h(sz.axis)
-    col_gap, row_gap = sz.px(26), sz.px(20)
+    PH = title_h + strip + strip_gap + H + sz.px(3) + text_h(sz.tick) + sz.px(2) + text_h(sz.axis)
+    col_gap, row_gap = sz.px(22), sz.px(16)
+    m = sz.margin
+    FW = 2 * m + 2 * PW + col_gap
+    inner = FW - 2 * m
 
-    # header and footer text
+    # header: the layer, the verdict, the facts
     shape = (stats or {}).get("shape")
-    t = d["totals"]
-    head = [name or "layer"]
-    bits = []
+    verdict = layer_verdict(stats, t, config)
+    facts = []
     if shape:
-        bits.append(f"shape {shape[0]} x {shape[1]} (out x in)")
-    lead = f"leading subspace k = {d['k']}"
+        facts.append(f"shape {shape[0]} x {shape[1]} (out x in)")
+    lead = f"leading part k = {d['k']} directions"
     if shape and d["k"] == min(shape):
-        lead += " (all directions: non-square layer)" if shape[0] != shape[1] else " (all directions)"
-    bits.append(lead)
+        lead += " (all of them: non-square layer)" if shape[0] != shape[1] else " (all of them)"
+    facts.append(lead)
     cl = f"{d['n_clusters']} clusters"
     if d["merged"]:
         cl += f", shown as {d['n_groups']} groups of neighbouring clusters"
-    bits.append(cl)
-    sub1 = " \u00b7 ".join(bits)
-    sub2_bits = [f"{t['entries']:,} routing entries: restored {fmt_share(t['restored'])}, "
-                 f"preserved {fmt_share(t['preserved'])}, arbitrated {fmt_share(t['arbitrated'])}"]
+    facts.append(cl)
+    facts.append(f"{t['entries']:,} routing entries: restored {fmt_share(t['restored'])}, "
+                 f"preserved {fmt_share(t['preserved'])}, arbitrated {fmt_share(t['arbitrated'])}")
     if stats and stats.get("rel_error") is not None:
-        sub2_bits.append(f"injected update keeps {fmt_share(1.0 - float(stats['rel_error']) ** 2)} of its energy")
+        facts.append(f"the low-rank patch keeps {fmt_share(1.0 - float(stats['rel_error']) ** 2)} of the update")
     if config:
         p = [f"{key} {config[key]:g}" for key in ("tau", "q_dom", "q_act", "energy") if isinstance(config.get(key), (int, float))]
         if p:
-            sub2_bits.append(", ".join(p))
-    sub2 = " \u00b7 ".join(sub2_bits)
-    m = sz.margin
-    FW = 2 * m + 2 * PW + col_gap
-    notes = [
-        "Cells: RMS of the routing entries C = U^T dW V (U, V: singular vectors of the base weight) of a block of "
-        "receiving x sending clusters; '>k' gathers every direction beyond the leading subspace k. "
-        "Strips along the axes: share of each row/column in dominant drift clusters (left: receiving, top: sending). "
-        "Region cells fill bottom-up with their shares of arbitrated, preserved and restored entries.",
-    ]
-    note_lines = [ln for n in notes for ln in _wrap(n, sz.note, FW - 2 * m)]
-    header_h = text_h(sz.title) + sz.px(4) + 2 * (text_h(sz.subtitle) + sz.px(2)) + sz.px(12)
-    footer_h = sz.px(10) + len(note_lines) * (text_h(sz.note) + sz.px(1))
+            facts.append(", ".join(p))
+    verdict_lines = _wrap(verdict, sz.verdict, inner)
+    fact_lines = _wrap(" \u00b7 ".join(facts), sz.subtitle, inner)
+    header_h = (text_h(sz.title) + sz.px(4) + len(verdict_lines) * (text_h(sz.verdict) + sz.px(1)) + sz.px(3)
+                + len(fact_lines) * (text_h(sz.subtitle) + sz.px(1)) + sz.px(10))
+
+    # footer: one line per region, what it means for the LoRA; then how to read the axes
+    sw = sz.px(12)
+    legend = []
+    for region in ("restored", "preserved", "arbitrated"):
+        lines = _wrap(f"{region}: {REGION_MEANING[region]}", sz.note, inner - sw - sz.px(6))
+        legend.append((region, lines))
+    caption = ("Rows: output directions, columns: input directions of the base weight, in clusters numbered "
+               "from the strongest (1); >k: all weaker directions together. Strips along the axes: dark where "
+               "the distillation's strong (dominant) clusters are. d: orange deepens with the cell's arbitrated "
+               f"share (full from {fmt_share(arb_top)}); hover a cell for its numbers.")
+    cap_lines = _wrap(caption, sz.note, inner)
+    note_h = text_h(sz.note) + sz.px(1)
+    footer_h = sz.px(8) + sum(len(lines) for _, lines in legend) * note_h + sz.px(4) + len(cap_lines) * note_h
     FH = m + header_h + 2 * PH + row_gap + footer_h + m
 
     cv = Canvas(FW, FH)
     y = m
-    cv.text(m, y, head[0], sz.title, INK, bold=True, tag="title")
+    cv.text(m, y, name or "layer", sz.title, INK, bold=True, tag="title")
     y += text_h(sz.title) + sz.px(4)
-    cv.text(m, y, sub1, sz.subtitle, GREY_TEXT, tag="subtitle")
-    y += text_h(sz.subtitle) + sz.px(2)
-    cv.text(m, y, sub2, sz.subtitle, GREY_TEXT, tag="subtitle")
+    for ln in verdict_lines:
+        cv.text(m, y, ln, sz.verdict, INK, tag="verdict")
+        y += text_h(sz.verdict) + sz.px(1)
+    y += sz.px(3)
+    for ln in fact_lines:
+        cv.text(m, y, ln, sz.subtitle, GREY_TEXT, tag="subtitle")
+        y += text_h(sz.subtitle) + sz.px(1)
     top = m + header_h
 
     lo, hi = log_range(d["drift_rms"], d["lora_rms"])
@@ -467,24 +564,17 @@ def layer_figure(summary: dict, name: str = "", stats: dict | None = None, confi
     cos = d["cos"]
     cos_col = colormap(RDBU, (np.nan_to_num(cos, nan=0.0) + 1.0) / 2.0)
     cos_col[~np.isfinite(cos)] = MISSING
-    panels_spec = [
-        ("drift", "a  Distillation drift: routing energy", colours_log(d["drift_rms"])),
-        ("lora", "b  LoRA: routing energy", colours_log(d["lora_rms"])),
-        ("alignment", "c  Alignment of LoRA and drift: cosine", cos_col),
-        ("regions", "d  CASA regions", None),
-    ]
+    colours = {"drift": colours_log(d["drift_rms"]), "lora": colours_log(d["lora_rms"]), "alignment": cos_col,
+               "regions": region_rgb}
+    ylabel = _fit_label(["output clusters (strongest first)", "output clusters", "output"], sz.axis, H + strip)
+    xlabel = _fit_label(["input clusters (strongest first)", "input clusters", "input"], sz.axis, W + 2 * ytick_w)
     meta_panels, colorbars = [], []
-    for i, (pid, title, colors) in enumerate(panels_spec):
+    for i, (pid, title) in enumerate(panels_spec):
         px0 = m + (i % 2) * (PW + col_gap)
         py0 = top + (i // 2) * (PH + row_gap)
         hx, hy = px0 + left, py0 + title_h + strip + strip_gap
-        cv.text(hx - strip - strip_gap, py0, title, sz.panel_title, INK, bold=True, tag=f"panel-title:{pid}")
-        if colors is None:
-            img = _paint_regions({"restored": d["restored"], "preserved": d["preserved"],
-                                  "arbitrated": d["arbitrated"]}, ry, cx)
-        else:
-            img = _paint_cells(colors, ry, cx)
-        cv.blit(hx, hy, img)
+        cv.text(px0, py0, title, sz.panel_title, INK, bold=True, tag=f"panel-title:{pid}")
+        cv.blit(hx, hy, _paint_cells(colours[pid], ry, cx))
         # dominance strips
         rd = np.array([r["dominant"] for r in rows])[:, None]
         cd = np.array([c["dominant"] for c in cols])[:, None]
@@ -500,23 +590,22 @@ def layer_figure(summary: dict, name: str = "", stats: dict | None = None, confi
         for j in col_ticks:
             a, b = cx[j]
             cv.text(hx + (a + b) / 2, hy + H + sz.px(3), cols[j]["label"], sz.tick, INK, anchor="mt", tag="col-tick")
-        cv.text(px0, hy + H / 2, "receiving clusters (output)", sz.axis, INK, anchor="lm", rotate=True, tag="ylabel")
-        cv.text(hx + W / 2, hy + H + sz.px(4) + text_h(sz.tick) + sz.px(2), "sending clusters (input)", sz.axis,
+        cv.text(px0, hy + H / 2, ylabel, sz.axis, INK, anchor="lm", rotate=True, tag="ylabel")
+        cv.text(hx + W / 2, hy + H + sz.px(3) + text_h(sz.tick) + sz.px(2), xlabel, sz.axis,
                 INK, anchor="mt", tag="xlabel")
         meta_panels.append({"id": pid, "title": title, "x0": hx, "y0": hy, "w": W, "h": H,
                             "x": [[hx + a, hx + b] for a, b in cx], "y": [[hy + a, hy + b] for a, b in ry]})
         # side: colour bar or legend
         sx = hx + W + side_gap
-        bw = sz.px(14)
         if pid in ("drift", "lora"):
-            box = _colorbar(cv, sx, hy, bw, H, VIRIDIS, log_ticks, sz, caption="RMS, log scale")
+            box = _colorbar(cv, sx, hy, bw, H, VIRIDIS, log_ticks, sz, caption="log scale")
             colorbars.append({"panel": pid, **box, "map": "viridis", "scale": "log", "lo": 10 ** lo, "hi": 10 ** hi})
         elif pid == "alignment":
-            ticks = [(0.0, "-1"), (0.25, "-0.5"), (0.5, "0"), (0.75, "+0.5"), (1.0, "+1")]
-            box = _colorbar(cv, sx, hy, bw, H, RDBU, ticks, sz, caption="opposed / aligned")
+            ticks = [(0.0, "-1 opposite"), (0.25, "-0.5"), (0.5, "0 unrelated"), (0.75, "+0.5"), (1.0, "+1 same")]
+            box = _colorbar(cv, sx, hy, bw, H, RDBU, ticks, sz)
             colorbars.append({"panel": pid, **box, "map": "rdbu", "scale": "linear", "lo": -1.0, "hi": 1.0})
-            if not np.isfinite(cos).all():
-                yy = hy + H + sz.px(4) + text_h(sz.tick) + sz.px(2)
+            if not np.isfinite(cos).all():  # below the bottom tick label
+                yy = hy + H + text_h(sz.tick) / 2 + sz.px(3)
                 cv.rect(sx, yy, bw, bw, MISSING)
                 cv.text(sx + bw + sz.px(6), yy + bw / 2, "no energy", sz.tick, GREY_TEXT, anchor="lm")
         else:
@@ -529,12 +618,18 @@ def layer_figure(summary: dict, name: str = "", stats: dict | None = None, confi
                         tag=f"share:{region}")
                 yy += text_h(sz.axis) + sz.px(8)
             cv.text(sx, yy, "of the layer's", sz.tick, GREY_TEXT, tag="legend-note")
-            cv.text(sx, yy + text_h(sz.tick), "routing entries", sz.tick, GREY_TEXT, tag="legend-note")
-    # the dominance strip legend and notes
-    y = FH - m - len(note_lines) * (text_h(sz.note) + sz.px(1))
-    for ln in note_lines:
+            cv.text(sx, yy + text_h(sz.tick), "entries", sz.tick, GREY_TEXT, tag="legend-note")
+    # footer: the region legend, then the caption
+    y = top + 2 * PH + row_gap + sz.px(8)
+    for region, lines in legend:
+        cv.rect(m, y + (text_h(sz.note) - sw) / 2, sw, sw, REGION_COLOURS[region])
+        for ln in lines:
+            cv.text(m + sw + sz.px(6), y, ln, sz.note, INK, tag=f"meaning:{region}")
+            y += note_h
+    y += sz.px(4)
+    for ln in cap_lines:
         cv.text(m, y, ln, sz.note, GREY_TEXT, tag="note")
-        y += text_h(sz.note) + sz.px(1)
+        y += note_h
 
     meta = {
         "kind": "layer", "layer": name, "width": FW, "height": FH, "scale": scale,
@@ -544,6 +639,8 @@ def layer_figure(summary: dict, name: str = "", stats: dict | None = None, confi
         "values": {key: _grid_json(d[key]) for key in ("drift_rms", "lora_rms", "cos", "restored", "preserved", "arbitrated")}
         | {"entries": [[int(v) for v in row] for row in d["entries"]]},
         "totals": t, "region_colours": {k_: list(v) for k_, v in REGION_COLOURS.items()},
+        "arbitrated_full": arb_top, "verdict": verdict, "meaning": dict(REGION_MEANING),
+        "min_text_px": min(r["size"] for r in cv.texts),
         "texts": cv.texts,
     }
     return Figure(cv.rgb(), meta)
@@ -632,12 +729,12 @@ def overview_figure(layers: dict[str, dict], selected: str | None = None, title:
     arb_hi = float(np.nanmax(arb)) if np.isfinite(arb).any() else 0.0
     arb_top = _nice_ceil(arb_hi) if arb_hi > 0 else 0.01
     specs = [
-        ("dominant", "Dominant region (share of entries)", VIRIDIS, 0.0, 1.0),
-        ("arbitrated", "Arbitrated entries (share)", ORANGES, 0.0, arb_top),
-        ("kept", "Energy kept by the injected update", VIRIDIS, 0.0, 1.0),
+        ("dominant", "Protected (dominant) share", VIRIDIS, 0.0, 1.0),
+        ("arbitrated", "Arbitrated share", ORANGES, 0.0, arb_top),
+        ("kept", "Update kept by the patch", VIRIDIS, 0.0, 1.0),
     ]
-    cw = int(max(10, min(34, math.floor(330 / nc))) * scale)
-    ch = int(max(6, min(36, math.floor(560 / nr))) * scale)
+    cw = int(max(10, min(22, math.floor(200 / nc))) * scale)
+    ch = int(max(6, min(30, math.floor(520 / nr))) * scale)
     cx = _edges(nc, cw, 0)
     ry = _edges(nr, ch, 0)
     H, W = ry[-1][1], cx[-1][1]
@@ -646,25 +743,26 @@ def overview_figure(layers: dict[str, dict], selected: str | None = None, title:
     ytick_w = max(text_w(lab, sz.tick) for lab in row_labels + ["00"]) + sz.px(4)
     ylab_w = text_h(sz.axis) + sz.px(4)
     xlab_h = max(text_w(p, sz.tick) for p in projs) + sz.px(6) if projs else 0
-    side_gap, side_w = sz.px(12), sz.px(62)
+    side_gap = sz.px(10)
+    side_w = max(text_w(lab, sz.tick) for lab in ("100%", "12.5%")) + sz.px(12 + 10)
     left = ylab_w + ytick_w
     title_h = text_h(sz.panel_title) + sz.px(6)
     PW = max(left + W + side_gap + side_w, text_w(specs[2][1], sz.panel_title, True) + sz.px(8))
     PH = title_h + max(H + sz.px(4) + xlab_h, sz.px(150) + sz.px(4))
     m = sz.margin
-    gap = sz.px(22)
+    gap = sz.px(18)
     FW = 2 * m + 3 * PW + 2 * gap
     tot = _totals(layers)
     sub_bits = [f"{len(layers)} layers"]
     if tot.get("dominant") is not None:
-        sub_bits.append(f"dominant region {fmt_share(tot['dominant'])} of entries")
+        sub_bits.append(f"protected (dominant) {fmt_share(tot['dominant'])} of the routing entries")
         sub_bits.append(f"arbitrated {fmt_share(tot['arbitrated'])}")
     if tot.get("kept") is not None:
-        sub_bits.append(f"energy kept {fmt_share(tot['kept'])}")
+        sub_bits.append(f"the low-rank patch keeps {fmt_share(tot['kept'])} of the update")
     sub = " \u00b7 ".join(sub_bits)
     picks = interesting_layers(layers)
     lines = []
-    labels = {"arbitrated": "most arbitrated", "dominant": "largest dominant region", "kept": "least energy kept"}
+    labels = {"arbitrated": "most arbitrated", "dominant": "most protected", "kept": "least kept by the patch"}
     for key in ("arbitrated", "dominant", "kept"):
         if picks[key]:
             lines.append(f"{labels[key]}: " + ", ".join(f"{n} {fmt_share(v)}" for n, v in picks[key]))
@@ -723,6 +821,8 @@ def overview_figure(layers: dict[str, dict], selected: str | None = None, title:
         "panels": meta_panels, "colorbars": colorbars,
         "rows": [{"label": lab} for lab in row_labels], "cols": [{"label": p} for p in projs],
         "names": names, "values": {key: _grid_json(v) for key, v in metrics.items()},
+        "verdicts": [[layer_verdict(layers[n]) if n is not None else None for n in row] for row in names],
+        "min_text_px": min(r["size"] for r in cv.texts),
         "totals": tot, "interesting": {k_: [[n, _round(v)] for n, v in vs] for k_, vs in picks.items()},
         "texts": cv.texts,
     }

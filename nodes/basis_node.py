@@ -5,11 +5,11 @@ import os
 import time
 
 import folder_paths
-from comfy_api.latest import io, ui
+from comfy_api.latest import io
 
 from ..casa_core.basis import basis_cache, load_or_build_basis
 from ..casa_core.formats.checkpoint import Checkpoint
-from .common import CATEGORY, BasisHandle, BasisType, cache_dir, compute_device, progress_callback
+from .common import CATEGORY, BasisHandle, BasisType, advanced, cache_dir, compute_device, progress_callback, summary_ui
 
 
 class CASALoadSourceBasis(io.ComfyNode):
@@ -28,14 +28,16 @@ class CASALoadSourceBasis(io.ComfyNode):
                 io.Combo.Input(
                     "base_model",
                     options=folder_paths.get_filename_list("diffusion_models"),
-                    tooltip="The original model your LoRA was trained on (not the fast/distilled one).",
+                    tooltip="The original model your LoRA was trained on (e.g. Wan2.1 T2V 1.3B), not the fast "
+                    "distilled one. Its file is read layer by layer; it is not loaded next to the distilled model.",
                 ),
                 io.Combo.Input(
                     "storage",
                     options=["float16", "float32"],
                     default="float16",
-                    tooltip="Precision of the cache on disk. float16 halves the disk space "
-                    "(about 4 GB for Wan2.1-1.3B) and is accurate enough; float32 is exact.",
+                    tooltip="Precision of the cache on disk. Leave at float16 (half the disk space, about 4 GB "
+                    "for Wan2.1-1.3B, and accurate enough) unless you compare results to the last digit: float32.",
+                    **advanced(),
                 ),
             ],
             outputs=[BasisType.Output(display_name="basis")],
@@ -62,4 +64,4 @@ class CASALoadSourceBasis(io.ComfyNode):
             progress=progress_callback(len(source.layers)),
         )
         handle = BasisHandle(basis, source, base_model, reused, time.perf_counter() - t0)
-        return io.NodeOutput(handle, ui=ui.PreviewText(handle.describe()))
+        return io.NodeOutput(handle, ui=summary_ui("CASA Load Source Basis", handle.describe()))

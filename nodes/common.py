@@ -1,6 +1,9 @@
-"""What the nodes share: custom socket types, the cache folder, device and progress plumbing."""
+"""What the nodes share: custom socket types, the cache folder, device and progress plumbing, and the
+summary each node shows on itself (``summary_ui``; drawn by web/casa_summary.js)."""
 from __future__ import annotations
 
+import inspect
+import logging
 import os
 from dataclasses import dataclass, field
 
@@ -18,6 +21,9 @@ from ..casa_core.formats.checkpoint import Checkpoint
 CATEGORY = "casa-lora"
 CACHE_FOLDER = "casa_cache"
 
+LOG = logging.getLogger("casa-lora")
+SUMMARY_KEY = "casa_summary"
+
 BasisType = io.Custom("CASA_BASIS")
 DriftType = io.Custom("CASA_DRIFT")
 ReportType = io.Custom("CASA_REPORT")
@@ -30,6 +36,25 @@ def cache_dir() -> str:
     path = folder_paths.get_folder_paths(CACHE_FOLDER)[0]
     os.makedirs(path, exist_ok=True)
     return path
+
+
+def summary_ui(node: str, summary: str, warnings=(), **extra) -> dict:
+    """A node's ui output: ``text`` (its summary, then one ``warning: ...`` line per warning; in /history)
+    and ``casa_summary`` (the same, structured, for the text area web/casa_summary.js draws on the node).
+    Warnings also go to the server log, naming the node."""
+    warnings = [w for w in warnings if w]
+    for w in warnings:
+        LOG.warning("casa-lora %s: %s", node, w)
+    text = "\n".join([summary, *(f"warning: {w}" for w in warnings)])
+    return {"text": (text,), SUMMARY_KEY: [{"node": node, "summary": summary, "warnings": warnings}], **extra}
+
+
+def advanced() -> dict:
+    """Keyword arguments that mark an input as advanced (listed under "Advanced inputs" in the properties panel,
+    hidden by Vue nodes until "show advanced"): ComfyUI 0.33.0 has the ``advanced`` argument, 0.8.0 does not."""
+    if "advanced" in inspect.signature(io.Float.Input.__init__).parameters:
+        return {"advanced": True}
+    return {}
 
 
 def compute_device() -> torch.device:
@@ -59,8 +84,9 @@ class BasisHandle:
     seconds: float
 
     def describe(self) -> str:
-        how = "reused from the cache" if self.reused else "computed"
-        return f"source basis of {self.name}: {len(self.basis.layers)} layers, {how} in {self.seconds:.1f} s"
+        how = (f"reused from the cache in {self.seconds:.1f} s" if self.reused else
+               f"computed in {self.seconds:.1f} s and cached in models/{CACHE_FOLDER}: later runs reuse it")
+        return f"Base model {self.name} analysed: {len(self.basis.layers)} layers, {how}"
 
 
 @dataclass
@@ -72,11 +98,19 @@ class DriftHandle:
     reused: bool
     seconds: float
 
+    def moved(self) -> int:
+        return sum(1 for i in self.drift.info.values() if i.get("mode") != "zero")
+
     def describe(self) -> str:
-        how = "reused from the cache" if self.reused else "computed"
-        moved = sum(1 for i in self.drift.info.values() if i.get("mode") != "zero")
-        return (f"drift of the target against {self.basis.name}: {moved}/{len(self.drift.info)} layers differ, "
-                f"{how} in {self.seconds:.1f} s")
+        how = f"reused from the cache in {self.seconds:.1f} s" if self.reused else f"computed in {self.seconds:.1f} s, cached"
+        return (f"Distilled model compared with the base {self.basis.name}: {self.moved()} of {len(self.drift.info)} "
+                f"layers differ ({how})")
+
+    def warnings(self) -> list[str]:
+        if self.drift.info and self.moved() == 0:
+            return [(f"the model is identical to the base {self.basis.name} in every layer: connect the distilled "
+                     "model (or the base with a distillation LoRA), else CASA has nothing to work with")]
+        return []
 
 
 @dataclass

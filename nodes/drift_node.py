@@ -3,10 +3,19 @@ from __future__ import annotations
 
 import time
 
-from comfy_api.latest import io, ui
+from comfy_api.latest import io
 
 from ..casa_core.drift import WeightDifference, drift_cache, load_or_build_drift
-from .common import CATEGORY, BasisType, DriftHandle, DriftType, cache_dir, compute_device, progress_callback
+from .common import (
+    CATEGORY,
+    BasisType,
+    DriftHandle,
+    DriftType,
+    cache_dir,
+    compute_device,
+    progress_callback,
+    summary_ui,
+)
 from .model_weights import ComfyModelWeights
 
 
@@ -45,4 +54,4 @@ class CASAComputeDrift(io.ComfyNode):
             progress=progress_callback(len(basis.basis.layers)),
         )
         handle = DriftHandle(basis, drift, reused, time.perf_counter() - t0)
-        return io.NodeOutput(handle, ui=ui.PreviewText(handle.describe()))
+        return io.NodeOutput(handle, ui=summary_ui("CASA Compute Drift", handle.describe(), handle.warnings()))

@@ -14,8 +14,8 @@ import torch
 
 from comfy_api.latest import io, ui
 
-from ..casa_core.render import auto_layer, layer_figure, layer_index, overview_figure
-from .common import CATEGORY, ReportType
+from ..casa_core.render import auto_layer, fmt_share, layer_figure, layer_index, overview_figure
+from .common import CATEGORY, ReportType, summary_ui
 
 VIEWS = ["layer", "overview"]
 UI_KEY = "casa_heatmap"
@@ -79,6 +79,7 @@ def render(report, layer: str = "auto", view: str = "layer"):
         row["routing"] = row["name"] in report.summaries
     payload = {
         "version": PAYLOAD_VERSION,
+        "summary": summary_text(fig.meta, view, name),
         "view": view,
         "layer": name,
         "requested": layer,
@@ -88,6 +89,22 @@ def render(report, layer: str = "auto", view: str = "layer"):
         "figure": meta,
     }
     return fig, payload
+
+
+def summary_text(meta: dict, view: str, name: str | None) -> str:
+    """What the picture says, in one or two lines (the node's summary)."""
+    if view == "overview":
+        t = meta.get("totals") or {}
+        bits = [f"Overview of {t.get('layers', 0)} layers"]
+        if t.get("arbitrated") is not None:
+            bits.append(f"protected {fmt_share(t['dominant'])}, arbitrated {fmt_share(t['arbitrated'])} of the entries")
+        most = (meta.get("interesting") or {}).get("arbitrated") or []
+        if most:
+            bits.append(f"most arbitrated: {most[0][0]}")
+        return "; ".join(bits)
+    t = meta["totals"]
+    return (f"{name}: restored {fmt_share(t['restored'])}, preserved {fmt_share(t['preserved'])}, "
+            f"arbitrated {fmt_share(t['arbitrated'])}\n{meta['verdict']}")
 
 
 class CASARoutingHeatmap(io.ComfyNode):
@@ -103,8 +120,8 @@ class CASARoutingHeatmap(io.ComfyNode):
             inputs=[
                 ReportType.Input("report", tooltip="From CASA Transfer LoRA (layer view: a CASA method)."),
                 io.String.Input("layer", default="auto",
-                                tooltip="Layer to show, e.g. blocks.0.self_attn.q; 'auto' picks the layer "
-                                "with the most arbitration. The picker on the node sets it for you."),
+                                tooltip="Layer to show, e.g. blocks.0.self_attn.q. Leave at 'auto' (the layer "
+                                "with the most arbitration) and use the pickers on the node: they set it for you."),
                 io.Combo.Input("view", options=VIEWS, default="layer", optional=True,
                                tooltip="layer: the four routing maps of one layer. overview: per block and "
                                "projection, the share of dominant and arbitrated entries and the energy kept."),
@@ -118,4 +135,5 @@ class CASARoutingHeatmap(io.ComfyNode):
         fig, payload = render(report, layer, view if view in VIEWS else "layer")
         img = torch.from_numpy(np.ascontiguousarray(fig.rgb)).float().div(255.0)[None]
         shown = ui.PreviewImage(img, cls=cls).as_dict()
-        return io.NodeOutput(img, ui={**shown, UI_KEY: [payload]})
+        text = summary_ui("CASA Routing Heatmap", payload["summary"])
+        return io.NodeOutput(img, ui={**shown, **text, UI_KEY: [payload]})

@@ -6,10 +6,10 @@ import os
 import torch
 
 import folder_paths
-from comfy_api.latest import io, ui
+from comfy_api.latest import io
 
 from ..casa_core.formats.lora_write import write_comfy_lora
-from .common import CATEGORY, ReportType
+from .common import CATEGORY, ReportType, advanced, summary_ui
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -41,9 +41,12 @@ class CASASaveLoRA(io.ComfyNode):
             inputs=[
                 ReportType.Input("report", tooltip="From CASA Transfer LoRA."),
                 io.String.Input("filename_prefix", default="casa/transferred",
-                                tooltip="File name inside the loras folder; a counter and .safetensors are added."),
+                                tooltip="File name inside the loras folder (a subfolder is allowed, e.g. casa/my_style); "
+                                "_00001.safetensors is added, counting up so that no file is overwritten. The node "
+                                "shows the path it wrote."),
                 io.Combo.Input("dtype", options=list(DTYPES), default="float16",
-                               tooltip="Precision of the saved file."),
+                               tooltip="Precision of the saved file. Leave at float16 (what LoRAs usually are) "
+                               "unless you need bfloat16 or float32 for another tool.", **advanced()),
             ],
             outputs=[],
             is_output_node=True,
@@ -58,4 +61,9 @@ class CASASaveLoRA(io.ComfyNode):
                    for name in layers]
         write_comfy_lora(path, entries, (report.outputs[name].tensors for name in layers),
                          passthrough=report.passthrough, metadata=report.metadata, dtype=DTYPES[dtype])
-        return io.NodeOutput(ui=ui.PreviewText(f"saved {rel} in the loras folder ({len(layers)} layers)"))
+        size = os.path.getsize(path)
+        rel = rel.replace(os.sep, "/")
+        text = (f"Saved {rel} in the loras folder ({len(layers)} layers, {dtype}, {size / 2**20:.1f} MiB).\n"
+                "Load it on the distilled model with LoraLoaderModelOnly at strength 1.\n"
+                f"Written to {path}")
+        return io.NodeOutput(ui=summary_ui("CASA Save LoRA", text, saved=[{"path": path, "name": rel}]))

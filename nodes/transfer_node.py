@@ -3,18 +3,28 @@ from __future__ import annotations
 
 import time
 
-import torch
-
 import comfy.lora
 import folder_paths
+import torch
 from comfy.weight_adapter import LoRAAdapter
-from comfy_api.latest import io, ui
+from comfy_api.latest import io
 
 from ..casa_core.factorize import OutputSpec
 from ..casa_core.formats.lora import read_lora
+from ..casa_core.render import fmt_share, verdict_kind
 from ..casa_core.routing import CasaParams
 from ..casa_core.transfer import TransferConfig, iter_transfer, provenance, start_report
-from .common import CATEGORY, DriftType, ReportHandle, ReportType, cache_dir, compute_device, progress_callback
+from .common import (
+    CATEGORY,
+    DriftType,
+    ReportHandle,
+    ReportType,
+    advanced,
+    cache_dir,
+    compute_device,
+    progress_callback,
+    summary_ui,
+)
 
 METHOD_CHOICES = {
     "CASA": "casa",
@@ -46,39 +56,55 @@ class CASATransferLoRA(io.ComfyNode):
                 "model is untouched) and a report for the heatmap and the LoRA saver."
             ),
             inputs=[
-                io.Model.Input("model", tooltip="The distilled model to apply the LoRA to (the same one "
-                               "connected to CASA Compute Drift)."),
+                io.Model.Input("model", tooltip="The distilled model to apply the LoRA to: the same one "
+                               "connected to CASA Compute Drift. Do not also load the LoRA with a normal LoRA "
+                               "loader: this node applies it."),
                 DriftType.Input("drift", tooltip="From CASA Compute Drift."),
                 io.Combo.Input("lora_name", options=folder_paths.get_filename_list("loras"),
-                               tooltip="The LoRA trained on the BASE model (any trainer's format)."),
+                               tooltip="Your LoRA, trained on the BASE model (any trainer's format: musubi/kohya, "
+                               "diffusion-pipe, ai-toolkit, diffusers/PEFT, DiffSynth, VideoX-Fun)."),
                 io.Float.Input("strength", default=1.0, min=-4.0, max=4.0, step=0.01,
-                               tooltip="LoRA strength. Applied before the transfer: CASA decides what "
-                               "to keep at this strength, so set it here, not on a later loader."),
+                               tooltip="LoRA strength, as on a normal LoRA loader. It is applied before the "
+                               "transfer (CASA decides what to keep at this strength), so set it here rather "
+                               "than on a later loader."),
                 io.Combo.Input("method", options=list(METHOD_CHOICES), default="CASA",
-                               tooltip="CASA: restore the LoRA where distillation moved little, arbitrate "
-                               "where it moved a lot. The ablations, ProLoRA and 'direct reuse' (what the "
-                               "normal LoRA loader does) are there to compare."),
+                               tooltip="CASA: keep the LoRA where distillation changed little, protect the "
+                               "distilled model's strong directions, and where both push the same way keep only "
+                               "the stronger. Leave at CASA unless you want to compare: the two 'CASA ... only' "
+                               "ablations, ProLoRA (an earlier method) and 'direct reuse' (what a normal LoRA "
+                               "loader does)."),
                 io.Float.Input("tau", default=0.5, min=0.0001, max=100.0, step=0.05,
-                               tooltip="How easily singular directions are grouped into clusters "
-                               "(smaller = bigger clusters). The paper finds 1-10 stable; 0.5 is the default."),
+                               tooltip="How easily the LoRA's directions are grouped into clusters: lower makes "
+                               "fewer, bigger clusters. Leave at 0.5 (the CASA authors' default) unless the "
+                               "heatmap shows a single huge cluster (raise it) or only tiny ones (lower it).",
+                               **advanced()),
                 io.Float.Input("q_dom", default=0.5, min=0.0, max=1.0, step=0.01,
-                               tooltip="Which clusters count as dominant for the distilled model: those "
-                               "above this quantile of drift density. Higher protects less of the "
-                               "distilled model. Paper: 0.45-0.55."),
+                               tooltip="How much of the distilled model counts as its strong directions, which "
+                               "CASA protects: clusters whose drift is above this quantile. Lower protects more. "
+                               "Leave at 0.5 (the paper recommends 0.45-0.55) unless the transferred LoRA breaks "
+                               "the fast model's pictures: then lower it a little.", **advanced()),
                 io.Float.Input("q_act", default=0.85, min=0.0, max=1.0, step=0.01,
-                               tooltip="Inside dominant regions, how many aligned entries are arbitrated: "
-                               "those above this quantile of interference score (lower = more arbitration)."),
+                               tooltip="Inside the protected directions, where the LoRA and the distillation push "
+                               "the same way, the entries above this quantile keep only the stronger of the two "
+                               "(arbitration): 0.85 arbitrates the top 15 %. Leave at 0.85 unless the LoRA's effect "
+                               "looks doubled or burnt (lower it).", **advanced()),
                 io.Float.Input("energy", default=0.9, min=0.01, max=1.0, step=0.01,
-                               tooltip="Share of a square layer's energy that defines its leading subspace."),
+                               tooltip="On square layers, the share of the weight's energy whose directions form "
+                               "its leading part (k). Leave at 0.9 (the CASA authors' default) unless you are "
+                               "reproducing another setting.", **advanced()),
                 io.Combo.Input("injection", options=list(INJECTION_CHOICES), default="low-rank",
-                               tooltip="low-rank: a LoRA-sized patch (little memory; the report says how "
-                               "much of the update it keeps). exact: the full update as a weight "
-                               "difference, as much memory as the model's linear weights."),
+                               tooltip="low-rank: a LoRA-sized patch (little memory; the summary says how much of "
+                               "the update it keeps). exact: the full update as a weight difference, as much "
+                               "memory as the model's linear weights. Leave at low-rank unless the summary "
+                               "reports that the patch keeps too little and raising rank does not help."),
                 io.Int.Input("rank", default=128, min=1, max=4096, step=1,
-                             tooltip="Rank of the low-rank patch (ignored for exact injection)."),
+                             tooltip="Rank of the low-rank patch (not used by exact). Leave at 128 unless the "
+                             "summary says the patch keeps less than about 90 % of the update (raise it) or "
+                             "memory is short (lower it)."),
                 io.Float.Input("kept_energy", default=0.0, min=0.0, max=1.0, step=0.01,
-                               tooltip="If above 0: pick each layer's rank to keep this share of the "
-                               "update's energy (up to rank 512) instead of a fixed rank."),
+                               tooltip="0 uses rank. Above 0, each layer gets the smallest rank (up to 512) that "
+                               "keeps this share of its update's energy, e.g. 0.95. Leave at 0 unless layers "
+                               "differ a lot in what rank 128 keeps.", **advanced()),
             ],
             outputs=[
                 io.Model.Output(display_name="model"),
@@ -126,25 +152,46 @@ class CASATransferLoRA(io.ComfyNode):
             key_map = comfy.lora.model_lora_keys_unet(patched.model, {})
             patched.add_patches(comfy.lora.load_lora(passthrough, key_map), 1.0)
         report.seconds = time.perf_counter() - t0
-        return io.NodeOutput(patched, handle, ui=ui.PreviewText(_summary(handle, method, injection, missing)))
+        text, warnings = _summary(handle, method, injection, rank, q_act, missing)
+        return io.NodeOutput(patched, handle, ui=summary_ui("CASA Transfer LoRA", text, warnings))
 
 
-def _summary(h: ReportHandle, method: str, injection: str, missing: list[str]) -> str:
+def _summary(h: ReportHandle, method: str, injection: str, rank: int, q_act: float,
+             missing: list[str]) -> tuple[str, list[str]]:
+    """The node's summary in plain words, and its warnings."""
     t = h.report.totals()
     held = sum(x.numel() * x.element_size() for out in h.outputs.values() for x in out.tensors)
-    lines = [
-        f"{method} transfer of {h.lora_name} at strength {h.strength:g}: {t['layers']} layers in {h.report.seconds:.1f} s",
-        f"injection {injection}: keeps {t['kept_energy']:.1%} of the update's energy; the patch holds "
-        f"{held / 2**20:.1f} MiB",
-    ]
+    lines = [(f"{method} transfer of {h.lora_name} at strength {h.strength:g}: {t['layers']} layers in "
+              f"{h.report.seconds:.1f} s")]
+    warnings = []
     if "dominant_share" in t:
-        lines.append(f"dominant region {t['dominant_share']:.1%} of entries, arbitrated {t['arbitrated_share']:.2%}")
+        layers = h.report.layers.values()
+        lines.append(f"What CASA did with the LoRA's routing entries: restored {fmt_share(1 - t['dominant_share'])}, "
+                     f"preserved {fmt_share(t['dominant_share'] - t['arbitrated_share'])}, arbitrated "
+                     f"{fmt_share(t['arbitrated_share'])}")
+        ent = sum(r.get("entries", 0) for r in layers)
+        cand = sum(r.get("candidates", 0) for r in layers)
+        if ent and cand:
+            lines.append(f"(as q_act {q_act:g} asks: the top {fmt_share(1 - q_act)} of the {fmt_share(cand / ent)} "
+                         "where both push the same way in protected directions; expected)")
+        kinds = [verdict_kind(r) for r in layers]
+        parts = [(kinds.count("little") + kinds.count("unchanged"),
+                  "barely moved by distillation (LoRA kept nearly as trained)"), (kinds.count("similar"), "similar in size"),
+                 (kinds.count("larger"), "changed far more by distillation than by the LoRA (protected)")]
+        lines.append("Layers: " + ", ".join(f"{n} {what}" for n, what in parts if n))
+    patch = f"the low-rank patch (rank {rank})" if injection == "low-rank" else "the exact update"
+    lines.append(f"{patch[0].upper()}{patch[1:]} keeps {fmt_share(t['kept_energy'])} of the update and holds "
+                 f"{held / 2**20:.1f} MiB")
+    if injection == "low-rank" and t["kept_energy"] < 0.9:
+        warnings.append(f"the low-rank patch keeps only {fmt_share(t['kept_energy'])} of the update: raise rank "
+                        "(or set kept_energy, or use exact injection)")
     if h.report.no_drift:
-        lines.append(f"{len(h.report.no_drift)} layer(s) identical in both models (LoRA applied as is)")
+        lines.append(f"{len(h.report.no_drift)} layer(s) identical in both models: the LoRA applies there as trained")
     if h.report.passthrough:
         lines.append(f"{len(h.report.passthrough)} non-low-rank key(s) carried through unchanged")
     if h.report.unmatched:
-        lines.append(f"{len(h.report.unmatched)} LoRA key(s) match no layer and were left out, e.g. {h.report.unmatched[0]}")
+        warnings.append(f"{len(h.report.unmatched)} LoRA key(s) match no layer of the model and were left out, "
+                        f"e.g. {h.report.unmatched[0]}")
     if missing:
-        lines.append(f"{len(missing)} layer(s) not found in the model, e.g. {missing[0]}")
-    return "\n".join(lines)
+        warnings.append(f"{len(missing)} layer(s) of the transfer were not found in the model, e.g. {missing[0]}")
+    return "\n".join(lines), warnings

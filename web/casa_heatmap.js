@@ -10,14 +10,23 @@
 // "Queue selected output nodes"): the transfer upstream is served from ComfyUI's cache, so only
 // the picture is redrawn, and seeds set to "randomize" elsewhere in the graph are not advanced.
 // The node's Python side (nodes/heatmap_node.py) sends what this needs in its ui output under
-// `casa_heatmap`: the layer list, the layer shown and the picture's geometry and cell values.
-import { app } from "../../scripts/app.js";
-import { api } from "../../scripts/api.js";
+// `casa_heatmap`: the layer list, the layer shown, the picture's geometry and cell values and the
+// node's summary (the layer's verdict), shown under the picture when the cursor is not on a cell.
+//
+// The picture and the picks come back after a tab switch and after a reload (the stored output, see
+// casa_common.js), and a picture older than the node's current inputs, or from before a run that
+// failed, is greyed with an "out of date" banner.
+//
+// Size: the pictures are drawn with no text under 12 px (casa_core/render.py), about 920 x 980 px for
+// a layer; at the node's default size (DEFAULT_SIZE) the widget shows them at >= 0.83x, so no text is
+// under 10 px on screen (tests/comfy/test_web_heatmap.py measures it in the real frontend).
+import { app, api, fitTitle, onRecord, restore, restoreAll, staleText } from "./casa_common.js";
 
 const NODE_TYPE = "CASARoutingHeatmap";
 const UI_KEY = "casa_heatmap";
 const MIN_W = 520;
 const MIN_H = 420;
+const DEFAULT_SIZE = [860, 1080];
 
 const CSS = `
 .casa-hm { display: flex; flex-direction: column; width: 100%; height: 100%; gap: 4px;
@@ -35,6 +44,10 @@ const CSS = `
   color: #666; text-align: center; padding: 8px; }
 .casa-hm-readout { min-height: 2.7em; white-space: normal; word-break: break-word; opacity: 0.95; }
 .casa-hm-readout b { color: var(--p-primary-color, #8ab4f8); font-weight: 600; }
+.casa-hm-stale { position: absolute; left: 0; right: 0; top: 0; padding: 4px 8px; background: rgba(60, 40, 0, 0.85);
+  color: #ffd28a; font-weight: 600; display: none; z-index: 2; }
+.casa-hm.casa-is-stale canvas { opacity: 0.45; filter: grayscale(0.7); }
+.casa-hm.casa-is-stale .casa-hm-stale { display: block; }
 `;
 
 function injectCss() {
@@ -113,7 +126,8 @@ class HeatmapWidget {
     const view = (this.view = el("div", "casa-hm-view"));
     this.canvas = el("canvas");
     this.empty = el("div", "casa-hm-empty", "No picture yet: queue the workflow (the CASA transfer must run once).");
-    view.append(this.canvas, this.empty);
+    this.staleBanner = el("div", "casa-hm-stale", "");
+    view.append(this.canvas, this.empty, this.staleBanner);
     this.readout = el("div", "casa-hm-readout", "");
     root.append(bar, view, this.readout);
 
@@ -223,11 +237,22 @@ class HeatmapWidget {
     this.root.dataset.nodeId = String(this.node.id);
   }
 
+  // out of date: the inputs changed since the picture was made, or a later run failed
+  setStale(text) {
+    this.root.classList.toggle("casa-is-stale", !!text);
+    this.staleBanner.textContent = text || "";
+    this.root.dataset.stale = text ? "1" : "";
+    if (text && !this.pending) this.status.textContent = text;
+  }
+
   update(message) {
     this.syncId();
     const payload = message?.[UI_KEY]?.[0];
     const img = message?.images?.[0];
     if (!payload || !img) return;
+    const same = this.payload && this.imageUrl && this.shownImage === `${img.filename}|${img.subfolder}|${img.type}`;
+    if (same && !this.pending) return;
+    this.shownImage = `${img.filename}|${img.subfolder}|${img.type}`;
     this.payload = payload;
     this.pending = null;
     this.hover = null;
@@ -355,17 +380,21 @@ class HeatmapWidget {
     if (fig.kind === "overview") {
       const name = this.cellName(hit);
       if (!name) return `block ${fig.rows[r].label} \u00b7 ${fig.cols[c].label}: not in this transfer`;
+      const verdict = fig.verdicts?.[r]?.[c];
       return `${name}: ` + [
-        em("dominant", `dominant region ${pct(v.dominant[r][c])}`),
+        em("dominant", `protected ${pct(v.dominant[r][c])}`),
         em("arbitrated", `arbitrated ${pct(v.arbitrated[r][c])}`),
-        em("kept", `energy kept ${pct(v.kept[r][c])}`),
-      ].join(" \u00b7 ") + (this.routingLayers().some((l) => l.name === name) ? " \u2014 click to open" : "");
+        em("kept", `kept by the patch ${pct(v.kept[r][c])}`),
+      ].join(" \u00b7 ") + (this.routingLayers().some((l) => l.name === name) ? " \u2014 click to open" : "")
+        + (verdict ? `<br>${verdict}` : "");
     }
-    const head = `receiving ${groupText(fig.rows[r])} \u2190 sending ${groupText(fig.cols[c])}`;
+    const head = `output ${groupText(fig.rows[r])} \u2190 input ${groupText(fig.cols[c])}`;
+    const cos = v.cos[r][c];
+    const dir = cos == null ? "" : cos > 0.2 ? " (same way)" : cos < -0.2 ? " (opposite)" : " (unrelated)";
     const vals = [
-      em("drift", `drift RMS ${sci(v.drift_rms[r][c])}`),
-      em("lora", `LoRA RMS ${sci(v.lora_rms[r][c])}`),
-      em("alignment", `cos ${signed(v.cos[r][c])}`),
+      em("drift", `distillation change ${sci(v.drift_rms[r][c])}`),
+      em("lora", `LoRA change ${sci(v.lora_rms[r][c])}`),
+      em("alignment", `direction ${signed(cos)}${dir}`),
       em("regions", `restored ${pct(v.restored[r][c])} \u00b7 preserved ${pct(v.preserved[r][c])} \u00b7 arbitrated ${pct(v.arbitrated[r][c])}`),
       `${v.entries[r][c].toLocaleString()} entries`,
     ];
@@ -378,17 +407,39 @@ class HeatmapWidget {
       this.readout.innerHTML = html;
       return;
     }
-    const t = this.payload?.figure?.totals;
+    const summary = this.payload?.summary || "";
     this.readout.textContent = !this.payload
       ? ""
       : this.payload.figure?.kind === "overview"
-        ? "hover a layer for its values; click one to open it"
-        : `hover a cell for its values \u00b7 layer: restored ${pct(t?.restored)}, preserved ${pct(t?.preserved)}, arbitrated ${pct(t?.arbitrated)}`;
+        ? `${summary} \u00b7 hover a layer for its verdict; click one to open it`
+        : `${summary} (hover a cell for its values)`;
+    this.readout.dataset.summary = summary;
   }
 }
 
 app.registerExtension({
   name: "casa-lora.RoutingHeatmap",
+
+  // the stored output of a loaded graph (tab switch, reload, a workflow opened)
+  async loadedGraphNode(node) {
+    if ((node?.comfyClass ?? node?.type) === NODE_TYPE) setTimeout(() => restore(node), 0);
+  },
+
+  onNodeOutputsUpdated() {
+    setTimeout(restoreAll, 0);
+  },
+
+  async setup() {
+    onRecord((node, rec) => {
+      const hm = node.casaHeatmap;
+      if (!hm) return;
+      if (rec?.output) hm.update(rec.output);
+      hm.setStale(staleText(node));
+      node.imgs = undefined;
+    });
+    setTimeout(restoreAll, 0);
+  },
+
   async beforeRegisterNodeDef(nodeType, nodeData) {
     if (nodeData?.name !== NODE_TYPE) return;
 
@@ -407,9 +458,8 @@ app.registerExtension({
       // the widget shows the picture: skip the frontend's own image preview under it
       this.onDrawBackground = function () {};
       const [w, h] = this.size;
-      this.setSize([Math.max(w, MIN_W + 140), Math.max(h, MIN_H + 220)]);
-      const stored = app.nodeOutputs?.[String(this.id)];
-      if (stored) hm.update(stored);
+      this.setSize([Math.max(w, DEFAULT_SIZE[0]), Math.max(h, DEFAULT_SIZE[1])]);
+      fitTitle(this);
       return r;
     };
 
@@ -417,6 +467,7 @@ app.registerExtension({
     nodeType.prototype.onExecuted = function (message) {
       const r = onExecuted?.apply(this, arguments);
       this.casaHeatmap?.update(message);
+      this.casaHeatmap?.setStale(staleText(this));
       this.imgs = undefined; // keep the default preview away
       return r;
     };

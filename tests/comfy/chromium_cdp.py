@@ -8,7 +8,7 @@ test_web_heatmap.py).
 * ``Chromium(exe, window=(w, h))``: the browser in a fresh profile (removed by ``close()``) with one page
   of that size; ``call`` (any CDP method), ``eval`` (a JS expression, promises awaited, the value
   returned), ``wait_for``, ``mouse``, ``click``, ``press``, ``screenshot``, and for ComfyUI's page
-  ``open_comfy`` and ``load_workflow``. ``console`` collects the page's console calls ("<type>: ...") and
+  ``open_comfy`` and ``load_workflow``; ``reload``. ``console`` collects the page's console calls ("<type>: ...") and
   uncaught exceptions ("exception: ...").
 
 The client uses aiohttp, one of ComfyUI's requirements. No ``__init__.py`` here: modules in tests/comfy
@@ -121,6 +121,13 @@ class Chromium:
                 if "error" in data:
                     raise RuntimeError(f"{method}: {data['error']}")
                 return data["result"]
+            if data.get("method") == "Page.javascriptDialogOpening":
+                # e.g. the frontend's "leave the page?" on a reload with unsaved workflows: accept it
+                self.n += 1
+                self.console.append(f"dialog: {data['params'].get('type')} {data['params'].get('message', '')!r} accepted")
+                await self.ws.send_str(json.dumps({"id": self.n, "method": "Page.handleJavaScriptDialog",
+                                                   "params": {"accept": True}}))
+                continue
             self._event(data)
 
     def call(self, method, params=None, timeout=60):
@@ -162,6 +169,15 @@ class Chromium:
         for kind in ("keyDown", "keyUp"):
             self.call("Input.dispatchKeyEvent", {"type": kind, "key": key, "code": key,
                                                  "windowsVirtualKeyCode": key_code})
+
+    def reload(self, timeout: float = 120.0) -> None:
+        """Reload the page (dialogs such as "leave the page?" accepted) and wait until the document is
+        a new one."""
+        marker = f"casa{time.monotonic_ns()}"
+        self.eval(f"window.__casaReloadMarker = {json.dumps(marker)}; true")
+        self.call("Page.reload", {"ignoreCache": True}, timeout=timeout)
+        self.wait_for(f"window.__casaReloadMarker !== {json.dumps(marker)} && document.readyState === 'complete'",
+                      timeout, "the reloaded page")
 
     def screenshot(self, path: Path) -> None:
         data = self.call("Page.captureScreenshot", {"format": "png"})["data"]

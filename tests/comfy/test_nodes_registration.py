@@ -127,4 +127,46 @@ def test_file_lists_follow_comfyui_folders(comfy_server, tiny_set):
     assert sorted(lora_opts) == sorted(lora_files)
 
 
+#: the expert inputs (advanced: listed apart by frontends that know the flag) and what they default to
+EXPERT = {"CASALoadSourceBasis": ["storage"], "CASATransferLoRA": ["tau", "q_dom", "q_act", "energy", "kept_energy"],
+          "CASASaveLoRA": ["dtype"]}
+
+
+@pytest.mark.parametrize("node", CASA_NODES)
+def test_tooltips_say_when_to_change_an_input_and_expert_inputs_are_advanced(comfy_server, object_info, node):
+    """Every widget has a tooltip in plain words; a tuning input says "Leave at <its default> unless ...", and
+    nothing else in it names another value as the default; expert inputs carry the advanced flag where the
+    ComfyUI has it (0.33.0; 0.8.0's API has no such argument)."""
+    from comfy_api_flag import comfy_has_advanced
+
+    info = object_info[node]
+    tuning = {name for name, typ, default, _ in CONTRACT_INPUTS[node] if default is not None and name != "layer"}
+    has_flag = comfy_has_advanced(comfy_server)
+    for name, typ, default, _ in CONTRACT_INPUTS[node]:
+        _, spec = input_spec(info, name)
+        opts = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+        tip = opts.get("tooltip") or ""
+        assert len(tip) > 20, f"{node}.{name} has no tooltip"
+        for jargon in ("C = U^T", "RMS", "cos(", "quantile of interference"):
+            assert jargon not in tip, f"{node}.{name}: {jargon!r} in {tip!r}"
+        if name in tuning and name not in ("strength", "filename_prefix"):
+            shown = f"{default:g}" if isinstance(default, float) else str(default)
+            assert f"Leave at {shown}" in tip, f"{node}.{name}: no 'Leave at {shown} ... unless ...' in {tip!r}"
+            assert "unless" in tip.split(f"Leave at {shown}", 1)[1], f"{node}.{name}: {tip!r}"
+        if has_flag:
+            assert bool(opts.get("advanced")) == (name in EXPERT.get(node, [])), f"{node}.{name}: advanced {opts}"
+    if node == "CASATransferLoRA":  # the old tau tooltip named two defaults ("1-10 stable; 0.5 is the default")
+        tau = input_spec(info, "tau")[1][1]["tooltip"]
+        assert "1-10" not in tau and tau.count("default") == 1, tau
+
+
+def test_the_web_extension_and_the_help_pages_are_served(comfy_server):
+    listed = comfy_server.get("/extensions")
+    for js in ("casa_common.js", "casa_summary.js", "casa_heatmap.js"):
+        assert f"/extensions/casa-lora/{js}" in listed, listed
+    for node in CASA_NODES:
+        status, body = comfy_server.request("GET", f"/extensions/casa-lora/docs/{node}.md")
+        assert status == 200 and body.startswith(b"# CASA "), (node, status)
+
+
 from _fixtures_models import tiny_set  # noqa: E402,F401  (fixture)

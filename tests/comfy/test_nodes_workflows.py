@@ -1,4 +1,6 @@
-"""The example workflows in workflows/ (frontend format) and workflows/api/ (their API twins).
+"""The example workflows: workflows/<title>.json (frontend format; the template browser shows the file's
+name as the title and <title>.jpg as the thumbnail) and workflows/api/<name>.json (their API twins);
+graphs.WORKFLOWS maps each name to its title and one-line description.
 
 * (b) every API twin runs to completion on the real server, with the tiny models copied under the file
   names the workflows use; the parts a tiny test cannot run for real are substituted (see
@@ -10,10 +12,14 @@
   API twins (graphToPrompt restated in Python, graphs.api_from_ui);
 * with Chromium installed (driven through chromium_cdp.py; skipped without it): the REAL frontend served
   by the server loads each file and its ``graphToPrompt()`` gives exactly the API twin;
-* GET /workflow_templates lists them under the pack, and the server serves them.
+* GET /workflow_templates lists them under the pack, and the server serves them and their thumbnails;
+  each thumbnail is the one wf_thumbnails.render draws (title, description, the CASA chain);
+* each example asks for each file once (a Primitive node feeds widgets that need the same file);
+* with Chromium: the template browser shows each title whole with its thumbnail.
 
 Regenerate the files (after a node schema change) through the real frontend with
-``.venv-comfy/bin/python tests/comfy/test_nodes_workflows.py --write`` (needs Chromium).
+``.venv-comfy/bin/python tests/comfy/test_nodes_workflows.py --write`` (needs Chromium); it writes the
+thumbnails too.
 """
 from __future__ import annotations
 
@@ -21,6 +27,7 @@ import copy
 import json
 import sys
 import tempfile
+import urllib.parse
 from pathlib import Path
 
 import pytest
@@ -30,18 +37,23 @@ if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
 from chromium_cdp import Chromium, find_chromium, require_chromium  # noqa: E402
-from graphs import WF_FILES, WF_NAMES, api_from_ui, ui_from_specs, workflow_specs  # noqa: E402
+from graphs import WF_FILES, WF_NAMES, WORKFLOWS, api_from_ui, ui_from_specs, wf_title, workflow_specs  # noqa: E402
 
 REPO = HERE.parents[1]
 WF_DIR = REPO / "workflows"
 API_DIR = WF_DIR / "api"
 VIRTUAL_NODES = {"MarkdownNote", "Note", "PrimitiveNode", "Reroute"}  # frontend-only node types
+SAMPLERS = ("KSampler", "KSamplerAdvanced")
 FILE_INPUTS = {"unet_name", "base_model", "lora_name", "clip_name", "vae_name"}
 COMFY_READY = ("KSampler", "CasaTestZeroConditioning")  # node types the frontend must have registered
 
 
 def load(path: Path) -> dict:
     return json.loads(path.read_text(encoding="utf-8"))
+
+
+def ui_path(name: str) -> Path:
+    return WF_DIR / f"{wf_title(name)}.json"
 
 
 def strip_meta(api: dict) -> dict:
@@ -69,6 +81,13 @@ def substitute_for_tiny_models(api: dict) -> dict:
             node["inputs"].update(width=32, height=32, length=5)
         elif ct == "KSampler":
             node["inputs"]["steps"] = min(int(node["inputs"]["steps"]), 2)
+        elif ct == "KSamplerAdvanced":  # fewer steps, the boundary between the samplers scaled with them
+            steps = int(node["inputs"]["steps"])
+            new = min(steps, 2)
+            for key in ("start_at_step", "end_at_step"):
+                if node["inputs"][key] < steps:
+                    node["inputs"][key] = round(node["inputs"][key] * new / steps)
+            node["inputs"]["steps"] = new
     for nid, node in list(g.items()):
         if node["class_type"] in ("SaveAnimatedWEBP", "SaveWEBM", "SaveVideo", "PreviewImage", "SaveImage"):
             src = node["inputs"]["images"]
@@ -90,16 +109,60 @@ def object_info(comfy_server):
     return comfy_server.object_info()
 
 
-def test_the_five_workflows_and_their_api_twins_exist():
+def test_the_six_workflows_their_api_twins_and_thumbnails_exist():
     top = sorted(p.stem for p in WF_DIR.glob("*.json"))
     api = sorted(p.stem for p in API_DIR.glob("*.json"))
-    assert top == sorted(WF_NAMES), "workflows/*.json (listed as templates) are exactly the examples"
+    assert top == sorted(wf_title(n) for n in WF_NAMES), "workflows/*.json (listed as templates) are the examples"
     assert api == sorted(WF_NAMES)
+    assert sorted(p.stem for p in WF_DIR.glob("*.jpg")) == top
+    # the titles are file names on every system (no Windows-reserved characters) and fit a template card
+    for name in WF_NAMES:
+        title = wf_title(name)
+        assert not set(title) & set('<>:"/\\|?*') and title == title.strip() and len(title) <= 32, title
+
+
+@pytest.mark.parametrize("name", WF_NAMES)
+def test_thumbnail_shows_the_title_and_the_description(name):
+    """workflows/<title>.jpg is what wf_thumbnails.render draws now (title, description, chain): a JPEG of
+    512 x 512 whose pixels differ from the rendering by JPEG noise only."""
+    import numpy as np
+    import wf_thumbnails
+
+    got = wf_thumbnails.read(WF_DIR / f"{wf_title(name)}.jpg").astype(np.float64)
+    want = wf_thumbnails.render(name).astype(np.float64)
+    assert got.shape == want.shape == (512, 512, 3)
+    assert np.abs(got - want).mean() < 2.0, "the thumbnail is out of date: run this file with --write"
+    # and what it draws are the title and the description, whole
+    texts = wf_thumbnails.texts(name)
+    assert " ".join(texts["title"]) == WORKFLOWS[name][0]
+    assert " ".join(texts["description"]) == WORKFLOWS[name][1]
+
+
+@pytest.mark.parametrize("name", WF_NAMES)
+def test_each_example_asks_for_each_file_once(object_info, name):
+    """No model or LoRA file is picked in two places: widgets that need the same file are fed by one
+    Primitive node."""
+    wf = load(ui_path(name))
+    links = {lk[0]: lk for lk in wf["links"]}
+    types = {n["id"]: n["type"] for n in wf["nodes"]}
+    picks = []
+    conv = api_from_ui(wf, object_info)
+    for n in wf["nodes"]:
+        if n["type"] == "PrimitiveNode":
+            picks.append(n["widgets_values"][0])
+            continue
+        if n["type"] not in object_info:
+            continue
+        fed = {inp["name"] for inp in n.get("inputs", []) if inp.get("link") is not None
+               and types.get(links[inp["link"]][1]) == "PrimitiveNode"}
+        inputs = conv[str(n["id"])]["inputs"]
+        picks += [v for k, v in inputs.items() if k in FILE_INPUTS and k not in fed and not isinstance(v, list)]
+    assert len(picks) == len(set(picks)), f"{name} asks for a file twice: {sorted(picks)}"
 
 
 @pytest.mark.parametrize("name", WF_NAMES)
 def test_ui_workflow_matches_schemas_and_api_twin(object_info, name):
-    wf = load(WF_DIR / f"{name}.json")
+    wf = load(ui_path(name))
     api = load(API_DIR / f"{name}.json")
     nodes = {n["id"]: n for n in wf["nodes"]}
     assert len(nodes) == len(wf["nodes"]), "duplicate node ids"
@@ -126,6 +189,10 @@ def test_ui_workflow_matches_schemas_and_api_twin(object_info, name):
         info = object_info[nodes[dst]["type"]]
         spec = (info["input"].get("required") or {}).get(inp["name"]) or \
             (info["input"].get("optional") or {})[inp["name"]]
+        if nodes[src]["type"] == "PrimitiveNode":  # a primitive feeds a widget of the same kind
+            assert inp.get("widget", {}).get("name") == inp["name"], f"{name}: link {lid} into a socket"
+            assert (typ == "COMBO") == (isinstance(spec[0], list) or spec[0] == "COMBO"), (name, lid, spec[0])
+            continue
         assert spec[0] in (typ, "*"), f"{name}: link {lid} {typ} into {nodes[dst]['type']}.{inp['name']} ({spec[0]})"
     for n in wf["nodes"]:  # every link an input or output claims exists
         for inp in n.get("inputs", []):
@@ -185,7 +252,7 @@ def browser(comfy_server, comfy_root, tmp_path_factory):
 
 @pytest.mark.parametrize("name", WF_NAMES)
 def test_real_frontend_loads_workflow_and_exports_the_api_twin(browser, object_info, name, record_property):
-    wf = load(WF_DIR / f"{name}.json")
+    wf = load(ui_path(name))
     api = load(API_DIR / f"{name}.json")
     n_console = len(browser.console)
     got = browser.load_workflow(wf)
@@ -207,12 +274,15 @@ def test_real_frontend_loads_workflow_and_exports_the_api_twin(browser, object_i
 
 def test_templates_are_listed_and_served(comfy_server):
     listed = comfy_server.get("/workflow_templates")
-    assert sorted(listed.get("casa-lora", [])) == sorted(WF_NAMES), listed
+    assert sorted(listed.get("casa-lora", [])) == sorted(wf_title(n) for n in WF_NAMES), listed
     for name in WF_NAMES:
-        served = comfy_server.get(f"/api/workflow_templates/casa-lora/{name}.json")
+        quoted = urllib.parse.quote(wf_title(name))
+        served = comfy_server.get(f"/api/workflow_templates/casa-lora/{quoted}.json")
         if isinstance(served, bytes):
             served = json.loads(served)
-        assert served == load(WF_DIR / f"{name}.json")
+        assert served == load(ui_path(name))
+        status, jpg = comfy_server.request("GET", f"/api/workflow_templates/casa-lora/{quoted}.jpg")
+        assert status == 200 and jpg == (WF_DIR / f"{wf_title(name)}.jpg").read_bytes()
 
 
 @pytest.fixture(scope="module")
@@ -225,6 +295,13 @@ def workflow_models(comfy_server):
     copy_model(ts, ts.distilled, WF_FILES["distilled"])
     copy_model(ts, ts.style_lora, WF_FILES["style"], folder="loras")
     copy_model(ts, ts.distill_lora, WF_FILES["distill_lora"], folder="loras")
+    # Wan2.2 A14B: two tiny experts of one architecture, each a base, a distilled model and its own LoRA
+    for expert, seed in (("high", 40), ("low", 50)):
+        ex = tiny_set_in(comfy_server.base_dir, f"casa_{expert}", seed=seed, fp8=False, distill_lora=False,
+                         other_size=False, style_formats=("kohya",))
+        copy_model(ex, ex.base, WF_FILES[f"{expert}_base"])
+        copy_model(ex, ex.distilled, WF_FILES[f"{expert}_distilled"])
+        copy_model(ex, ex.style_lora, WF_FILES[f"{expert}_style"], folder="loras")
     return ts
 
 
@@ -250,6 +327,21 @@ def test_api_workflow_runs(comfy_server, workflow_models, name):
         stats = [outs[nid]["casa_latent_stats"][0]["mean"] for nid, n in g.items()
                  if n["class_type"] == "CasaTestLatentStats"]
         assert len(stats) == 3 and len(set(stats)) == 3, stats
+    if name == "casa_wan22_two_experts":
+        # each expert's LoRA was transferred onto that expert, and the low-noise sampler finished the latent
+        # the high-noise sampler left (steps 0-1 then 1-2 of 2 here)
+        texts = {g[nid]["inputs"]["lora_name"]: " ".join(outs[nid]["text"]) for nid, n in g.items()
+                 if n["class_type"] == "CASATransferLoRA"}
+        assert set(texts) == {WF_FILES["high_style"], WF_FILES["low_style"]}
+        for lora, text in texts.items():
+            assert f"transfer of {lora}" in text, text
+        drifts = [" ".join(outs[nid]["text"]) for nid, n in g.items() if n["class_type"] == "CASAComputeDrift"]
+        assert len(drifts) == 2 and all("layers differ" in t for t in drifts)
+        ks = {nid: n["inputs"] for nid, n in g.items() if n["class_type"] == "KSamplerAdvanced"}
+        hi = next(i for i, v in ks.items() if v["add_noise"] == "enable")
+        lo = next(i for i, v in ks.items() if v["add_noise"] == "disable")
+        assert ks[lo]["latent_image"] == [hi, 0] and ks[hi]["end_at_step"] == ks[lo]["start_at_step"] == 1
+        assert ks[hi]["return_with_leftover_noise"] == "enable"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -261,6 +353,7 @@ def write_workflows(comfy_root: Path | None = None) -> None:
     frontend exports: workflows/<name>.json (graphToPrompt().workflow) and workflows/api/<name>.json
     (graphToPrompt().output)."""
     import comfy_locate
+    import wf_thumbnails
     from comfy_client import ComfyServer, prepare_base_dir
 
     root = comfy_root or comfy_locate.locate().root
@@ -284,9 +377,10 @@ def write_workflows(comfy_root: Path | None = None) -> None:
                 raise SystemExit(f"{name}: the frontend's export disagrees with graphs.api_from_ui:\n"
                                  f"frontend: {json.dumps(strip_meta(got['output']), sort_keys=True)}\n"
                                  f"python:   {json.dumps(mine, sort_keys=True)}")
-            (WF_DIR / f"{name}.json").write_text(json.dumps(got["workflow"], indent=2) + "\n", encoding="utf-8")
+            ui_path(name).write_text(json.dumps(got["workflow"], indent=2) + "\n", encoding="utf-8")
             (API_DIR / f"{name}.json").write_text(json.dumps(got["output"], indent=2) + "\n", encoding="utf-8")
-            print(f"wrote workflows/{name}.json and workflows/api/{name}.json ({len(got['output'])} nodes)")
+            thumb = wf_thumbnails.write(name, WF_DIR)
+            print(f"wrote {ui_path(name).name}, api/{name}.json ({len(got['output'])} nodes) and {thumb.name}")
     finally:
         if browser is not None:
             browser.close()

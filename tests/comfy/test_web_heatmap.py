@@ -3,10 +3,13 @@ driven in headless Chromium over the DevTools protocol (chromium_cdp.py).
 
 A real ComfyUI server with this pack (the ``comfy_server`` fixture) and tiny synthetic models; the
 example workflow ``workflows/casa_routing_heatmap.json`` is loaded into the page (its model names
-swapped for the tiny ones) and queued as a user would; then, in the widget: the picture appears, the
-block and projection pickers are filled from the report, picking another block and another
-projection redraws the picture for that layer by re-running ONLY the heatmap node (the transfer comes
-from ComfyUI's cache), hovering a cell reads out its values, and the overview opens a layer on click.
+swapped for the tiny ones) and queued as a user would; then, in the widget: the picture appears,
+legible at the node's default size (no text under 10 px on screen), the block and projection
+pickers are filled from the report, picking another block and another projection redraws the
+picture for that layer by re-running ONLY the heatmap node (the transfer comes from ComfyUI's cache),
+hovering a cell reads out its values, and the overview opens a layer on click. The picture and the
+picks come back after a tab switch and after a reload of the page; the picture is marked out of date
+when an input upstream changes and after a run that failed before reaching the node.
 Screenshots, the loaded workflow and the browser console go to ``test-artifacts/web_heatmap/<ComfyUI
 version>/`` (gitignored).
 
@@ -27,10 +30,11 @@ import numpy as np
 import pytest
 
 from chromium_cdp import Chromium, require_chromium
+from graphs import wf_title
 from test_heatmap_payload import write_tiny_models
 
 REPO = Path(__file__).resolve().parents[2]
-WORKFLOW = REPO / "workflows" / "casa_routing_heatmap.json"
+WORKFLOW = REPO / "workflows" / f"{wf_title('casa_routing_heatmap')}.json"
 ARTIFACTS = REPO / "test-artifacts" / "web_heatmap"
 NODE = "CASARoutingHeatmap"
 VIEWPORT = (1600, 1200)
@@ -46,16 +50,41 @@ def chromium_exe(comfy_root):
 
 
 @pytest.fixture(scope="module")
-def artifacts(comfy_server):
-    d = ARTIFACTS / f"ComfyUI-{comfy_server.version or 'unknown'}"
+def server(comfy_server, comfy_root, tmp_path_factory):
+    """The test server, or with CASA_FRONTEND_ROOT=<static folder of another comfyui-frontend-package> a
+    second one on that frontend (``--front-end-root``), e.g. 1.35.9, the one ComfyUI 0.8.0 pins."""
+    import os
+
+    fe_root = os.environ.get("CASA_FRONTEND_ROOT")
+    if not fe_root:
+        yield comfy_server
+        return
+    from comfy_client import ComfyServer, prepare_base_dir
+
+    base = prepare_base_dir(tmp_path_factory.mktemp("comfyui-fe-hm"), pack_root=REPO,
+                            test_nodes=Path(__file__).resolve().parent / "testnodes")
+    srv = ComfyServer(comfy_root, base, extra_args=["--front-end-root", fe_root])
+    client = srv.start()
+    infos = sorted(Path(fe_root).resolve().parents[1].glob("comfyui_frontend_package-*.dist-info"))
+    tag = infos[-1].name.split("-")[1].removesuffix(".dist") if infos else "other"
+    client.version = f"{comfy_server.version}-frontend-{tag}"
+    try:
+        yield client
+    finally:
+        srv.stop()
+
+
+@pytest.fixture(scope="module")
+def artifacts(server):
+    d = ARTIFACTS / f"ComfyUI-{server.version or 'unknown'}"
     shutil.rmtree(d, ignore_errors=True)
     d.mkdir(parents=True, exist_ok=True)
     return d
 
 
 @pytest.fixture(scope="module")
-def page(comfy_server, chromium_exe, artifacts):
-    base = comfy_server.base_dir
+def page(server, chromium_exe, artifacts):
+    base = server.base_dir
     # no first-run template dialog, no minimap over the canvas
     settings = base / "user" / "default" / "comfy.settings.json"
     settings.parent.mkdir(parents=True, exist_ok=True)
@@ -64,7 +93,7 @@ def page(comfy_server, chromium_exe, artifacts):
     settings.write_text(json.dumps(current))
     browser = Chromium(chromium_exe, window=VIEWPORT)
     try:
-        browser.open_comfy(comfy_server.url, (NODE,))
+        browser.open_comfy(server.url, (NODE,))
         browser.press("Escape", 27)
         yield browser
     finally:
@@ -136,6 +165,7 @@ def state(page) -> dict:
     return page.eval("""(() => { const w = window.__casa.widget(); if (!w) return null;
         const d = w.root.dataset;
         return { url: d.imageUrl || null, layer: d.layer || null, view: d.view || null,
+                 stale: d.stale === "1", banner: w.staleBanner?.textContent || "",
                  block: w.blockSel.value, proj: w.projSel.value,
                  blocks: Array.from(w.blockSel.options).map(o => o.value),
                  projs: Array.from(w.projSel.options).map(o => o.value),
@@ -150,6 +180,33 @@ def wait_new_picture(page, old_url: str | None, timeout=120.0) -> dict:
                   timeout, "a new picture in the widget")
     time.sleep(0.3)
     return state(page)
+
+
+def click_tab(page, label: str) -> None:
+    """A real click on the workflow tab named ``label``."""
+    box = page.eval(f"""(() => {{ const el = [...document.querySelectorAll(".workflow-label, [class*=workflow-label]")]
+        .find(e => e.textContent.trim() === {json.dumps(label)});
+        if (!el) return null; const r = el.getBoundingClientRect(); return {{x: r.left + r.width / 2, y: r.top + r.height / 2}}; }})()""")
+    assert box, f"no workflow tab {label!r}"
+    page.click(box["x"], box["y"])
+
+
+def wait_restored(page, before: dict, timeout=60.0) -> dict:
+    """The widget shows the same picture and picks as ``before`` (after a tab switch or a reload)."""
+    page.wait_for(f"""(() => {{ const w = window.__casa.widget(); const d = w?.root.dataset;
+        return !!(w && w.image && d.imageUrl === {json.dumps(before["url"])}); }})()""", timeout, "the restored picture")
+    time.sleep(0.3)
+    now = state(page)
+    for key in ("layer", "view", "block", "proj", "blocks", "projs", "layerWidget"):
+        assert now[key] == before[key], (key, now[key], before[key])
+    assert now["hash"] is not None and now["readout"], now
+    return now
+
+
+def set_widget(page, node_type: str, name: str, value) -> None:
+    page.eval(f"""(() => {{ const n = window.comfyAPI.app.app.graph.nodes.find(n => n.type === {json.dumps(node_type)});
+        const w = n.widgets.find(w => w.name === {json.dumps(name)}); w.value = {json.dumps(value)};
+        w.callback?.(w.value); window.comfyAPI.app.app.canvas.setDirty(true, true); return true; }})()""")
 
 
 def fetch_picture(comfy_server, url: str) -> np.ndarray:
@@ -183,7 +240,8 @@ def cell_client_point(page, panel_id: str, row: int, col: int) -> dict:
 # the test
 # ---------------------------------------------------------------------------------------------------
 
-def test_widget_picks_layers_redraws_and_reads_out_cells(comfy_server, page, artifacts):
+def test_widget_picks_layers_redraws_and_reads_out_cells(server, page, artifacts):
+    comfy_server = server
     from casa_core.render import fmt_share
 
     names = write_tiny_models(comfy_server.base_dir)
@@ -215,8 +273,8 @@ def test_widget_picks_layers_redraws_and_reads_out_cells(comfy_server, page, art
         // bring the heatmap node to the top left of the screen at 100 %
         const ds = app.canvas.ds; ds.scale = 1;
         ds.offset = [90 - hm.pos[0], 110 - hm.pos[1]];
-        hm.size = [Math.max(hm.size[0], 1100), Math.max(hm.size[1], 1000)];
         app.canvas.setDirty(true, true); return true; }})()""")
+    default_size = page.eval("window.__casa.hmNode().size.slice()")
     ids = page.eval("""(() => { const g = window.comfyAPI.app.app.graph;
         const id = (t) => String(g.nodes.find(n => n.type === t)?.id);
         return {hm: id("CASARoutingHeatmap"), transfer: id("CASATransferLoRA"), basis: id("CASALoadSourceBasis")}; })()""")
@@ -237,7 +295,19 @@ def test_widget_picks_layers_redraws_and_reads_out_cells(comfy_server, page, art
     assert s1["hash"] is not None
     pic1 = fetch_picture(comfy_server, s1["url"])
     assert pic1.shape == (payload["figure"]["height"], payload["figure"]["width"], 3)
+    # legible at the node's default size (the example's size is the default the widget gives a new node):
+    # the smallest text of the picture, at the scale the widget draws it at 100 % zoom, is >= 10 px
+    new_size = page.eval("""(() => { const n = window.LiteGraph.createNode("CASARoutingHeatmap");
+        const s = n.size.slice(); n.onRemoved?.(); return s; })()""")
+    assert default_size == new_size, (default_size, new_size)
+    shown = page.eval("window.__casa.widget().transform.s")
+    assert payload["figure"]["min_text_px"] >= 12
+    assert shown * payload["figure"]["min_text_px"] >= 10.0, (shown, payload["figure"]["min_text_px"], default_size)
+    assert payload["summary"] in state(page)["readout"] or payload["figure"]["verdict"] in state(page)["readout"]
     page.screenshot(artifacts / "1_after_run.png")
+    page.eval("""(() => { const hm = window.__casa.hmNode();
+        hm.size = [Math.max(hm.size[0], 1100), Math.max(hm.size[1], 1000)];
+        window.comfyAPI.app.app.canvas.setDirty(true, true); return true; })()""")
 
     # 2. pick another block: only the heatmap node runs again, the picture shows that layer
     other_block = next(b for b in s1["blocks"] if b != s1["block"])
@@ -276,11 +346,12 @@ def test_widget_picks_layers_redraws_and_reads_out_cells(comfy_server, page, art
     page.wait_for("window.__casa.widget().hover !== null", 10, "the hover state")
     text = state(page)["readout"]
     v = fig["values"]
-    assert f"receiving {fig['rows'][r]['label']} (" in text and f"sending {fig['cols'][c]['label']} (" in text, text
+    assert f"output {fig['rows'][r]['label']} (" in text and f"input {fig['cols'][c]['label']} (" in text, text
     for key in ("restored", "preserved", "arbitrated"):
         assert f"{key} {fmt_share(v[key][r][c])}" in text, (key, text)
     assert f"{v['entries'][r][c]:,} entries" in text or f"{v['entries'][r][c]} entries" in text, text
-    assert "drift RMS" in text and "LoRA RMS" in text and "cos " in text
+    # in plain words: how much each changed, and whether they push the same way
+    assert "distillation change" in text and "LoRA change" in text and "direction " in text, text
     # the beyond-k corner of the alignment panel
     pt = cell_client_point(page, "alignment", len(fig["rows"]) - 1, len(fig["cols"]) - 1)
     page.mouse("mouseMoved", pt["x"], pt["y"])
@@ -312,5 +383,46 @@ def test_widget_picks_layers_redraws_and_reads_out_cells(comfy_server, page, art
     hm = next(n for n in saved["nodes"] if n["type"] == NODE)
     assert hm["widgets_values"] == [target, "layer"]
     (artifacts / "workflow_after.json").write_text(json.dumps(saved, indent=1))
-    problems = [line for line in page.console if line.startswith(("error", "exception")) and "casa" in line.lower()]
+
+    # 6. another workflow tab and back: the picture and the picks come back (the node is a new object)
+    page.eval("window.__casa.hmNode().__casaMark = 1; true")
+    page.eval("window.comfyAPI.app.app.extensionManager.command.execute('Comfy.NewBlankWorkflow').then(() => true)")
+    page.wait_for("!window.comfyAPI.app.app.graph.nodes.some(n => n.type === 'CASARoutingHeatmap')", 30,
+                  "the blank workflow")
+    page.screenshot(artifacts / "6a_other_tab.png")
+    click_tab(page, "casa_routing_heatmap")
+    page.wait_for("(() => { const n = window.__casa.hmNode(); return !!n && !n.__casaMark; })()", 30,
+                  "the heatmap workflow shown again")
+    back = wait_restored(page, s6)
+    assert not back["stale"], back
+    page.screenshot(artifacts / "6b_tab_switched_back.png")
+
+    # 7. a reload of the page: the same picture and picks, from the stored output (/history)
+    page.reload()
+    page.wait_for(f"!!(window.comfyAPI?.app?.app?.graph?.nodes?.some(n => n.type === {json.dumps(NODE)}))", 120,
+                  "the page after the reload")
+    time.sleep(1.0)
+    page.eval(JS_HELPERS)
+    reloaded = wait_restored(page, s6)
+    assert not reloaded["stale"], reloaded
+    page.screenshot(artifacts / "7_after_reload.png")
+
+    # 8. an input upstream changes: the picture is marked out of date; changed back: it is current again
+    set_widget(page, "CASATransferLoRA", "strength", 0.5)
+    page.wait_for("window.__casa.widget().root.dataset.stale === '1'", 15, "the out-of-date mark")
+    assert "inputs changed" in state(page)["banner"]
+    page.screenshot(artifacts / "8_out_of_date.png")
+    set_widget(page, "CASATransferLoRA", "strength", 1.0)
+    page.wait_for("window.__casa.widget().root.dataset.stale === ''", 15, "the mark gone again")
+
+    # 9. a run that fails before the heatmap produces its picture: the old picture is marked
+    page.eval("""(() => { const w = window.__casa.widget().widget("layer"); w.value = "blocks.0.no_such_layer";
+        return true; })()""")
+    page.eval(f"window.comfyAPI.app.app.queuePrompt(0, 1, [{json.dumps(ids['hm'])}]).then(() => true)")
+    page.wait_for("window.__casa.widget().root.dataset.stale === '1'", 120, "the mark after the failed run")
+    assert "failed" in state(page)["banner"] and "CASARoutingHeatmap" in state(page)["banner"], state(page)
+    assert state(page)["url"] == s6["url"], "the picture of the earlier run stays, marked"
+    page.screenshot(artifacts / "9_after_failed_run.png")
+    problems = [line for line in page.console if line.startswith(("error", "exception")) and "casa" in line.lower()
+                and "no_such_layer" not in line]
     assert not problems, problems

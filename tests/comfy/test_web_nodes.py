@@ -1,0 +1,338 @@
+"""What a person sees of the pack in ComfyUI's REAL frontend (headless Chromium over the DevTools protocol,
+chromium_cdp.py), on a real server with tiny models:
+
+* after a run, every CASA node shows its summary ON the node (web/casa_summary.js; the heatmap in its
+  widget): the text of the node's ui output in /history, whole (no scrolling), warnings marked and also
+  in the server log, the Save node's text naming the file it wrote;
+* the help page (web/docs/<NodeId>.md) opens for every node from the node's info button;
+* the template browser shows each example with its whole title and its thumbnail, and opens it;
+* no CASA node's title is cut at 100 % in the examples.
+
+Screenshots and the console go to ``test-artifacts/web_nodes/<ComfyUI version>/`` (gitignored).
+``CASA_FRONTEND_ROOT=<static folder of another comfyui-frontend-package>`` runs them on that frontend
+(e.g. 1.35.9, the one ComfyUI 0.8.0 pins) through a second server started with ``--front-end-root``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import urllib.parse
+import uuid
+from pathlib import Path
+
+import pytest
+from chromium_cdp import Chromium, require_chromium
+from graphs import WF_NAMES, WORKFLOWS, ui_text, wf_title
+from test_heatmap_payload import write_tiny_models
+
+REPO = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent
+ARTIFACTS = REPO / "test-artifacts" / "web_nodes"
+CASA = ("CASALoadSourceBasis", "CASAComputeDrift", "CASATransferLoRA", "CASASaveLoRA", "CASARoutingHeatmap")
+DISPLAY = {"CASALoadSourceBasis": "CASA Load Source Basis", "CASAComputeDrift": "CASA Compute Drift",
+           "CASATransferLoRA": "CASA Transfer LoRA", "CASASaveLoRA": "CASA Save LoRA",
+           "CASARoutingHeatmap": "CASA Routing Heatmap"}
+VIEWPORT = (1920, 1080)
+
+
+# ---------------------------------------------------------------------------------------------------
+# fixtures
+# ---------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def server(comfy_server, comfy_root, tmp_path_factory):
+    """The test server, or with CASA_FRONTEND_ROOT a second one on that frontend."""
+    fe_root = os.environ.get("CASA_FRONTEND_ROOT")
+    if not fe_root:
+        yield comfy_server
+        return
+    from comfy_client import ComfyServer, prepare_base_dir
+
+    base = prepare_base_dir(tmp_path_factory.mktemp("comfyui-fe"), pack_root=REPO, test_nodes=HERE / "testnodes")
+    srv = ComfyServer(comfy_root, base, extra_args=["--front-end-root", fe_root])
+    client = srv.start()
+    client.version = comfy_server.version
+    try:
+        yield client
+    finally:
+        srv.stop()
+
+
+@pytest.fixture(scope="module")
+def page(server):
+    exe = require_chromium("the frontend tests")
+    base = server.base_dir
+    settings = base / "user" / "default" / "comfy.settings.json"
+    settings.parent.mkdir(parents=True, exist_ok=True)
+    current = json.loads(settings.read_text()) if settings.exists() else {}
+    current.update({"Comfy.TutorialCompleted": True, "Comfy.Minimap.Visible": False})
+    settings.write_text(json.dumps(current))
+    browser = Chromium(exe, window=VIEWPORT)
+    try:
+        browser.open_comfy(server.url, CASA)
+        browser.press("Escape", 27)
+        browser.frontend_version = browser.eval("window.__COMFYUI_FRONTEND_VERSION__ || ''")
+        d = ARTIFACTS / f"ComfyUI-{server.version or 'unknown'}-frontend-{browser.frontend_version or 'unknown'}"
+        shutil.rmtree(d, ignore_errors=True)
+        d.mkdir(parents=True, exist_ok=True)
+        browser.artifacts = d
+        yield browser
+    finally:
+        if getattr(browser, "artifacts", None):
+            (browser.artifacts / "console.log").write_text("\n".join(browser.console))
+        browser.close()
+
+
+@pytest.fixture(scope="module")
+def models(server):
+    """The tiny trio, and the style LoRA with one more key that matches no layer (a warning)."""
+    from safetensors.torch import load_file, save_file
+
+    base, distilled, style = write_tiny_models(server.base_dir)
+    loras = server.base_dir / "models" / "loras"
+    sd = load_file(str(loras / style))
+    up = next(k for k in sd if k.endswith(".lora_up.weight"))
+    module = up[: -len(".lora_up.weight")]
+    sd["lora_unet_no_such_module.lora_up.weight"] = sd[up].clone()
+    sd["lora_unet_no_such_module.lora_down.weight"] = sd[module + ".lora_down.weight"].clone()
+    extra = "casa_web_style_extra_key.safetensors"
+    save_file(sd, str(loras / extra))
+    return {"base": base, "distilled": distilled, "style": style, "style_extra": extra}
+
+
+def load_example(page, name: str, scale: float = 1.0) -> None:
+    wf = json.loads((REPO / "workflows" / f"{wf_title(name)}.json").read_text())
+    for attempt in range(5):
+        n = page.eval(f"""(async () => {{ const app = window.comfyAPI.app.app;
+            await app.loadGraphData({json.dumps(wf)}, true, true, {json.dumps(name)});
+            await new Promise(r => setTimeout(r, 300));
+            const ds = app.canvas.ds; ds.scale = {scale}; ds.offset = [80, 90]; app.canvas.setDirty(true, true);
+            return app.graph.nodes.length; }})()""")
+        if n == len(wf["nodes"]):
+            return
+        time.sleep(1.0)
+    raise AssertionError(f"the frontend kept {n} of {len(wf['nodes'])} nodes of {name}")
+
+
+def set_widget(page, node_type: str, name: str, value) -> None:
+    page.eval(f"""(() => {{ for (const n of window.comfyAPI.app.app.graph.nodes.filter(n => n.type === {json.dumps(node_type)})) {{
+        const w = n.widgets.find(w => w.name === {json.dumps(name)}); if (w) {{ w.value = {json.dumps(value)}; w.callback?.(w.value); }} }}
+        return true; }})()""")
+
+
+def node_ids(page) -> dict:
+    return page.eval("""(() => Object.fromEntries(window.comfyAPI.app.app.graph.nodes
+        .filter(n => n.type.startsWith("CASA")).map(n => [n.type, String(n.id)])))()""")
+
+
+# ---------------------------------------------------------------------------------------------------
+# 1. summaries on the nodes
+# ---------------------------------------------------------------------------------------------------
+
+SHOWN = r"""(() => { const app = window.comfyAPI.app.app; const out = {};
+  for (const n of app.graph.nodes) {
+    if (n.casaSummary) {
+      const el = n.casaSummary.root;
+      out[n.type] = { text: el.innerText, stale: el.dataset.stale === "1", prompt: el.dataset.promptId,
+        rects: el.getClientRects().length, scroll: el.scrollHeight, client: el.clientHeight,
+        warn: [...el.querySelectorAll(".casa-warn")].map(e => e.textContent) };
+    } else if (n.casaHeatmap) {
+      const el = n.casaHeatmap.readout;
+      out[n.type] = { text: el.innerText, rects: el.getClientRects().length, scroll: 0, client: 0, warn: [] };
+    }
+  }
+  return out; })()"""
+
+
+def test_every_casa_node_shows_its_summary_after_a_run(server, page, models):
+    load_example(page, "casa_save_lora", scale=0.8)
+    set_widget(page, "CASALoadSourceBasis", "base_model", models["base"])
+    set_widget(page, "CASALoadSourceBasis", "storage", "float32")
+    set_widget(page, "UNETLoader", "unet_name", models["distilled"])
+    set_widget(page, "CASATransferLoRA", "lora_name", models["style_extra"])
+    set_widget(page, "CASATransferLoRA", "rank", 8)
+    prefix = f"casa_web/summary_{uuid.uuid4().hex[:6]}"
+    set_widget(page, "CASASaveLoRA", "filename_prefix", prefix)
+    # the heatmap node added as a user would, on the transfer's report
+    page.eval("""(() => { const app = window.comfyAPI.app.app, LG = window.LiteGraph;
+        const t = app.graph.nodes.find(n => n.type === "CASATransferLoRA");
+        const hm = LG.createNode("CASARoutingHeatmap"); hm.pos = [t.pos[0] + 380, t.pos[1] + 360]; app.graph.add(hm);
+        t.connect(1, hm, 0); app.canvas.setDirty(true, true); return true; })()""")
+    before = page.eval(SHOWN)
+    assert set(before) == set(CASA), before
+    for t in CASA[:-1]:
+        assert "appears here after a run" in before[t]["text"], before[t]
+    log_at = server.log_size()
+    pid = page.eval("""(async () => { const app = window.comfyAPI.app.app; const api = window.comfyAPI.api.api;
+        let id = null; const f = (e) => { id = id || e.detail?.prompt_id; }; api.addEventListener("execution_start", f);
+        await app.queuePrompt(0, 1);
+        for (let i = 0; i < 100 && !id; i++) await new Promise(r => setTimeout(r, 100));
+        return id; })()""")
+    assert pid, "no execution_start seen"
+    entry = server.wait(pid, timeout=300)
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    ids = node_ids(page)
+    page.wait_for(f"""(() => {{ const s = {SHOWN}; return Object.entries(s).every(([t, v]) =>
+        t === "CASARoutingHeatmap" ? v.text.length > 20 : v.prompt === {json.dumps(pid)}); }})()""", 60,
+                  "the summaries of this run on the nodes")
+    time.sleep(0.8)  # the text areas settle to their size
+    shown = page.eval(SHOWN)
+    page.screenshot(page.artifacts / "1_summaries_after_run.png")
+    for t in CASA:
+        s = shown[t]
+        want = entry["outputs"][ids[t]]["casa_summary"][0]
+        flat = " ".join(s["text"].split())
+        for line in want["summary"].splitlines():
+            assert " ".join(line.split()) in flat, (t, line, s["text"])
+        assert s["rects"] > 0, f"{t}: its summary is not on the page"
+        assert s["scroll"] <= s["client"] + 2, f"{t}: the summary is cut ({s['scroll']} > {s['client']} px)"
+        assert not s.get("stale"), (t, s)
+        assert [w.lstrip("\u26a0 ") for w in s["warn"]] == want["warnings"], (t, s["warn"], want["warnings"])
+    # the warning is on the node and in the server log
+    warn = next(w for w in entry["outputs"][ids["CASATransferLoRA"]]["casa_summary"][0]["warnings"]
+                if "match no layer" in w)
+    assert "lora_unet_no_such_module" in warn or "no_such_module" in warn, warn
+    log = server.log_since(log_at)
+    assert f"casa-lora CASA Transfer LoRA: {warn}" in log, log[-3000:]
+    # the Save node says which file it wrote, and that file exists
+    text = ui_text(entry, ids["CASASaveLoRA"])
+    name = next(w for w in text.split() if w.startswith(prefix) and w.endswith(".safetensors"))
+    path = server.base_dir / "models" / "loras" / name
+    assert path.is_file(), path
+    assert name in shown["CASASaveLoRA"]["text"] and str(path) in " ".join(shown["CASASaveLoRA"]["text"].split())
+
+
+# ---------------------------------------------------------------------------------------------------
+# 2. help pages
+# ---------------------------------------------------------------------------------------------------
+
+def open_node_info(page, node_type: str) -> None:
+    """Select the node and press its info button (the selection toolbox's "Node Info")."""
+    page.eval(f"""(() => {{ const app = window.comfyAPI.app.app;
+        const n = app.graph.nodes.find(n => n.type === {json.dumps(node_type)});
+        const ds = app.canvas.ds; ds.scale = 1; ds.offset = [260 - n.pos[0], 260 - n.pos[1]];
+        app.canvas.deselectAll?.(); app.canvas.selectNode(n); app.canvas.setDirty(true, true); return true; }})()""")
+    # 1.49.6 labels it "Node Info"; 1.35.9 has the same button with only its (i) icon
+    box = page.wait_for("""(() => { const b = [...document.querySelectorAll("button")].find(b => b.offsetParent &&
+        (b.getAttribute("aria-label") === "Node Info" || b.querySelector("i[class*='lucide--info']")));
+        if (!b) return null; const r = b.getBoundingClientRect(); return {x: r.left + r.width / 2, y: r.top + r.height / 2}; })()""",
+                        15, "the node's info button")
+    page.click(box["x"], box["y"])
+
+
+def test_the_help_page_opens_for_every_node(server, page, models):
+    if not page.eval("window.comfyAPI.app.app.graph.nodes.some(n => n.type === 'CASARoutingHeatmap')"):
+        load_example(page, "casa_save_lora")
+        page.eval("""(() => { const app = window.comfyAPI.app.app, LG = window.LiteGraph;
+            const hm = LG.createNode("CASARoutingHeatmap"); hm.pos = [1600, 0]; app.graph.add(hm); return true; })()""")
+    for t in CASA:
+        status, body = server.request("GET", f"/extensions/casa-lora/docs/{t}.md")
+        assert status == 200 and (REPO / "web" / "docs" / f"{t}.md").read_bytes() == body, (t, status)
+        open_node_info(page, t)
+        title = DISPLAY[t]
+        page.wait_for(f"""(() => {{ const hs = [...document.querySelectorAll("h1, h2")].filter(h => h.offsetParent)
+            .map(h => h.textContent.trim()); return hs.includes({json.dumps(title)}) && hs.includes("What to connect")
+            && hs.includes("Inputs"); }})()""", 20, f"the help page of {t}")
+        page.screenshot(page.artifacts / f"2_help_{t}.png")
+
+
+# ---------------------------------------------------------------------------------------------------
+# 3. the template browser
+# ---------------------------------------------------------------------------------------------------
+
+CARDS = r"""(() => { const out = {};
+  for (const h of document.querySelectorAll("h3")) {
+    if (!h.offsetParent) continue;
+    let card = h; for (let i = 0; i < 6 && card && !card.querySelector("img"); i++) card = card.parentElement;
+    const img = card?.querySelector("img");
+    let pooled = null;
+    if (img && img.complete && img.naturalWidth) {  // what the card shows, 32 x 32 grey levels
+      const c = document.createElement("canvas"); c.width = c.height = 32;
+      const ctx = c.getContext("2d"); ctx.imageSmoothingQuality = "high"; ctx.drawImage(img, 0, 0, 32, 32);
+      const d = ctx.getImageData(0, 0, 32, 32).data; pooled = [];
+      for (let i = 0; i < d.length; i += 4) pooled.push((d[i] + d[i + 1] + d[i + 2]) / 3);
+    }
+    out[h.textContent.trim()] = { full: h.scrollWidth <= h.clientWidth + 1, tip: h.title || "",
+      src: img?.src || "", loaded: !!(img && img.complete && img.naturalWidth), w: img?.naturalWidth || 0, pooled };
+  }
+  return out; })()"""
+
+
+def click_text(page, text: str, tags: str = "button, span, a, li, div, p", within: str = "body") -> None:
+    """A real click on the innermost visible element (of ``tags``, inside ``within``) whose text is ``text``."""
+    box = f"""(() => {{ const norm = (s) => s.replace(/\\u00ad/g, "").trim();
+        const root = [...document.querySelectorAll({json.dumps(within)})].filter(e => e.getClientRects().length).pop();
+        if (!root) return null;
+        const els = [...root.querySelectorAll({json.dumps(tags)})].filter(e => e.offsetParent && norm(e.textContent) === {json.dumps(text)});
+        const e = els[els.length - 1]; if (!e) return null; const r = e.getBoundingClientRect();
+        return {{x: r.left + r.width / 2, y: r.top + r.height / 2}}; }})()"""
+    where = None
+    for _ in range(50):  # until it stops moving (dialogs open with an animation)
+        now = page.wait_for(box, 20, f"{text!r} on the page")
+        if now == where:
+            break
+        where = now
+        time.sleep(0.15)
+    page.click(where["x"], where["y"])
+
+
+def test_the_template_browser_shows_titles_and_thumbnails_and_opens_an_example(server, page):
+    page.press("Escape", 27)
+    click_text(page, "Templates")
+    click_text(page, "casa-lora", within="[role=dialog]")
+    time.sleep(1.0)
+    page.screenshot(page.artifacts / "3_template_browser_opened.png")
+    titles = [wf_title(n) for n in WF_NAMES]
+    cards = page.wait_for(f"""(() => {{ const c = {CARDS}; const want = {json.dumps(titles)};
+        return want.every(t => c[t] && c[t].loaded) ? c : null; }})()""", 30, "the pack's cards with their thumbnails")
+    page.screenshot(page.artifacts / "3_template_browser.png")
+    import numpy as np
+    import wf_thumbnails
+
+    for name in WF_NAMES:
+        title = wf_title(name)
+        c = cards[title]
+        assert c["full"], f"the title {title!r} is cut on its card"
+        assert c["w"] == 512 and "default-template" not in c["src"], c["src"]
+        # the card shows this workflow's thumbnail, the one with its title and description (and not another's)
+        want = wf_thumbnails.render(name).astype(np.float64).mean(axis=2).reshape(32, 16, 32, 16).mean(axis=(1, 3))
+        got = np.array(c["pooled"], dtype=np.float64).reshape(32, 32)
+        diffs = {other: np.abs(got - wf_thumbnails.render(other).astype(np.float64).mean(axis=2)
+                               .reshape(32, 16, 32, 16).mean(axis=(1, 3))).mean() for other in WF_NAMES}
+        assert np.abs(got - want).mean() < 6.0 and min(diffs, key=diffs.get) == name, (title, diffs)
+    # the picture on the card is the thumbnail that carries the description (tests/comfy/wf_thumbnails.py)
+    status, jpg = server.request("GET", "/api/workflow_templates/casa-lora/"
+                                 + urllib.parse.quote(wf_title("casa_wan22_two_experts")) + ".jpg")
+    assert status == 200 and jpg == (REPO / "workflows" / f"{wf_title('casa_wan22_two_experts')}.jpg").read_bytes()
+    assert WORKFLOWS["casa_wan22_two_experts"][1]
+    # opening one loads it into the canvas
+    click_text(page, wf_title("casa_wan22_two_experts"), "h3", within="[role=dialog]")
+    wf = json.loads((REPO / "workflows" / f"{wf_title('casa_wan22_two_experts')}.json").read_text())
+    page.wait_for(f"window.comfyAPI.app.app.graph.nodes.filter(n => n.type === 'CASATransferLoRA').length === 2 && "
+                  f"window.comfyAPI.app.app.graph.nodes.length === {len(wf['nodes'])}", 30, "the Wan2.2 example")
+    page.eval("""(() => { const ds = window.comfyAPI.app.app.canvas.ds; ds.scale = 0.6; ds.offset = [420, 60];
+        window.comfyAPI.app.app.canvas.setDirty(true, true); return true; })()""")
+    time.sleep(0.5)
+    page.screenshot(page.artifacts / "3_wan22_example_opened.png")
+
+
+# ---------------------------------------------------------------------------------------------------
+# 4. titles not cut
+# ---------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", WF_NAMES)
+def test_no_casa_node_title_is_cut_in_the_examples(page, name):
+    load_example(page, name)
+    cut = page.eval("""(() => { const LG = window.LiteGraph; const ctx = document.createElement("canvas").getContext("2d");
+        ctx.font = `${LG.NODE_TEXT_SIZE}px ${LG.NODE_FONT}`; const out = [];
+        for (const n of window.comfyAPI.app.app.graph.nodes) {
+          if (!n.type.startsWith("CASA")) continue;
+          // room for the title: the width less the collapse dot (a title height) and a margin
+          const room = n.size[0] - LG.NODE_TITLE_HEIGHT - 10;
+          const need = ctx.measureText(n.title).width;
+          if (need > room) out.push([n.title, need, room]);
+        }
+        return out; })()""")
+    assert not cut, f"{name}: titles cut at 100 %: {cut}"

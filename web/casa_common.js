@@ -1,0 +1,253 @@
+// casa-lora: what the pack's widgets share (imported by casa_summary.js and casa_heatmap.js).
+//
+// The nodes' widgets (the summary on every CASA node, the heatmap picture) show the output a node
+// produced in its last run, and say when that output is out of date. The frontend keeps node outputs
+// only while the page lives (a tab switch restores them, a reload does not), and tells a widget about
+// an output only through onExecuted. This module keeps, per workflow and node:
+//
+//   { promptId, output, sig, failed }
+//
+// * promptId / output: the last run that produced an output for the node (the "executed" message),
+//   or, after a reload, the newest entry of GET /history for this workflow (its id, saved in the
+//   prompt's extra_pnginfo) that holds an output for the node;
+// * sig: the node's inputs in that run: the API graph's node and every node upstream of it, as queued
+//   (api.queuePrompt is wrapped to keep the graph; /history keeps it too);
+// * failed: set when a later run that included the node ended in an error (or was cancelled) before
+//   the node produced an output: the output shown is from before that run.
+//
+// staleness(node): "failed" (the last run failed), "inputs" (the graph upstream of the node differs
+// from the run's: a widget changed or a link moved) or "" (up to date). The current graph comes from
+// app.graphToPrompt(), recomputed at most once a second while a CASA widget is on screen.
+import { app } from "../../scripts/app.js";
+import { api } from "../../scripts/api.js";
+
+export const CASA_NODE_TYPES = ["CASALoadSourceBasis", "CASAComputeDrift", "CASATransferLoRA", "CASASaveLoRA",
+  "CASARoutingHeatmap"];
+const TYPES = new Set(CASA_NODE_TYPES);
+
+const state = (window.__casaState = window.__casaState || {
+  queued: new Map(),   // prompt id -> { graph (API), workflow key }
+  results: new Map(),  // "<workflow key>|<node id>" -> { promptId, output, sig, failed }
+  executedIn: new Map(), // prompt id -> Set of node ids that produced an output in it
+  listeners: new Set(),  // (node, record) callbacks, one per widget kind
+  current: null,       // { at, graph, key } the last graphToPrompt() of the shown workflow
+  history: null,       // Promise of GET /history for the restore after a reload
+  hooked: false,
+});
+
+export function workflowKey(graph = app.graph) {
+  return String(graph?.id ?? graph?.extra?.casa_id ?? "");
+}
+
+function recordKey(node) {
+  return `${workflowKey(node.graph ?? app.graph)}|${node.id}`;
+}
+
+export function record(node) {
+  return state.results.get(recordKey(node)) || null;
+}
+
+// the ids of a node and of every node upstream of it in an API graph
+export function upstream(apiGraph, nodeId) {
+  const seen = new Set();
+  const visit = (id) => {
+    id = String(id);
+    if (seen.has(id) || !apiGraph?.[id]) return;
+    seen.add(id);
+    for (const v of Object.values(apiGraph[id].inputs || {})) {
+      if (Array.isArray(v) && v.length === 2 && (typeof v[0] === "string" || typeof v[0] === "number")) visit(v[0]);
+    }
+  };
+  visit(nodeId);
+  return seen;
+}
+
+// the node and everything upstream of it in an API graph, in a canonical form
+export function signature(apiGraph, nodeId) {
+  if (!apiGraph) return null;
+  const order = [...upstream(apiGraph, nodeId)];
+  if (!order.length) return null;
+  const canon = (x) => (Array.isArray(x) ? x.map(canon) : x && typeof x === "object"
+    ? Object.fromEntries(Object.keys(x).sort().map((k) => [k, canon(x[k])])) : x);
+  return JSON.stringify(order.sort().map((id) => [id, apiGraph[id].class_type, canon(apiGraph[id].inputs || {})]));
+}
+
+function notify(node) {
+  const rec = record(node);
+  for (const fn of state.listeners) {
+    try { fn(node, rec); } catch (e) { console.error("casa-lora: widget update failed", e); }
+  }
+}
+
+export function onRecord(fn) {
+  state.listeners.add(fn);
+}
+
+function nodeById(id) {
+  const g = app.graph;
+  if (!g || id == null) return null;
+  return g.getNodeById?.(id) ?? g.getNodeById?.(Number(id)) ?? null;
+}
+
+// --- live runs ----------------------------------------------------------------------------------
+function hook() {
+  if (state.hooked) return;
+  state.hooked = true;
+  const queue = api.queuePrompt.bind(api);
+  api.queuePrompt = async function (number, data, ...rest) {
+    const res = await queue(number, data, ...rest);
+    if (res?.prompt_id && data?.output) {
+      state.queued.set(res.prompt_id, { graph: data.output, key: workflowKey() });
+      state.current = { at: Date.now(), graph: data.output, key: workflowKey() };
+    }
+    return res;
+  };
+  api.addEventListener("executed", (e) => {
+    const d = e.detail || {};
+    const id = String(d.display_node ?? d.node ?? "");
+    const node = nodeById(id);
+    if (!node || !TYPES.has(node.comfyClass ?? node.type) || !d.output) return;
+    const q = state.queued.get(d.prompt_id);
+    if (!state.executedIn.has(d.prompt_id)) state.executedIn.set(d.prompt_id, new Set());
+    state.executedIn.get(d.prompt_id).add(id);
+    state.results.set(recordKey(node), { promptId: d.prompt_id, output: d.output,
+      sig: q ? signature(q.graph, id) : null, failed: null });
+    notify(node);
+  });
+  const ended = (why) => (e) => {
+    const d = e.detail || {};
+    const q = state.queued.get(d.prompt_id);
+    if (!q || q.key !== workflowKey()) return;
+    const done = state.executedIn.get(d.prompt_id) || new Set();
+    const where = d.node_type ? ` in ${d.node_type}` : "";
+    const message = why === "error" ? `the last run failed${where}${d.exception_message ? `: ${d.exception_message}` : ""}`
+      : "the last run was cancelled";
+    const at = d.node_id != null ? String(d.node_id) : null;
+    for (const id of Object.keys(q.graph)) {
+      const node = nodeById(id);
+      if (!node || !TYPES.has(node.comfyClass ?? node.type) || done.has(String(id))) continue;
+      // the run stopped at `at`: the nodes there and downstream of it kept their earlier output
+      if (at && !upstream(q.graph, id).has(at)) continue;
+      const rec = record(node);
+      if (rec) rec.failed = { promptId: d.prompt_id, message };
+      else state.results.set(recordKey(node), { promptId: null, output: null, sig: null,
+        failed: { promptId: d.prompt_id, message } });
+      notify(node);
+    }
+  };
+  api.addEventListener("execution_error", ended("error"));
+  api.addEventListener("execution_interrupted", ended("interrupted"));
+  setInterval(refreshCurrent, 1000);
+}
+
+// --- the graph as it is now ---------------------------------------------------------------------
+let refreshing = false;
+async function refreshCurrent() {
+  if (refreshing || document.hidden || !app.graph) return;
+  const nodes = (app.graph.nodes || []).filter((n) => TYPES.has(n.comfyClass ?? n.type) && record(n));
+  if (!nodes.length) return;
+  refreshing = true;
+  try {
+    const p = await app.graphToPrompt();
+    state.current = { at: Date.now(), graph: p.output, key: workflowKey() };
+    for (const n of nodes) notify(n);
+  } catch (e) {
+    // graphToPrompt fails while a graph is half loaded: try again on the next tick
+  } finally {
+    refreshing = false;
+  }
+}
+
+export function staleness(node) {
+  const rec = record(node);
+  if (!rec) return "";
+  if (rec.failed) return "failed";
+  const cur = state.current;
+  if (!rec.sig || !cur || cur.key !== workflowKey()) return "";
+  const now = signature(cur.graph, node.id);
+  return now && now !== rec.sig ? "inputs" : "";
+}
+
+export function staleText(node) {
+  const why = staleness(node);
+  const rec = record(node);
+  if (why === "failed") return `Out of date: ${rec.failed.message}. This is from an earlier run.`;
+  if (why === "inputs") return "Out of date: inputs changed since this run. Run the workflow again to update.";
+  return "";
+}
+
+// --- after a reload: the stored output ------------------------------------------------------------
+function fetchHistory() {
+  if (!state.history) {
+    state.history = api.fetchApi("/history?max_items=200").then((r) => r.json()).catch(() => ({}));
+  }
+  return state.history;
+}
+
+async function restoreFromHistory(node) {
+  const key = workflowKey(node.graph ?? app.graph);
+  if (!key) return;
+  const hist = await fetchHistory();
+  let found = null;
+  let failedAfter = null;
+  for (const [promptId, entry] of Object.entries(hist || {})) {
+    const prompt = entry?.prompt || [];
+    const wf = prompt[3]?.extra_pnginfo?.workflow;
+    if (!wf || String(wf.id ?? "") !== key) continue;
+    const apiGraph = prompt[2] || {};
+    if (!apiGraph[String(node.id)] || apiGraph[String(node.id)].class_type !== (node.comfyClass ?? node.type)) continue;
+    const out = entry.outputs?.[String(node.id)];
+    if (out) {
+      found = { promptId, output: out, sig: signature(apiGraph, node.id), failed: null };
+      failedAfter = null;
+    } else {
+      const msgs = entry.status?.messages || [];
+      const err = msgs.find(([k]) => k === "execution_error" || k === "execution_interrupted")?.[1];
+      if (err && (err.node_id == null || upstream(apiGraph, node.id).has(String(err.node_id)))) {
+        failedAfter = { promptId, message: err.exception_message != null
+          ? `the last run failed in ${err.node_type}: ${err.exception_message}` : "the last run was cancelled" };
+      }
+    }
+  }
+  if (!found || record(node)) return;
+  found.failed = failedAfter;
+  state.results.set(recordKey(node), found);
+  notify(node);
+}
+
+// the record of a node just created or loaded: what this page saw, else the frontend's kept output
+// (tab switch), else /history (reload)
+export function restore(node) {
+  hook();
+  if (record(node)) { notify(node); return; }
+  const kept = app.nodeOutputs?.[String(node.id)];
+  if (kept && TYPES.has(node.comfyClass ?? node.type)) {
+    state.results.set(recordKey(node), { promptId: null, output: kept, sig: null, failed: null });
+    notify(node);
+    return;
+  }
+  restoreFromHistory(node);
+}
+
+export function restoreAll() {
+  for (const n of app.graph?.nodes || []) {
+    if (TYPES.has(n.comfyClass ?? n.type)) restore(n);
+  }
+}
+
+// a minimum width that shows the node's whole title
+export function fitTitle(node, extra = 64) {
+  try {
+    const LG = window.LiteGraph;
+    const ctx = fitTitle.ctx || (fitTitle.ctx = document.createElement("canvas").getContext("2d"));
+    ctx.font = `${LG?.NODE_TEXT_SIZE ?? 14}px ${LG?.NODE_FONT ?? "Arial"}`;
+    const want = Math.ceil(ctx.measureText(node.title || "").width) + extra;
+    if (node.size[0] < want) node.setSize([want, node.size[1]]);
+  } catch (e) {
+    // no canvas: keep the size
+  }
+}
+
+export { app, api };
+
+hook();
