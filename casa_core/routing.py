@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import completion
 from .linalg import exact_quantile
 
 ROTATION_EPS = 1e-6  # added to singular-value gaps (reference behaviour)
@@ -167,6 +168,19 @@ def block_cosine(c_l_k: torch.Tensor, c_f_k: torch.Tensor, labels: torch.Tensor,
 
 
 @dataclass
+class ComplementArbitration:
+    """Arbitration on the complement rows of a non-square layer, as the expectation over random
+    completions (:mod:`casa_core.completion`): per column, expected candidates and arbitrated
+    entries among the ``dim`` complement rows, and the coefficients of the expected update."""
+
+    dim: int
+    candidates: torch.Tensor  # float64 per column (CPU)
+    arbitrated: torch.Tensor  # float64 per column (CPU)
+    alpha: torch.Tensor  # float64 per column: C_new's complement column = alpha C_F + beta C_L
+    beta: torch.Tensor
+
+
+@dataclass
 class Routing:
     """Everything CASA decided for one layer, kept for the report and the heatmaps."""
 
@@ -179,6 +193,7 @@ class Routing:
     arbitrated_mask: torch.Tensor | None = None
     threshold: float | None = None
     stats: dict = field(default_factory=dict)
+    complement: ComplementArbitration | None = None  # only with ``complement_dim``
 
 
 def analyse(c_l: torch.Tensor, c_f: torch.Tensor, s: torch.Tensor, square: bool, params: CasaParams) -> Routing:
@@ -192,15 +207,25 @@ def analyse(c_l: torch.Tensor, c_f: torch.Tensor, s: torch.Tensor, square: bool,
 
 
 def casa_update(
-    c_l: torch.Tensor, c_f: torch.Tensor, s: torch.Tensor, square: bool, params: CasaParams
+    c_l: torch.Tensor, c_f: torch.Tensor, s: torch.Tensor, square: bool, params: CasaParams,
+    complement_dim: int | None = None,
 ) -> tuple[torch.Tensor, Routing]:
     """CASA's new routing ``C_new`` for one layer (algorithm.md steps 1-6 and the ablations).
 
     The target's effective routing after the patch is ``C_F + C_new``.
+
+    ``complement_dim`` (non-square layers only): the rows at or beyond ``k`` are an orthonormal
+    basis of a subspace of the ``complement_dim``-dimensional complement of ``span(U)`` that holds
+    all of the drift's and the LoRA's complement parts (the compact coordinates of
+    :mod:`casa_core.layer`).  Their arbitration is then the expectation over uniformly random
+    completions of ``U`` (:mod:`casa_core.completion`): invariant to the basis those rows use, and
+    the statistics count all ``complement_dim`` rows.  Without it every row is an entry of the
+    given bases (the reference code's behaviour, exact with its full bases).
     """
     routing = analyse(c_l, c_f, s, square, params)
     k = routing.k
     d = routing.dominance.mask()
+    generic = complement_dim is not None and not square
 
     # Outside D: restoration (C_L - C_F) or, without it, the LoRA unchanged.
     c_new = c_l - c_f if params.restore else c_l.clone()
@@ -208,7 +233,9 @@ def casa_update(
     c_new = torch.where(d, c_l, c_new)
 
     arbitrated = torch.zeros_like(d)
-    if params.arbitrate:
+    if params.arbitrate and generic:
+        c_new, arbitrated = _arbitrate_generic(c_l, c_f, c_new, routing, params, int(complement_dim))
+    elif params.arbitrate:
         candidates = d & (torch.sign(c_l) == torch.sign(c_f))
         n_cand = int(candidates.sum())
         routing.candidates = n_cand
@@ -224,7 +251,15 @@ def casa_update(
             c_new = torch.where(arbitrated, stronger, c_new)
     routing.arbitrated_mask = arbitrated
     rows, cols = c_l.shape
-    n_d = int(d.sum())
+    n_arb = int(torch.count_nonzero(arbitrated))
+    if generic:  # count every complement row, as a full completion has them
+        comp_rows = int(complement_dim)
+        rows = k + comp_rows
+        n_d = int(torch.count_nonzero(d[:k])) + comp_rows * int(torch.count_nonzero(routing.dominance.cols))
+        if routing.complement is not None:
+            n_arb += round(float(routing.complement.arbitrated.sum()))
+    else:
+        n_d = int(torch.count_nonzero(d))
     routing.stats = {
         "k": k,
         "clusters": routing.n_clusters,
@@ -235,7 +270,57 @@ def casa_update(
         "entries": rows * cols,
         "dominant_entries": n_d,
         "candidates": routing.candidates,
-        "arbitrated_entries": int(arbitrated.sum()),
+        "arbitrated_entries": n_arb,
         "arbitration_threshold": routing.threshold,
     }
     return c_new, routing
+
+
+def _arbitrate_generic(
+    c_l: torch.Tensor, c_f: torch.Tensor, c_new: torch.Tensor, routing: Routing, params: CasaParams, dim: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Arbitration of a non-square layer: entry-wise in the top ``k`` rows, in expectation over
+    random completions in the complement rows (see :func:`casa_update`)."""
+    k = routing.k
+    d = routing.dominance.mask()
+    top_l, top_f = c_l[:k], c_f[:k]
+    candidates = d[:k] & (torch.sign(top_l) == torch.sign(top_f))
+    score = (top_l * top_f).abs_()
+    ctx = routing.cosine[routing.labels[:, None], routing.labels[None, :]]
+    score[:, :k] *= ctx
+    top_scores = score[candidates]
+    comp_l, comp_f = c_l[k:], c_f[k:]
+    # per-column |e|^2, |l|^2, e.l of the complement parts: basis-invariant
+    cols = completion.ComplementColumns.from_column_stats(
+        (comp_f * comp_f).sum(0).double().cpu().numpy(),
+        (comp_l * comp_l).sum(0).double().cpu().numpy(),
+        (comp_l * comp_f).sum(0).double().cpu().numpy(),
+        dim, routing.dominance.cols.cpu().numpy(),
+    )
+    exp_cand = cols.expected_candidates()
+    n_comp = float(exp_cand.sum())
+    routing.candidates = int(torch.count_nonzero(candidates)) + round(n_comp)
+    arbitrated = torch.zeros_like(d)
+    if top_scores.numel() == 0 and n_comp == 0.0:
+        return c_new, arbitrated
+    if n_comp == 0.0:
+        threshold = float(exact_quantile(top_scores, params.q_act))
+    else:
+        threshold = completion.mixture_threshold(top_scores.double().cpu().numpy(), cols, params.q_act)
+    routing.threshold = threshold
+    arb_top = candidates & (score > torch.tensor(threshold, dtype=torch.float64).to(score.dtype))
+    del score
+    arbitrated[:k] = arb_top
+    stronger = torch.where(top_l.abs() > top_f.abs(), top_l - top_f, torch.zeros_like(top_l))
+    c_new[:k] = torch.where(arb_top, stronger, c_new[:k])  # c_new is this function's own
+    alpha, beta, exp_arb = cols.expected_update(threshold)
+    routing.complement = ComplementArbitration(
+        dim, torch.from_numpy(exp_cand), torch.from_numpy(exp_arb), torch.from_numpy(alpha), torch.from_numpy(beta)
+    )
+    if c_l.shape[0] > k and cols.active.any():
+        act = torch.from_numpy(cols.active).to(c_new.device)
+        a_ = torch.from_numpy(alpha).to(c_new.device, c_new.dtype)
+        b_ = torch.from_numpy(beta).to(c_new.device, c_new.dtype)
+        expected = comp_l * b_ + comp_f * a_
+        c_new[k:] = torch.where(act[None, :], expected, c_new[k:])
+    return c_new, arbitrated
