@@ -169,9 +169,10 @@ def block_cosine(c_l_k: torch.Tensor, c_f_k: torch.Tensor, labels: torch.Tensor,
 
 @dataclass
 class ComplementArbitration:
-    """Arbitration on the complement rows of a non-square layer, as the expectation over random
-    completions (:mod:`casa_core.completion`): per column, expected candidates and arbitrated
-    entries among the ``dim`` complement rows, and the coefficients of the expected update."""
+    """The complement rows of a non-square layer, treated as a generic completion
+    (:mod:`casa_core.completion`): per column, expected candidates and arbitrated entries among
+    the ``dim`` complement rows, and the coefficients of ``C_new``'s complement column
+    ``alpha C_F + beta C_L`` (restoration, the LoRA kept, or the expected arbitration)."""
 
     dim: int
     candidates: torch.Tensor  # float64 per column (CPU)
@@ -227,15 +228,15 @@ def casa_update(
     d = routing.dominance.mask()
     generic = complement_dim is not None and not square
 
-    # Outside D: restoration (C_L - C_F) or, without it, the LoRA unchanged.
-    c_new = c_l - c_f if params.restore else c_l.clone()
-    # Inside D: start from the LoRA unchanged.
-    c_new = torch.where(d, c_l, c_new)
-
-    arbitrated = torch.zeros_like(d)
-    if params.arbitrate and generic:
-        c_new, arbitrated = _arbitrate_generic(c_l, c_f, c_new, routing, params, int(complement_dim))
-    elif params.arbitrate:
+    if generic:
+        c_new, arbitrated = _casa_generic(c_l, c_f, d, routing, params, int(complement_dim))
+    else:
+        # Outside D: restoration (C_L - C_F) or, without it, the LoRA unchanged.
+        c_new = c_l - c_f if params.restore else c_l.clone()
+        # Inside D: start from the LoRA unchanged.
+        c_new = torch.where(d, c_l, c_new)
+        arbitrated = torch.zeros_like(d)
+    if params.arbitrate and not generic:
         candidates = d & (torch.sign(c_l) == torch.sign(c_f))
         n_cand = int(candidates.sum())
         routing.candidates = n_cand
@@ -276,21 +277,61 @@ def casa_update(
     return c_new, routing
 
 
-def _arbitrate_generic(
-    c_l: torch.Tensor, c_f: torch.Tensor, c_new: torch.Tensor, routing: Routing, params: CasaParams, dim: int
+def _casa_generic(
+    c_l: torch.Tensor, c_f: torch.Tensor, d: torch.Tensor, routing: Routing, params: CasaParams, dim: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Arbitration of a non-square layer: entry-wise in the top ``k`` rows, in expectation over
-    random completions in the complement rows (see :func:`casa_update`)."""
+    """``C_new`` of a non-square layer: entry by entry in the top ``k`` rows, and on the complement
+    rows the expectation over random completions (see :func:`casa_update`)."""
     k = routing.k
-    d = routing.dominance.mask()
     top_l, top_f = c_l[:k], c_f[:k]
-    candidates = d[:k] & (torch.sign(top_l) == torch.sign(top_f))
+    d_top = d[:k]
+    new_top = top_l - top_f if params.restore else top_l.clone()
+    new_top = torch.where(d_top, top_l, new_top)
+    arbitrated = torch.zeros_like(d)
+    comp_l, comp_f = c_l[k:], c_f[k:]
+    dom_cols = routing.dominance.cols
+    # complement column j of C_new = beta_j C_L + alpha_j C_F: restoration outside the dominant
+    # columns, the LoRA inside them unless arbitrated (then the expectation's coefficients)
+    n = c_l.shape[1]
+    beta = torch.ones(n, dtype=torch.float64)
+    alpha = torch.where(dom_cols.cpu(), 0.0, -1.0 if params.restore else 0.0).double()
+    comp = ComplementArbitration(dim, torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64),
+                                 alpha, beta)
+    if params.arbitrate:
+        found = _arbitrate_generic(top_l, top_f, d_top, comp_l, comp_f, routing, params, dim)
+        if found is not None:
+            arb_top, cols, exp_cand = found
+            sel_l, sel_f = top_l[arb_top], top_f[arb_top]
+            new_top[arb_top] = torch.where(sel_l.abs() > sel_f.abs(), sel_l - sel_f, torch.zeros_like(sel_l))
+            arbitrated[:k] = arb_top
+            a_arb, b_arb, exp_arb = cols.expected_update(routing.threshold)
+            act = torch.from_numpy(cols.active)
+            comp = ComplementArbitration(dim, torch.from_numpy(exp_cand), torch.from_numpy(exp_arb),
+                                         torch.where(act, torch.from_numpy(a_arb), alpha),
+                                         torch.where(act, torch.from_numpy(b_arb), beta))
+    routing.complement = comp
+    alpha, beta = comp.alpha, comp.beta
+    if comp_l.shape[0] == 0:
+        return new_top, arbitrated
+    new_comp = comp_l * beta.to(c_l.device, c_l.dtype)
+    new_comp.addcmul_(comp_f, alpha.to(c_l.device, c_l.dtype))
+    return torch.cat([new_top, new_comp]), arbitrated
+
+
+def _arbitrate_generic(
+    top_l: torch.Tensor, top_f: torch.Tensor, d_top: torch.Tensor, comp_l: torch.Tensor, comp_f: torch.Tensor,
+    routing: Routing, params: CasaParams, dim: int,
+) -> tuple[torch.Tensor, completion.ComplementColumns, object] | None:
+    """The arbitration threshold of a non-square layer, the ``q_act`` quantile of the top block's
+    candidates and the complement's expected ones (set on ``routing``), and ``(arbitrated top
+    entries, the complement's columns, their expected candidates)``; None without candidates."""
+    k = routing.k
+    candidates = d_top & (torch.sign(top_l) == torch.sign(top_f))
     score = (top_l * top_f).abs_()
     ctx = routing.cosine[routing.labels[:, None], routing.labels[None, :]]
     score[:, :k] *= ctx
     top_scores = score[candidates]
-    comp_l, comp_f = c_l[k:], c_f[k:]
-    # per-column |e|^2, |l|^2, e.l of the complement parts: basis-invariant
+    # per-column |e|^2, |l|^2, e.l of the complement parts: the same in any basis of it
     cols = completion.ComplementColumns.from_column_stats(
         (comp_f * comp_f).sum(0).double().cpu().numpy(),
         (comp_l * comp_l).sum(0).double().cpu().numpy(),
@@ -300,27 +341,12 @@ def _arbitrate_generic(
     exp_cand = cols.expected_candidates()
     n_comp = float(exp_cand.sum())
     routing.candidates = int(torch.count_nonzero(candidates)) + round(n_comp)
-    arbitrated = torch.zeros_like(d)
     if top_scores.numel() == 0 and n_comp == 0.0:
-        return c_new, arbitrated
+        return None
     if n_comp == 0.0:
         threshold = float(exact_quantile(top_scores, params.q_act))
     else:
         threshold = completion.mixture_threshold(top_scores.double().cpu().numpy(), cols, params.q_act)
     routing.threshold = threshold
     arb_top = candidates & (score > torch.tensor(threshold, dtype=torch.float64).to(score.dtype))
-    del score
-    arbitrated[:k] = arb_top
-    stronger = torch.where(top_l.abs() > top_f.abs(), top_l - top_f, torch.zeros_like(top_l))
-    c_new[:k] = torch.where(arb_top, stronger, c_new[:k])  # c_new is this function's own
-    alpha, beta, exp_arb = cols.expected_update(threshold)
-    routing.complement = ComplementArbitration(
-        dim, torch.from_numpy(exp_cand), torch.from_numpy(exp_arb), torch.from_numpy(alpha), torch.from_numpy(beta)
-    )
-    if c_l.shape[0] > k and cols.active.any():
-        act = torch.from_numpy(cols.active).to(c_new.device)
-        a_ = torch.from_numpy(alpha).to(c_new.device, c_new.dtype)
-        b_ = torch.from_numpy(beta).to(c_new.device, c_new.dtype)
-        expected = comp_l * b_ + comp_f * a_
-        c_new[k:] = torch.where(act[None, :], expected, c_new[k:])
-    return c_new, arbitrated
+    return arb_top, cols, exp_cand
