@@ -1,6 +1,7 @@
 """FFN (non-square) fidelity of the compact path against the reference over random completions.
 
     python benchmarks/bench_ffn_fidelity.py [--shapes 8960x1536] [--completions 6] [--quick]
+        [--sections fidelity,storage,lowrank]
 
 For each FFN-shaped layer (realistic spectrum: a Marchenko-Pastur bulk under a decaying
 envelope, spikes, near-equal pairs; see tests/helpers/ffn.py), the reference's CASA is run with
@@ -14,8 +15,10 @@ uniformly random valid completions (plain full-basis code, ``casa_full_bases``).
 * arbitrated entries and candidates, split into the top ``N x N`` block and the complement, the
   arbitration threshold, the exact zeros the compact drift block carries; the dominant mask;
 * the per-LoRA CASA time of one layer before/after and the routing rows each holds;
-* ``--storage``: how far float16 basis storage moves the update (and its restored part);
-* ``--lowrank``: the low-rank factoriser's gap to the optimal rank-r update.
+* section ``storage``: how far float16 basis storage moves the update (restoration only, and
+  CASA) from float32 storage, before/after solving for coordinates;
+* section ``lowrank``: the low-rank factoriser's gap to the optimal rank-r update, before/after,
+  beside LAPACK's full SVD, with times.
 
 Figures are printed, never asserted (tests/core/test_ffn_fidelity.py asserts at test size).
 """
@@ -36,6 +39,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 from helpers.ffn import full_svd, make_ffn_layer, random_completion, reference_transfer, spread
 
 from casa_core import layer as L
+from casa_core import linalg
+from casa_core.drift import decode_drift, encode_drift
 from casa_core.methods import casa_layer
 from casa_core.routing import CasaParams, casa_update
 
@@ -125,6 +130,104 @@ def fidelity(shape, completions, seed, params, fixture_kw):
     print(f"   CASA time for this layer (median of 3): before {t_before * 1e3:.1f} ms  after {t_after * 1e3:.1f} ms")
 
 
+def storage(shape, seed, params, fixture_kw):
+    """Float16 cache round trip (the real encoders) against float32 storage: before (plain
+    projections on the float16 bases) and after (coordinates solved for, ``refine``)."""
+    layer = make_ffn_layer(*shape, seed, **fixture_kw)
+    d32 = (layer.ws + layer.df).float() - layer.ws.float()
+    exact = L.compute_basis("ffn", layer.ws.float())
+    print(f"\n== float16 basis storage, {shape[0]}x{shape[1]}: update vs float32 storage (relative)")
+    res = {}
+    for tag, f16, refine in (("float32", False, False), ("before", True, False), ("after", True, True)):
+        if f16:
+            b = L.LayerBasis("ffn", exact.shape, exact.U.half().float(), exact.S, exact.V.half().float(), refine)
+            tensors, info = encode_drift(L.compute_drift(b, d32), "float16")
+            d = decode_drift("ffn", tensors, info)
+        else:
+            b = exact
+            d = L.compute_drift(b, d32)
+        co = L.coordinates(b, d, layer.up.float(), layer.down.float())
+        res[tag] = {v: co.to_dense(casa_layer(co, params, v).c).double() for v in ("restoration_only", "casa")}
+    ratio = float(layer.df.norm() / res["float32"]["casa"].norm())
+    print(f"   (drift / update norm {ratio:.2f}; restoration masks the drift in the stored bases' coordinates, "
+          f"so about 5e-4 of the restored drift remains)")
+    for v in ("restoration_only", "casa"):
+        ref = res["float32"][v]
+        print(f"   {v:17s} before {float((res['before'][v] - ref).norm() / ref.norm()):.1e}   "
+              f"after {float((res['after'][v] - ref).norm() / ref.norm()):.1e}")
+
+
+def old_top_singular(c, rank, power_iters=4, oversample=16):
+    """The previous factoriser (fixed 4 power steps, LU between them), for the before figures."""
+    rows, cols = c.shape
+    width = rank + oversample
+    if width * 3 >= min(rows, cols):
+        u, s, vh = torch.linalg.svd(c, full_matrices=False)
+        return u[:, :rank], s[:rank], vh[:rank]
+
+    def lu_basis(y):
+        lu, piv = torch.linalg.lu_factor(y)
+        m, k = y.shape
+        lower = torch.tril(lu[:, :k], diagonal=-1)
+        lower.diagonal().fill_(1.0)
+        perm = list(range(m))
+        for i, p in enumerate(piv.tolist()):
+            perm[i], perm[p - 1] = perm[p - 1], perm[i]
+        inverse = torch.empty(m, dtype=torch.long)
+        inverse[torch.tensor(perm)] = torch.arange(m)
+        return lower[inverse]
+
+    gen = torch.Generator().manual_seed(20260430)
+    q = lu_basis(c @ torch.randn(cols, width, generator=gen))
+    for i in range(power_iters):
+        y = c @ lu_basis(c.T @ q)
+        q = torch.linalg.qr(y)[0] if i == power_iters - 1 else lu_basis(y)
+    u_s, s, vh = torch.linalg.svd(q.T @ c, full_matrices=False)
+    return q @ u_s[:, :rank], s[:rank], vh[:rank]
+
+
+def full_svd_rank(c, rank):
+    u, s, vh = torch.linalg.svd(c, full_matrices=False)
+    return u[:, :rank], s[:rank], vh[:rank]
+
+
+def lowrank(shape, seed, params, fixture_kw):
+    """Gap of the rank-r factorisation to the optimal rank-r update (float64 SVD)."""
+    layer = make_ffn_layer(*shape, seed, **fixture_kw)
+    _, _, co = compact(layer)
+    cases = {f"CASA C_new of {shape[0]}x{shape[1]} ({co.rows}x{co.n_top})": casa_layer(co, params).c}
+    g = torch.Generator().manual_seed(seed)
+    n = 1536
+    u, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    sv = torch.arange(1, n + 1, dtype=torch.float64) ** -0.5
+    sv[16] = sv[15] * (1 - 0.0025)
+    cases["1536x1536, s_i ~ i^-1/2, s_17 = 0.9975 s_16"] = ((u * sv) @ v.T).float()
+    print("\n== low-rank factoriser: gap to the optimal rank-r update (dist = ||B'A' - C_r|| / ||C_r||, "
+          "energy = extra lost energy / ||C||^2), time (min of 3)")
+    for label, c in cases.items():
+        c64 = c.double()
+        uu, ss, vvh = torch.linalg.svd(c64, full_matrices=False)
+        total = float((ss**2).sum())
+        for rank in (16, 64, 128):
+            if rank >= min(c.shape):
+                continue
+            best = (uu[:, :rank] * ss[:rank]) @ vvh[:rank]
+            row = []
+            for tag, fn in (("before", old_top_singular), ("after", linalg.top_singular), ("LAPACK svd", full_svd_rank)):
+                times = []
+                for _ in range(3):
+                    t = time.perf_counter()
+                    a, b, vh = fn(c, rank)
+                    times.append(time.perf_counter() - t)
+                got = (a.double() * b.double()) @ vh.double()
+                dist = float((got - best).norm() / best.norm())
+                energy = (float((c64 - got).norm()) ** 2 - float((ss[rank:] ** 2).sum())) / total
+                row.append(f"{tag} {min(times) * 1e3:6.0f} ms dist {dist:.1e} energy {energy:.1e}")
+            print(f"   {label}, rank {rank} (s_r/s_r+1 = {float(ss[rank - 1] / ss[rank]):.4f}):")
+            print("      " + " | ".join(row))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shapes", default="8960x1536", help="comma-separated out x in shapes")
@@ -147,6 +250,10 @@ def main() -> None:
     for i, shape in enumerate(shapes):
         if "fidelity" in sections:
             fidelity(shape, completions, args.seed + i, params, fixture_kw)
+        if "storage" in sections:
+            storage(shape, args.seed + i, params, fixture_kw)
+        if "lowrank" in sections and i == 0:
+            lowrank(shape, args.seed + i, params, fixture_kw)
 
 
 if __name__ == "__main__":

@@ -91,8 +91,9 @@ SLOW = [  # singular values r / r+1 inside a flat or slowly decaying stretch of 
 @pytest.mark.parametrize("label, make, rank", SLOW, ids=[r[0] for r in SLOW])
 def test_slow_spectra_energy_within_documented_bound(label, make, rank):
     """Where the leading pairs cannot converge within the iteration budget (the previous fixed
-    cost), the directions kept are near-interchangeable and the energy is what matters: it
-    stays within 1e-5 of the optimum (documented in linalg.top_singular)."""
+    cost), the result is not optimal; on a flat tail (CASA's restoration floor) and a 1/i decay
+    the energy stays within 1e-5 of the optimum (documented in linalg.top_singular).  A slower
+    i^-1/2 decay is worse (5e-4 at rank 64 of 1536, printed by the benchmark) and not claimed."""
     c64 = make()
     dist, energy = ours(c64, rank)
     ref_dist, _ = lapack_float32(c64, rank)
