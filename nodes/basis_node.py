@@ -34,8 +34,10 @@ class CASALoadSourceBasis(io.ComfyNode):
                     "storage",
                     options=["float16", "float32"],
                     default="float16",
-                    tooltip="Precision of the cache on disk. float16 halves the disk space "
-                    "(about 4 GB for Wan2.1-1.3B) and is accurate enough; float32 is exact.",
+                    tooltip="Precision of the cache on disk. float16 halves the disk space (about 4 GB "
+                    "for Wan2.1-1.3B). Measured against float32: the restored weights move by about 5e-4 "
+                    "of the restored drift (1e-5 to 1e-4 of the whole update), and a CASA decision that sits "
+                    "right at its threshold can flip (up to ~2e-3 of a layer's update). float32 is exact.",
                 ),
             ],
             outputs=[BasisType.Output(display_name="basis")],
