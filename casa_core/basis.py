@@ -46,7 +46,8 @@ class SourceBasis:
     def layer(self, name: str, device: torch.device | str = "cpu") -> L.LayerBasis:
         with self.cache.open_layer(name) as f:
             return L.LayerBasis(
-                name, self.layers[name], decode(f, "U", device), decode(f, "S", device), decode(f, "V", device)
+                name, self.layers[name], decode(f, "U", device), decode(f, "S", device), decode(f, "V", device),
+                refine=self.storage != "float32",
             )
 
     def bytes_on_disk(self) -> int:

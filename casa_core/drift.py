@@ -196,7 +196,9 @@ def encode_drift(d: L.LayerDrift, storage: str) -> tuple[dict[str, torch.Tensor]
 
 
 def drift_cache(basis: SourceBasis, drift: DriftSource, cache_dir: str | Path) -> LayerCache:
-    return LayerCache(Path(cache_dir), "drift", settings_key("drift", basis.key, drift.identity()))
+    # a float16 basis gives refined coordinates (casa_core.layer): not those of older caches
+    extra = () if basis.storage == "float32" else ("refined-coordinates",)
+    return LayerCache(Path(cache_dir), "drift", settings_key("drift", basis.key, drift.identity(), *extra))
 
 
 def load_or_build_drift(

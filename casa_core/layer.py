@@ -26,6 +26,18 @@ coordinates in the orthogonal complement of ``span(U)``.  We use, in this order:
 
 With square layers no completion is needed.  Handed the reference's full bases, the routing
 code (:mod:`casa_core.routing`) reproduces the reference exactly; see ``tests``.
+
+Non-square layers' arbitration does not use these rows entry by entry: it is the expectation
+over uniformly random completions of ``U`` (:mod:`casa_core.completion`), which needs only the
+basis-invariant per-column quantities of the drift's and the LoRA's complement parts, so the
+particular ``Q2``/``Q3`` above (and the triangular ``C_F`` of the QR) no longer matter.
+
+Float16 storage.  ``U`` and ``V`` read back from a float16 cache are orthonormal only to about
+5e-4; plain projections ``U^T x V`` would then rebuild the drift and the LoRA with that error
+(restoration off by ~4.8e-4 of the update).  Such a basis is marked ``refine``: coordinates are
+solved for with one residual-refinement step (``c = U^T x``; ``c += U^T (x - U c)``), which makes
+``U C V^T`` reproduce the drift and the LoRA to float32 rounding at ``O(M N r)`` extra cost per
+LoRA (a few extra ``N x N`` products per layer once, for the drift).
 """
 from __future__ import annotations
 
@@ -49,6 +61,9 @@ class LayerBasis:
     U: torch.Tensor  # M x N
     S: torch.Tensor  # N
     V: torch.Tensor  # N x N
+    # U and V decoded from float16 storage: orthonormal only to ~5e-4, so coordinates are solved
+    # for (least squares, one refinement step) rather than taken as plain projections
+    refine: bool = False
 
     @property
     def transposed(self) -> bool:
@@ -63,7 +78,22 @@ class LayerBasis:
         return (max(self.shape), min(self.shape))
 
     def to(self, device: torch.device) -> "LayerBasis":
-        return LayerBasis(self.name, self.shape, self.U.to(device), self.S.to(device), self.V.to(device))
+        return LayerBasis(self.name, self.shape, self.U.to(device), self.S.to(device), self.V.to(device), self.refine)
+
+    def left_coords(self, x: torch.Tensor) -> torch.Tensor:
+        """Coordinates ``c`` with ``U c`` the part of ``x`` (``M x q``) in ``span(U)``: ``U^T x``,
+        refined once by the residual when ``U`` is only nearly orthonormal."""
+        c = self.U.T @ x
+        if self.refine:
+            c = c + self.U.T @ (x - self.U @ c)
+        return c
+
+    def right_coords(self, x: torch.Tensor) -> torch.Tensor:
+        """Coordinates ``y`` with ``y V^T = x`` for ``x: q x N``: ``x V``, refined likewise."""
+        y = x @ self.V
+        if self.refine:
+            y = y + (x - y @ self.V.T) @ self.V
+        return y
 
 
 def tall(w: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
@@ -111,8 +141,8 @@ class LayerDrift:
 def compute_drift(basis: LayerBasis, d_f: torch.Tensor) -> LayerDrift:
     """``C_F`` from the drift ``dF = W_t - W_s`` given as ``out x in`` float32."""
     d = tall(d_f, basis.shape)
-    dv = d @ basis.V
-    c_f = basis.U.T @ dv
+    dv = basis.right_coords(d)
+    c_f = basis.left_coords(dv)
     if basis.square:
         return LayerDrift(basis.name, c_f)
     e = dv - basis.U @ c_f
@@ -219,11 +249,13 @@ def coordinates(
     if right is None:
         left = tall(left, basis.shape)
         right_v = basis.V
+        if basis.refine:  # the dense update's right factor is the identity
+            right_v = basis.right_coords(torch.eye(right_v.shape[0], dtype=right_v.dtype, device=right_v.device))
     else:
         if basis.transposed:
             left, right = right.T, left.T
-        right_v = right @ basis.V  # q x N
-    top = basis.U.T @ left  # N x q
+        right_v = basis.right_coords(right)  # q x N
+    top = basis.left_coords(left)  # N x q
     if basis.square:
         return Coordinates(basis, drift, top, right_v, None)
     rest = left - basis.U @ top

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import completion
 from .linalg import exact_quantile
 
 ROTATION_EPS = 1e-6  # added to singular-value gaps (reference behaviour)
@@ -167,6 +168,20 @@ def block_cosine(c_l_k: torch.Tensor, c_f_k: torch.Tensor, labels: torch.Tensor,
 
 
 @dataclass
+class ComplementArbitration:
+    """The complement rows of a non-square layer, treated as a generic completion
+    (:mod:`casa_core.completion`): per column, expected candidates and arbitrated entries among
+    the ``dim`` complement rows, and the coefficients of ``C_new``'s complement column
+    ``alpha C_F + beta C_L`` (restoration, the LoRA kept, or the expected arbitration)."""
+
+    dim: int
+    candidates: torch.Tensor  # float64 per column (CPU)
+    arbitrated: torch.Tensor  # float64 per column (CPU)
+    alpha: torch.Tensor  # float64 per column: C_new's complement column = alpha C_F + beta C_L
+    beta: torch.Tensor
+
+
+@dataclass
 class Routing:
     """Everything CASA decided for one layer, kept for the report and the heatmaps."""
 
@@ -179,6 +194,7 @@ class Routing:
     arbitrated_mask: torch.Tensor | None = None
     threshold: float | None = None
     stats: dict = field(default_factory=dict)
+    complement: ComplementArbitration | None = None  # only with ``complement_dim``
 
 
 def analyse(c_l: torch.Tensor, c_f: torch.Tensor, s: torch.Tensor, square: bool, params: CasaParams) -> Routing:
@@ -192,23 +208,35 @@ def analyse(c_l: torch.Tensor, c_f: torch.Tensor, s: torch.Tensor, square: bool,
 
 
 def casa_update(
-    c_l: torch.Tensor, c_f: torch.Tensor, s: torch.Tensor, square: bool, params: CasaParams
+    c_l: torch.Tensor, c_f: torch.Tensor, s: torch.Tensor, square: bool, params: CasaParams,
+    complement_dim: int | None = None,
 ) -> tuple[torch.Tensor, Routing]:
     """CASA's new routing ``C_new`` for one layer (algorithm.md steps 1-6 and the ablations).
 
     The target's effective routing after the patch is ``C_F + C_new``.
+
+    ``complement_dim`` (non-square layers only): the rows at or beyond ``k`` are an orthonormal
+    basis of a subspace of the ``complement_dim``-dimensional complement of ``span(U)`` that holds
+    all of the drift's and the LoRA's complement parts (the compact coordinates of
+    :mod:`casa_core.layer`).  Their arbitration is then the expectation over uniformly random
+    completions of ``U`` (:mod:`casa_core.completion`): invariant to the basis those rows use, and
+    the statistics count all ``complement_dim`` rows.  Without it every row is an entry of the
+    given bases (the reference code's behaviour, exact with its full bases).
     """
     routing = analyse(c_l, c_f, s, square, params)
     k = routing.k
     d = routing.dominance.mask()
+    generic = complement_dim is not None and not square
 
-    # Outside D: restoration (C_L - C_F) or, without it, the LoRA unchanged.
-    c_new = c_l - c_f if params.restore else c_l.clone()
-    # Inside D: start from the LoRA unchanged.
-    c_new = torch.where(d, c_l, c_new)
-
-    arbitrated = torch.zeros_like(d)
-    if params.arbitrate:
+    if generic:
+        c_new, arbitrated = _casa_generic(c_l, c_f, d, routing, params, int(complement_dim))
+    else:
+        # Outside D: restoration (C_L - C_F) or, without it, the LoRA unchanged.
+        c_new = c_l - c_f if params.restore else c_l.clone()
+        # Inside D: start from the LoRA unchanged.
+        c_new = torch.where(d, c_l, c_new)
+        arbitrated = torch.zeros_like(d)
+    if params.arbitrate and not generic:
         candidates = d & (torch.sign(c_l) == torch.sign(c_f))
         n_cand = int(candidates.sum())
         routing.candidates = n_cand
@@ -224,7 +252,15 @@ def casa_update(
             c_new = torch.where(arbitrated, stronger, c_new)
     routing.arbitrated_mask = arbitrated
     rows, cols = c_l.shape
-    n_d = int(d.sum())
+    n_arb = int(torch.count_nonzero(arbitrated))
+    if generic:  # count every complement row, as a full completion has them
+        comp_rows = int(complement_dim)
+        rows = k + comp_rows
+        n_d = int(torch.count_nonzero(d[:k])) + comp_rows * int(torch.count_nonzero(routing.dominance.cols))
+        if routing.complement is not None:
+            n_arb += round(float(routing.complement.arbitrated.sum()))
+    else:
+        n_d = int(torch.count_nonzero(d))
     routing.stats = {
         "k": k,
         "clusters": routing.n_clusters,
@@ -235,7 +271,82 @@ def casa_update(
         "entries": rows * cols,
         "dominant_entries": n_d,
         "candidates": routing.candidates,
-        "arbitrated_entries": int(arbitrated.sum()),
+        "arbitrated_entries": n_arb,
         "arbitration_threshold": routing.threshold,
     }
     return c_new, routing
+
+
+def _casa_generic(
+    c_l: torch.Tensor, c_f: torch.Tensor, d: torch.Tensor, routing: Routing, params: CasaParams, dim: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``C_new`` of a non-square layer: entry by entry in the top ``k`` rows, and on the complement
+    rows the expectation over random completions (see :func:`casa_update`)."""
+    k = routing.k
+    top_l, top_f = c_l[:k], c_f[:k]
+    d_top = d[:k]
+    new_top = top_l - top_f if params.restore else top_l.clone()
+    new_top = torch.where(d_top, top_l, new_top)
+    arbitrated = torch.zeros_like(d)
+    comp_l, comp_f = c_l[k:], c_f[k:]
+    dom_cols = routing.dominance.cols
+    # complement column j of C_new = beta_j C_L + alpha_j C_F: restoration outside the dominant
+    # columns, the LoRA inside them unless arbitrated (then the expectation's coefficients)
+    n = c_l.shape[1]
+    beta = torch.ones(n, dtype=torch.float64)
+    alpha = torch.where(dom_cols.cpu(), 0.0, -1.0 if params.restore else 0.0).double()
+    comp = ComplementArbitration(dim, torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64),
+                                 alpha, beta)
+    if params.arbitrate:
+        found = _arbitrate_generic(top_l, top_f, d_top, comp_l, comp_f, routing, params, dim)
+        if found is not None:
+            arb_top, cols, exp_cand = found
+            sel_l, sel_f = top_l[arb_top], top_f[arb_top]
+            new_top[arb_top] = torch.where(sel_l.abs() > sel_f.abs(), sel_l - sel_f, torch.zeros_like(sel_l))
+            arbitrated[:k] = arb_top
+            a_arb, b_arb, exp_arb = cols.expected_update(routing.threshold)
+            act = torch.from_numpy(cols.active)
+            comp = ComplementArbitration(dim, torch.from_numpy(exp_cand), torch.from_numpy(exp_arb),
+                                         torch.where(act, torch.from_numpy(a_arb), alpha),
+                                         torch.where(act, torch.from_numpy(b_arb), beta))
+    routing.complement = comp
+    alpha, beta = comp.alpha, comp.beta
+    if comp_l.shape[0] == 0:
+        return new_top, arbitrated
+    new_comp = comp_l * beta.to(c_l.device, c_l.dtype)
+    new_comp.addcmul_(comp_f, alpha.to(c_l.device, c_l.dtype))
+    return torch.cat([new_top, new_comp]), arbitrated
+
+
+def _arbitrate_generic(
+    top_l: torch.Tensor, top_f: torch.Tensor, d_top: torch.Tensor, comp_l: torch.Tensor, comp_f: torch.Tensor,
+    routing: Routing, params: CasaParams, dim: int,
+) -> tuple[torch.Tensor, completion.ComplementColumns, object] | None:
+    """The arbitration threshold of a non-square layer, the ``q_act`` quantile of the top block's
+    candidates and the complement's expected ones (set on ``routing``), and ``(arbitrated top
+    entries, the complement's columns, their expected candidates)``; None without candidates."""
+    k = routing.k
+    candidates = d_top & (torch.sign(top_l) == torch.sign(top_f))
+    score = (top_l * top_f).abs_()
+    ctx = routing.cosine[routing.labels[:, None], routing.labels[None, :]]
+    score[:, :k] *= ctx
+    top_scores = score[candidates]
+    # per-column |e|^2, |l|^2, e.l of the complement parts: the same in any basis of it
+    cols = completion.ComplementColumns.from_column_stats(
+        (comp_f * comp_f).sum(0).double().cpu().numpy(),
+        (comp_l * comp_l).sum(0).double().cpu().numpy(),
+        (comp_l * comp_f).sum(0).double().cpu().numpy(),
+        dim, routing.dominance.cols.cpu().numpy(),
+    )
+    exp_cand = cols.expected_candidates()
+    n_comp = float(exp_cand.sum())
+    routing.candidates = int(torch.count_nonzero(candidates)) + round(n_comp)
+    if top_scores.numel() == 0 and n_comp == 0.0:
+        return None
+    if n_comp == 0.0:
+        threshold = float(exact_quantile(top_scores, params.q_act))
+    else:
+        threshold = completion.mixture_threshold(top_scores.double().cpu().numpy(), cols, params.q_act)
+    routing.threshold = threshold
+    arb_top = candidates & (score > torch.tensor(threshold, dtype=torch.float64).to(score.dtype))
+    return arb_top, cols, exp_cand

@@ -8,7 +8,9 @@ One more group collects every row/column beyond the leading subspace (index >= k
 Per group pair (a, b) the data hold sums over the block ``rows in a x columns in b``:
 ``drift_energy`` (sum C_F^2), ``lora_energy`` (sum C_L^2), ``dot`` (sum C_L * C_F),
 ``count``, ``restored`` (entries outside D) and ``arbitrated``; ``preserved = count -
-restored - arbitrated``.  Alignment = dot / sqrt(lora_energy * drift_energy).
+restored - arbitrated``.  Alignment = dot / sqrt(lora_energy * drift_energy).  On a non-square
+layer the group beyond k counts all ``M - N`` complement rows, with the expected arbitrated
+counts of :mod:`casa_core.completion`.
 """
 from __future__ import annotations
 
@@ -93,6 +95,15 @@ def routing_summary(c_l: torch.Tensor, c_f: torch.Tensor, routing: Routing, max_
         "arbitrated": _pair_sums(arb.to(c_l.dtype), row_oh, col_oh),
     }
     sizes_r, sizes_c = row_oh.sum(1).cpu().double(), col_oh.sum(1).cpu().double()
+    comp = routing.complement
+    if comp is not None:
+        # a non-square layer's complement: all comp.dim rows, arbitrated in expectation
+        # (the energies and dots above are sums over a basis of it, the same in any basis)
+        sizes_r[outside] = comp.dim
+        col_oh64 = col_oh.cpu().double()
+        free_cols = col_oh64 @ (~routing.dominance.cols).cpu().double()
+        out["restored"][outside] = comp.dim * free_cols
+        out["arbitrated"][outside] = col_oh64 @ comp.arbitrated.double()
     out["count"] = sizes_r[:, None] * sizes_c[None, :]
     out = {name: t.float().cpu() for name, t in out.items()}
     out["labels"] = routing.labels.to(torch.int32).cpu()

@@ -23,7 +23,9 @@ def casa_layer(
     """``C_new`` for one layer; with ``summary`` also the cluster-level routing data."""
     p = replace(params, **VARIANTS[variant])
     c_l, c_f = coords.c_l(), coords.c_f()
-    c_new, routing = casa_update(c_l, c_f, coords.basis.S, coords.basis.square, p)
+    b = coords.basis
+    comp_dim = None if b.square else b.tall_shape[0] - b.tall_shape[1]
+    c_new, routing = casa_update(c_l, c_f, b.S, b.square, p, complement_dim=comp_dim)
     upd = CoordUpdate(c=c_new, stats=dict(routing.stats), routing=routing)
     if summary:
         upd.summary = routing_summary(c_l, c_f, routing)
