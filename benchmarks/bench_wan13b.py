@@ -637,7 +637,7 @@ def main() -> int:
         print(f"14B warm drift-cache hit (whole model): {wh['warm_hit_s']:.2f} s (memoised file digests + manifests "
               f"{wh['fixed_s']:.2f} s, spot check of {SPOT_LAYERS} layers {wh['spot_s']:.2f} s, patches of a "
               f"rank-{DISTILL_RANK_14B} distillation LoRA {wh['patches_s']:.2f} s); before, hashing every weight: "
-              f"{wh['hash_all_s']:.0f} s", flush=True)
+              f"{wh['hash_all_s']:.1f} s", flush=True)
         if not a.keep:
             shutil.rmtree(out / "w14b")
     print(f"\n({load_average()})")
