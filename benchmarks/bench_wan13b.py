@@ -261,9 +261,10 @@ def run_step(out: Path, step: str, rank: int, device: str) -> dict:
 def run_child(out: Path, step: str, a) -> dict:
     if a.in_process:
         return run_step(out, step, a.rank, a.device)
+    threads = ["--threads", str(a.threads)] if a.threads else []
     child = subprocess.run(
-        [sys.executable, __file__, "--child", step, "--out", str(out), "--rank", str(a.rank), "--device", a.device],
-        capture_output=True, text=True,
+        [sys.executable, __file__, "--child", step, "--out", str(out), "--rank", str(a.rank), "--device", a.device,
+         *threads], capture_output=True, text=True,
     )
     if child.returncode != 0:
         sys.stderr.write(child.stdout + child.stderr)
@@ -571,8 +572,11 @@ def main() -> int:
     ap.add_argument("--keep", action="store_true", help="keep the generated files and caches")
     ap.add_argument("--in-process", action="store_true",
                     help="run every step in this process (faster to start; peak RSS then less exact)")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--child", choices=["basis", "drift", "lowrank", "exact"], help=argparse.SUPPRESS)
     a = ap.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
     if a.child:
         print(json.dumps(run_step(Path(a.out), a.child, a.rank, a.device)))
         return 0
