@@ -54,3 +54,26 @@ def test_routing_data_is_computed_only_when_asked_for(files, monkeypatch, mode):
     digest = [hashlib.sha256((files / f"{p}_{mode}.safetensors").read_bytes()).hexdigest() for p in "ab"]
     assert digest[0] == digest[1]
     assert with_data.to_json()["layers"] == without.to_json()["layers"]
+
+
+def test_triangular_complement_decodes_to_the_same_matrix():
+    """The drift cache stores an upper-triangular C_F2 as its upper triangle (triu_indices order)."""
+    from casa_core import layer as L
+    from casa_core.drift import decode_drift, encode_drift
+
+    g = torch.Generator().manual_seed(4)
+    n, m = 7, 19
+    c_f2 = torch.randn(n, n, generator=g).triu()
+    q, _ = torch.linalg.qr(torch.randn(m, n, generator=g))
+    d = L.LayerDrift("x", torch.randn(n, n, generator=g), L.Complement(c_f=c_f2, q=q))
+    tensors, info = encode_drift(d, "float32")
+    assert "C_F2.triu" in tensors and tensors["C_F2.triu"].numel() == n * (n + 1) // 2
+    back = decode_drift("x", tensors, info)
+    assert torch.equal(back.complement.c_f, c_f2)  # float32 storage: exact, zeros below the diagonal
+    # and element by element where the plain index arithmetic puts them
+    flat = tensors["C_F2.triu"]
+    k = 0
+    for i in range(n):
+        for j in range(i, n):
+            assert back.complement.c_f[i, j] == flat[k]
+            k += 1
