@@ -77,3 +77,18 @@ def test_triangular_complement_decodes_to_the_same_matrix():
         for j in range(i, n):
             assert back.complement.c_f[i, j] == flat[k]
             k += 1
+
+
+def test_cache_decode_scales_a_copy_never_the_stored_tensor():
+    from casa_core.cache import decode, encode
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(30, 20, generator=g) * 1e-3
+    stored = {"C" + k: v for k, v in encode(x, "float16", scaled=True).items()}
+    assert stored["C"].dtype == torch.float16 and "C.scale" in stored
+    expect = stored["C"].float() * float(stored["C.scale"][0])
+    assert torch.equal(decode(stored, "C"), expect)
+    # a float32 tensor with a scale: decoding must not scale the tensor it was handed
+    given = {"C": x.clone(), "C.scale": torch.tensor([2.0])}
+    out = decode(given, "C")
+    assert torch.equal(given["C"], x) and torch.equal(out, x * 2.0)
