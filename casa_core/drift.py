@@ -168,9 +168,10 @@ def decode_drift(name: str, tensors: dict[str, torch.Tensor], info: dict, device
         q = dec("Q2")
         if "C_F2.triu" in tensors:  # upper triangular, stored as its upper triangle
             n = q.shape[1]
-            rows, cols = torch.triu_indices(n, n, device=device)
-            c_f2 = torch.zeros(n, n, device=device)
-            c_f2[rows, cols] = dec("C_F2.triu")
+            # row-major upper triangle, the order encode_drift stored it in (triu_indices'); a boolean
+            # mask costs n*n bytes where the two int64 index vectors cost 8*n*(n+1) bytes
+            upper = torch.ones(n, n, dtype=torch.bool, device=device).triu_()
+            c_f2 = torch.zeros(n, n, device=device).masked_scatter_(upper, dec("C_F2.triu"))
         else:
             c_f2 = dec("C_F2")
         comp = L.Complement(c_f=c_f2, q=q)

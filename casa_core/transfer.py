@@ -9,7 +9,7 @@ import json
 import os
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -205,6 +205,9 @@ def run_transfer_to_file(
 
     t0 = time.perf_counter()
     report = start_report(lora, cfg, strength)
+    if summaries is None and cfg.routing_data:
+        # the heatmaps' routing data would be thrown away: not computing it changes nothing written
+        cfg = replace(cfg, routing_data=False)
     results = iter_transfer(lora, basis, drift, cfg, report, progress)
     if summaries is not None:
         def keep(it):

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import hashlib
 
-import torch
-
 import comfy.lora
 import comfy.model_patcher
+import torch
+
+from .model_identity import file_identity
 
 try:  # ComfyUI >= 0.4
     from comfy.quant_ops import QuantizedTensor
@@ -85,7 +86,11 @@ class ComfyModelWeights:
             return comfy.lora.calculate_weight(patches, w, key, intermediate_dtype=torch.float64)
 
     def identity(self) -> str:
-        """Content digest of the effective weights (original weights + this patcher's patches)."""
+        """The loaded file's digest + how it was loaded + this patcher's patches when ComfyUI says which
+        file the model came from (``model_identity``: a few layers are read to check it), else a content digest of the
+        effective weights (original weights + this patcher's patches)."""
+        if self._identity is None:
+            self._identity = file_identity(self.patcher, self.layers, self.original, prefix=PREFIX)
         if self._identity is None:
             h = hashlib.blake2b(digest_size=20)
             for layer in sorted(self.layers):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers.device import DEVICE
 
 from casa_core import layer as L
 from casa_core.drift import weight_difference
@@ -37,7 +38,7 @@ def test_one_ulp_of_drift_moves_the_transfer_by_ulps(shape):
     m, n = shape
     w, u, s, v = spectral_weight(m, n, gen)
     w = w.float()
-    b = L.compute_basis("layer", w)
+    b = L.compute_basis("layer", w.to(DEVICE))
     # a distillation LoRA's drift: rank 8, 0.5 % of the weight, partly in the head directions
     h = 8
     d_up = torch.cat([u[:, :4], torch.randn(m, h - 4, generator=gen) / m**0.5], 1) @ torch.randn(h, h, generator=gen)
@@ -47,6 +48,7 @@ def test_one_ulp_of_drift_moves_the_transfer_by_ulps(shape):
     up = torch.randn(m, 16, generator=gen)
     down = torch.randn(16, n, generator=gen)
     up *= 2e-2 * float(w.norm() / (up @ down).norm())
+    delta, up, down = delta.to(DEVICE), up.to(DEVICE), down.to(DEVICE)
 
     ref, r0 = _transfer(b, delta, up, down)
     again, _ = _transfer(b, delta.clone(), up, down)
@@ -62,6 +64,7 @@ def test_one_ulp_of_drift_moves_the_transfer_by_ulps(shape):
     assert ulp_move < 1e-5, ulp_move
 
     # the old route: W_t = float32(W_s + dF), drift = W_t - W_s in float32 (what the node used to do)
+    w = w.to(DEVICE)
     old = (w + delta) - w
     assert not torch.equal(old, delta)
     old_move = _rel(_transfer(b, old, up, down)[0], ref)

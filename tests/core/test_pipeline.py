@@ -20,6 +20,7 @@ from casa_core.routing import CasaParams
 from casa_core.transfer import TransferConfig, run_transfer_to_file
 from safetensors.torch import load_file
 
+from helpers.device import DEVICE
 from helpers.plain import plain_casa
 
 SHAPE = synth.WanShape(dim=128, ffn_dim=256, blocks=2)
@@ -53,11 +54,12 @@ def _dense_delta(path: Path, layer: str) -> torch.Tensor:
 
 def test_exact_casa_matches_independent_float64_computation(trio):
     source, target, cache = _open(trio)
-    basis = load_or_build_basis(source, cache, storage="float32")
-    drift = load_or_build_drift(basis, WeightDifference(source, target), cache)
+    basis = load_or_build_basis(source, cache, storage="float32", device=DEVICE)
+    drift = load_or_build_drift(basis, WeightDifference(source, target), cache, device=DEVICE)
     lora = read_lora(trio / "lora.safetensors", basis.layers)
     out = trio / "casa_exact.safetensors"
-    run_transfer_to_file(lora, basis, drift, TransferConfig(output=OutputSpec(mode="exact", rank=None)), 1.0, out,
+    cfg = TransferConfig(output=OutputSpec(mode="exact", rank=None), device=DEVICE)
+    run_transfer_to_file(lora, basis, drift, cfg, 1.0, out,
                          dtype=torch.float32)
     raw = load_file(str(trio / "lora.safetensors"))
     checked = 0
@@ -87,11 +89,11 @@ def test_exact_casa_matches_independent_float64_computation(trio):
 
 def test_lowrank_keeps_reported_share_and_is_deterministic(trio):
     source, target, cache = _open(trio)
-    basis = load_or_build_basis(source, cache)
-    drift = load_or_build_drift(basis, WeightDifference(source, target), cache)
+    basis = load_or_build_basis(source, cache, device=DEVICE)
+    drift = load_or_build_drift(basis, WeightDifference(source, target), cache, device=DEVICE)
     lora = read_lora(trio / "lora.safetensors", basis.layers)
-    cfg_exact = TransferConfig(output=OutputSpec(mode="exact", rank=None))
-    cfg_low = TransferConfig(output=OutputSpec(mode="lowrank", rank=16))
+    cfg_exact = TransferConfig(output=OutputSpec(mode="exact", rank=None), device=DEVICE)
+    cfg_low = TransferConfig(output=OutputSpec(mode="lowrank", rank=16), device=DEVICE)
     run_transfer_to_file(lora, basis, drift, cfg_exact, 1.0, trio / "e.safetensors", dtype=torch.float32)
     rep = run_transfer_to_file(lora, basis, drift, cfg_low, 1.0, trio / "l1.safetensors", dtype=torch.float32)
     run_transfer_to_file(lora, basis, drift, cfg_low, 1.0, trio / "l2.safetensors", dtype=torch.float32)
@@ -110,8 +112,8 @@ def test_lowrank_keeps_reported_share_and_is_deterministic(trio):
 
 def test_second_run_reuses_caches(trio, monkeypatch):
     source, target, cache = _open(trio)
-    basis = load_or_build_basis(source, cache)
-    drift = load_or_build_drift(basis, WeightDifference(source, target), cache)
+    basis = load_or_build_basis(source, cache, device=DEVICE)
+    drift = load_or_build_drift(basis, WeightDifference(source, target), cache, device=DEVICE)
     import casa_core.layer as L
 
     def boom(*a, **k):
@@ -119,8 +121,8 @@ def test_second_run_reuses_caches(trio, monkeypatch):
 
     monkeypatch.setattr(L, "compute_basis", boom)
     monkeypatch.setattr(L, "compute_drift", boom)
-    basis2 = load_or_build_basis(source, cache)
-    drift2 = load_or_build_drift(basis2, WeightDifference(source, target), cache)
+    basis2 = load_or_build_basis(source, cache, device=DEVICE)
+    drift2 = load_or_build_drift(basis2, WeightDifference(source, target), cache, device=DEVICE)
     # the same cache folders, and the same numbers as the first build
     assert basis2.cache.final == basis.cache.final
     name = "blocks.0.ffn.0"
@@ -144,10 +146,10 @@ def test_interrupted_basis_leaves_no_cache_and_resumes(tmp_path):
             raise Stop
 
     with pytest.raises(Stop):
-        load_or_build_basis(src, cache, progress=stop_at_5)
+        load_or_build_basis(src, cache, progress=stop_at_5, device=DEVICE)
     assert not any(p.name.startswith("basis-") and not p.name.endswith(".partial") for p in cache.iterdir())
     seen = []
-    basis = load_or_build_basis(src, cache, progress=lambda d, t, n: seen.append(n))
+    basis = load_or_build_basis(src, cache, progress=lambda d, t, n: seen.append(n), device=DEVICE)
     assert len(basis.layers) == len(src.layers)
     assert len(seen) == len(src.layers)
 
@@ -158,7 +160,7 @@ def test_cache_of_another_source_is_not_reused(tmp_path):
         base, _ = synth.wan_state_dict(SHAPE, seed=seed, dtype=torch.float32)
         write_file(str(tmp_path / "b.safetensors"), base)  # same path, new content
         src = Checkpoint(tmp_path / "b.safetensors", memo_dir=cache)
-        basis = load_or_build_basis(src, cache, storage="float32")
+        basis = load_or_build_basis(src, cache, storage="float32", device=DEVICE)
         w = src.get("blocks.0.self_attn.q").double()
         b = basis.layer("blocks.0.self_attn.q")
         rebuilt = (b.U.double() * b.S.double()) @ b.V.double().T
@@ -180,9 +182,11 @@ def test_distillation_lora_drift_equals_checkpoint_drift(tmp_path):
     write_file(str(tmp_path / "merged.safetensors"), merged)
     cache = tmp_path / "cache"
     src = Checkpoint(tmp_path / "base.safetensors")
-    basis = load_or_build_basis(src, cache, storage="float32")
-    d1 = load_or_build_drift(basis, LoRADrift(read_lora(tmp_path / "distill.safetensors", src.layers), src), cache)
-    d2 = load_or_build_drift(basis, WeightDifference(src, Checkpoint(tmp_path / "merged.safetensors")), cache)
+    basis = load_or_build_basis(src, cache, storage="float32", device=DEVICE)
+    d1 = load_or_build_drift(basis, LoRADrift(read_lora(tmp_path / "distill.safetensors", src.layers), src), cache,
+                             device=DEVICE)
+    d2 = load_or_build_drift(basis, WeightDifference(src, Checkpoint(tmp_path / "merged.safetensors")), cache,
+                             device=DEVICE)
     for layer in ["blocks.0.self_attn.q", "blocks.1.ffn.0", "blocks.1.ffn.2", "head.head"]:
         b = basis.layer(layer)
         a, c = d1.layer(layer, b), d2.layer(layer, b)
@@ -192,8 +196,8 @@ def test_distillation_lora_drift_equals_checkpoint_drift(tmp_path):
 
 def test_float16_cache_error_is_small(trio):
     source, target, cache = _open(trio)
-    b16 = load_or_build_basis(source, cache, storage="float16")
-    d16 = load_or_build_drift(b16, WeightDifference(source, target), cache)
+    b16 = load_or_build_basis(source, cache, storage="float16", device=DEVICE)
+    d16 = load_or_build_drift(b16, WeightDifference(source, target), cache, device=DEVICE)
     from casa_core.layer import drift_dense
 
     for layer in ["blocks.0.self_attn.q", "blocks.0.ffn.0", "blocks.1.ffn.2"]:
@@ -219,5 +223,5 @@ def test_nan_in_source_is_a_clear_error(tmp_path):
     base["blocks.1.ffn.0.weight"][3, 4] = float("nan")
     write_file(str(tmp_path / "bad.safetensors"), base)
     with pytest.raises(CasaError) as exc:
-        load_or_build_basis(Checkpoint(tmp_path / "bad.safetensors"), tmp_path / "cache")
+        load_or_build_basis(Checkpoint(tmp_path / "bad.safetensors"), tmp_path / "cache", device=DEVICE)
     assert "bad.safetensors" in str(exc.value) and "blocks.1.ffn.0" in str(exc.value)
