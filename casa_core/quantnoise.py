@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["GGUF_GRIDS", "StorageGrid", "drift_snr", "noise_energy", "separate_drift"]
+__all__ = ["GGUF_GRIDS", "StorageGrid", "drift_snr", "grid_of", "noise_energy", "separate_drift"]
 
 # fp8 formats: (mantissa bits, smallest normal exponent)
 _FLOAT_GRIDS = {
@@ -149,6 +149,18 @@ def _gguf_cells(w: torch.Tensor, qtype: str):
     qmax = _SYMMETRIC_QMAX.get(qtype, levels - 1)
     half = (step * (0.5 + qmax * 2.0 ** -11) * _SCALE_SLACK.get(qtype, 1.0)).expand_as(b).reshape(m, n)
     return -half, half.clone()
+
+
+def grid_of(w: torch.Tensor) -> StorageGrid | None:
+    """The grid of a weight from its dtype, or, for a float32 tensor, from its values: a float32 copy of
+    bfloat16 (or float16) weights, as ComfyUI makes when it upcasts a model, lies on that grid."""
+    grid = StorageGrid.of_dtype(w.dtype)
+    if grid is not None or w.dtype != torch.float32:
+        return grid
+    for dtype in (torch.bfloat16, torch.float16):
+        if bool(torch.equal(w.to(dtype).float(), w)):
+            return StorageGrid.of_dtype(dtype)
+    return None
 
 
 def noise_energy(lo: torch.Tensor, hi: torch.Tensor) -> float:

@@ -20,8 +20,8 @@ by a scale: legacy files carry ``<module>.scale_weight`` (plus a ``scaled_fp8`` 
 files ``<module>.weight_scale`` (scalar, or per output row) with a ``<module>.comfy_quant`` JSON tensor
 or a ``_quantization_metadata`` header entry; the weight is ``w.float() * scale``. Other quantisation
 formats (nvfp4, mxfp8, int8, …) pack weights differently and are refused with a clear message.
-``grid(layer)`` describes an fp8 layer's storage grid (:class:`~casa_core.quantnoise.StorageGrid`), from
-which the drift estimates the quantisation noise of the layer; float16/bfloat16/float32 layers have none.
+``grid(layer)`` describes a layer's storage grid (:class:`~casa_core.quantnoise.StorageGrid`: fp8,
+bfloat16, float16), from which the drift estimates the rounding noise of the layer; float32 has none.
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ from typing import Protocol, runtime_checkable
 import torch
 
 from ..errors import CasaError
-from .keys import canonical_names, naming_of, strip_model_prefix
+from .keys import canonical_names, naming_of
 from .safetensors_io import SafeTensorsFile, file_digest
 
 __all__ = ["WeightProvider", "Checkpoint", "check_finite"]
@@ -161,15 +161,13 @@ class Checkpoint:
             raise CasaError(f"{self.path} has no layer {layer}", file=self.path, layer=layer) from None
 
     def grid(self, layer: str):
-        """The storage grid of an fp8 layer (plain or scaled), None for float16/bfloat16/float32 layers."""
+        """The storage grid of a layer stored in fp8 (plain or scaled), bfloat16 or float16; None for
+        float32 (whose rounding is negligible)."""
         from ..quantnoise import StorageGrid
 
-        dtype = self.storage_dtype(layer)
-        if dtype not in _FP8:
-            return None
         scale_key = self._scale_key.get(layer)
         scale = self._file.get(scale_key).float() if scale_key is not None else None
-        return StorageGrid.fp8(dtype, scale)
+        return StorageGrid.of_dtype(self.storage_dtype(layer), scale)
 
     def storage_dtype(self, layer: str) -> torch.dtype:
         """The dtype the layer's weight is stored in (fp8 for scaled-fp8 files)."""

@@ -242,7 +242,7 @@ BOOKKEEPING_KEYS: frozenset[str] = frozenset({"use_rslora_flag", "use_dora_flag"
 LOADABLE_SUFFIXES: frozenset[str] = frozenset({"diff", "diff_b", "set_weight", "w_norm", "b_norm"})
 
 
-def loadable_passthrough(module: str, suffix: str, model_keys: "frozenset[str] | set[str]",
+def loadable_passthrough(module: str, suffix: str, model_keys: frozenset[str] | set[str],
                          siblings: Iterable[str] = ()) -> str | None:
     """None when ComfyUI's LoRA loader applies ``<module>.<suffix>`` to a model with parameters
     ``model_keys`` (canonical names: ``blocks.0.norm3.weight``, ``blocks.0.modulation`` …), else the
@@ -349,7 +349,7 @@ class LayerMatcher:
     """
 
     def __init__(self, layer_names: Iterable[str], *, diffusers_naming: bool = False,
-                 aliases: "dict[str, str] | None" = None):
+                 aliases: dict[str, str] | None = None):
         self.layers: frozenset[str] = frozenset(layer_names)
         self.diffusers_naming = diffusers_naming
         #: exact LoRA module names -> canonical layer (inside ComfyUI: the model's own LoRA key map)
