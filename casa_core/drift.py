@@ -64,8 +64,9 @@ class WeightDifference:
         if grid is None or not grid.supported:
             return d0, None
         dev = torch.device(device)
-        lo, hi = grid.cells(stored.to(dev))
-        est, info = separate_drift(d0.to(dev), lo, hi)
+        stored = stored.to(dev)
+        lo, hi = grid.cells(stored)
+        est, info = separate_drift(d0.to(dev), lo, hi, grid.noise_variance(stored))
         info = {k: v for k, v in info.items() if k != "trace"}
         info["storage"] = grid.describe()
         return est.float().cpu(), info

@@ -110,9 +110,18 @@ class StorageGrid:
     def cells(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(lo, hi)``: the unrounded value of ``w[i, j]`` (the dequantised stored weight, ``out x in``)
         lies in ``[w + lo, w + hi]``; ``lo <= 0 <= hi``."""
+        return self._cells(w)[:2]
+
+    def noise_variance(self, w: torch.Tensor) -> torch.Tensor:
+        """The rounding error's variance per element: ``step^2 / 12`` (the cells of GGUF blocks are a
+        little wider than a step, to allow for the rounding of their scales)."""
+        return self._cells(w)[2]
+
+    def _cells(self, w: torch.Tensor):
         w = w.float()
         if self.kind in _FLOAT_GRIDS:
-            return _float_cells(w, self.scale, *_FLOAT_GRIDS[self.kind])
+            lo, hi = _float_cells(w, self.scale, *_FLOAT_GRIDS[self.kind])
+            return lo, hi, (hi - lo) ** 2 / 12.0
         if self.kind.startswith("gguf:") and self.kind[5:] in GGUF_GRIDS:
             return _gguf_cells(w, self.kind[5:])
         raise ValueError(f"no noise model for storage {self.kind!r}")
@@ -148,7 +157,8 @@ def _gguf_cells(w: torch.Tensor, qtype: str):
     # value can sit up to qmax * |d - fp16(d)| <= qmax * d * 2^-11 beyond its half step
     qmax = _SYMMETRIC_QMAX.get(qtype, levels - 1)
     half = (step * (0.5 + qmax * 2.0 ** -11) * _SCALE_SLACK.get(qtype, 1.0)).expand_as(b).reshape(m, n)
-    return -half, half.clone()
+    var = (step ** 2 / 12.0).expand_as(b).reshape(m, n)
+    return -half, half.clone(), var
 
 
 def grid_of(w: torch.Tensor) -> StorageGrid | None:
@@ -163,9 +173,9 @@ def grid_of(w: torch.Tensor) -> StorageGrid | None:
     return None
 
 
-def noise_energy(lo: torch.Tensor, hi: torch.Tensor) -> float:
-    """Expected squared Frobenius norm of the rounding error (uniform in every cell)."""
-    return float(((hi - lo).double() ** 2).sum() / 12.0)
+def noise_energy(var: torch.Tensor) -> float:
+    """Expected squared Frobenius norm of the rounding error (the sum of the per-element variances)."""
+    return float(var.double().sum())
 
 
 def drift_snr(drift_energy: float, noise: float) -> float:
@@ -189,9 +199,10 @@ CONSISTENT = 2e-3  # relative box residual that counts as consistent
 NOISE_MARGIN = 1.1  # the noise energy is known to a few per cent: only a residual clearly above it is kept
 
 
-def _noise_edge(lo: torch.Tensor, hi: torch.Tensor, gen: torch.Generator, iters: int = 24) -> float:
-    """Largest singular value of a sample of the rounding noise (uniform in the cells)."""
-    e = lo + (hi - lo) * torch.rand(lo.shape, generator=gen, device="cpu").to(lo.device)
+def _noise_edge(var: torch.Tensor, gen: torch.Generator, iters: int = 24) -> float:
+    """Largest singular value of a sample of the rounding noise (uniform, of the given variances)."""
+    half = (3.0 * var).sqrt()
+    e = half * (2.0 * torch.rand(var.shape, generator=gen, device="cpu").to(var.device) - 1.0)
     v = torch.randn(e.shape[1], 1, generator=gen).to(e.device)
     for _ in range(iters):
         v = e.T @ (e @ v)
@@ -236,21 +247,24 @@ def _box_residual(x, lo_b, hi_b) -> float:
     return float((x - torch.minimum(torch.maximum(x, lo_b), hi_b)).norm() / x.norm().clamp_min(1e-30))
 
 
-def separate_drift(d0: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, *, max_rank: int = 256,
-                   seed: int = 0) -> tuple[torch.Tensor, dict]:
+def separate_drift(d0: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, var: torch.Tensor | None = None, *,
+                   max_rank: int = 256, seed: int = 0) -> tuple[torch.Tensor, dict]:
     """The drift ``W_t - W_s`` estimated from ``d0 = W_t^q - W_s`` and the cells of ``W_t^q``.
 
-    ``lo``/``hi``: the cells (see :meth:`StorageGrid.cells`). Returns the estimate (float32, same
+    ``lo``/``hi``: the cells (see :meth:`StorageGrid.cells`), ``var`` the noise variances
+    (:meth:`StorageGrid.noise_variance`; default: uniform in the cells). Returns the estimate (float32, same
     shape and device) and a report: ``noise_norm`` (expected ``||E||_F``), ``drift_norm`` (``||d0||``),
     ``snr`` (amplitude, :func:`drift_snr`), ``rank`` (of the consistent low-rank part), ``edge_rank``
     (singular values above the noise edge), ``residual_kept`` (the Wiener factor), ``method``.
     """
     d0 = d0.float()
+    if var is None:
+        var = (hi - lo) ** 2 / 12.0
     transposed = d0.shape[0] < d0.shape[1]
     if transposed:
-        d0, lo, hi = d0.T, lo.T, hi.T
+        d0, lo, hi, var = d0.T, lo.T, hi.T, var.T
     m, n = d0.shape
-    noise = noise_energy(lo, hi)
+    noise = noise_energy(var)
     energy = float((d0.double() ** 2).sum())
     info = {"noise_norm": math.sqrt(noise), "drift_norm": math.sqrt(energy), "snr": drift_snr(energy, noise),
             "rank": None, "edge_rank": None, "residual_kept": 1.0, "method": "raw"}
@@ -261,7 +275,7 @@ def separate_drift(d0: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, *, max_
     if energy == 0.0 or noise <= NEGLIGIBLE_NOISE * energy:
         return out(d0)
     gen = torch.Generator().manual_seed(seed)
-    edge = _noise_edge(lo, hi, gen)
+    edge = _noise_edge(var, gen)
     k_cap = max(1, min(max_rank, n // 2))
     probe = min(n, 64)
     while True:  # grow the probe until it reaches below the noise edge
@@ -286,7 +300,7 @@ def separate_drift(d0: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, *, max_
         # values. The expected score is the estimation error there plus the known noise variance, so
         # its minimum over the candidate ranks is the rank that best predicts the drift.
         held = torch.rand(d0.shape, generator=gen).to(d0.device) < HOLD_OUT
-        held_noise = float((((hi - lo) ** 2) / 12.0)[held].sum())
+        held_noise = float(var[held].sum())
         d_fit = torch.where(held, torch.zeros_like(d0), d0) / (1.0 - HOLD_OUT)
         v_fit, _ = _top_right(d_fit, min(n, 2 * k + 8), gen)
         trace = info["trace"] = []
