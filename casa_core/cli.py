@@ -172,23 +172,32 @@ def cmd_demo(a) -> int:
 
 
 def cmd_transfer(a) -> int:
-    from .formats.checkpoint import Checkpoint
+    from .drift import noise_summary
+    from .formats.checkpoint import open_model
     from .formats.lora import read_lora
+    from .transfer import check_coverage
 
     cache = Path(a.cache_dir)
-    source = Checkpoint(a.source, memo_dir=cache)
+    source = open_model(a.source, memo_dir=cache)
     if (a.target is None) == (a.distill_lora is None):
         raise CasaError("give exactly one of --target (a distilled checkpoint) or --distill-lora (a distillation LoRA)")
     methods = a.method
     basis = drift = None
+    target = open_model(a.target, memo_dir=cache) if a.target is not None else None
     if any(m != "direct" for m in methods):
         basis = load_or_build_basis(source, cache, device=a.device, progress=Bar("basis"))
-        if a.target is not None:
-            dsrc = WeightDifference(source, Checkpoint(a.target, memo_dir=cache))
+        if target is not None:
+            dsrc = WeightDifference(source, target)
         else:
-            dsrc = LoRADrift(read_lora(a.distill_lora, source.layers, strength=a.distill_strength, memo_dir=cache))
+            dsrc = LoRADrift(read_lora(a.distill_lora, source.layers, strength=a.distill_strength, memo_dir=cache,
+                                       model_keys=source.param_names))
         drift = load_or_build_drift(basis, dsrc, cache, device=a.device, progress=Bar("drift"))
-    lora = read_lora(a.lora, source.layers, strength=a.strength, memo_dir=cache)
+    lora = read_lora(a.lora, source.layers, strength=a.strength, memo_dir=cache, model_keys=source.param_names)
+    # where the LoRA's layers go: most of them nowhere is an error (exit 2), a few a warning
+    warnings = check_coverage(
+        lora, drift, source=Path(a.source).name, target=Path(a.target or a.distill_lora).name,
+        source_naming=source.naming, target_naming=getattr(target, "naming", "distillation LoRA"),
+        target_layers=target.layers if target is not None and drift is None else None)
     out = Path(a.out)
     dtype = getattr(torch, a.dtype)
     reports = {}
@@ -196,15 +205,28 @@ def cmd_transfer(a) -> int:
         path = out if len(methods) == 1 else out.with_name(f"{out.stem}_{method}{out.suffix}")
         cfg = TransferConfig(method=method, params=_params(a), output=_output(a), device=a.device)
         reports[method] = run_transfer_to_file(lora, basis, drift, cfg, a.strength, path, dtype=dtype, progress=Bar(method[:10]))
+        reports[method].warnings = list(warnings)
         print(f"wrote {path}", file=sys.stderr)
     if a.report:
         _write_report(Path(a.report), reports, {"source": a.source, "target": a.target or a.distill_lora, "lora": a.lora})
     print()
     summary_table(reports)
+    rep = next(iter(reports.values()))
+    notes = list(noise_summary(drift, Path(a.target).name)) if drift is not None and a.target else []
+    if rep.no_drift:
+        notes.append(f"{len(rep.no_drift)} layer(s) have identical weights in both models (LoRA applied as is)")
     if lora.unmatched:
-        print(f"\n{len(lora.unmatched)} LoRA key(s) matched no layer and were left out, e.g. {lora.unmatched[0]}")
+        notes.append(f"{len(lora.unmatched)} LoRA key(s) matched no layer and were left out, e.g. {lora.unmatched[0]}")
     if lora.passthrough:
-        print(f"{len(lora.passthrough)} non-low-rank key(s) carried through unchanged")
+        notes.append(f"{len(lora.passthrough)} non-low-rank key(s) carried through unchanged")
+    if lora.dropped:
+        key, why = next(iter(lora.dropped.items()))
+        notes.append(f"{len(lora.dropped)} key(s) ComfyUI cannot load were not written, e.g. {key} ({why})")
+    notes += [f"WARNING: {w}" for w in warnings]
+    if notes:
+        print()
+    for line in notes:
+        print(line)
     return 0
 
 
@@ -221,7 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(d)
     t = sub.add_parser("transfer", help="transfer a LoRA between real checkpoint files")
     t.add_argument("--source", required=True, help="base model checkpoint (.safetensors)")
-    t.add_argument("--target", help="distilled model checkpoint (.safetensors)")
+    t.add_argument("--target", help="distilled model checkpoint (.safetensors, fp8 included, or .gguf with the "
+                                    "optional gguf package)")
     t.add_argument("--distill-lora", help="instead of --target: a distillation LoRA applied to the base (lightx2v, CausVid …)")
     t.add_argument("--distill-strength", type=float, default=1.0, help="strength of --distill-lora (default 1.0)")
     t.add_argument("--lora", required=True, help="the LoRA to transfer")

@@ -36,7 +36,7 @@ from ..errors import CasaError
 from .keys import canonical_names, naming_of
 from .safetensors_io import SafeTensorsFile, file_digest
 
-__all__ = ["WeightProvider", "Checkpoint", "check_finite"]
+__all__ = ["Checkpoint", "WeightProvider", "check_finite", "open_model"]
 
 _FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 _FP8_FORMATS = {"float8_e4m3fn": torch.float8_e4m3fn, "float8_e5m2": torch.float8_e5m2}
@@ -217,3 +217,13 @@ class Checkpoint:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.close()
+
+
+def open_model(path: str | os.PathLike[str], memo_dir: str | os.PathLike[str] | None = None):
+    """A model file as a weight provider: :class:`Checkpoint` for safetensors, a
+    :class:`~casa_core.formats.gguf_file.GGUFCheckpoint` for GGUF (needs the optional ``gguf`` package)."""
+    from .gguf_file import GGUFCheckpoint, is_gguf
+
+    if is_gguf(path):
+        return GGUFCheckpoint(path, memo_dir)
+    return Checkpoint(path, memo_dir)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 from types import TracebackType
+from typing import Self
 
 import numpy as np
 import torch
@@ -59,7 +60,7 @@ class GGUFCheckpoint:
         self._gguf = gguf
         try:
             self._reader = gguf.GGUFReader(self.path)
-        except Exception as exc:  # the reader raises ValueError/struct errors on damaged files
+        except Exception as exc:  # noqa: BLE001 - the reader raises ValueError/struct/numpy errors on damaged files
             raise CasaError(f"{self.path} is not a readable GGUF file ({type(exc).__name__}: {exc})",
                             file=self.path) from None
         self._memo_dir = memo_dir
@@ -112,7 +113,7 @@ class GGUFCheckpoint:
         except NotImplementedError:
             raise CasaError(f"{self.path}, layer {layer}: the gguf package cannot dequantise {t.tensor_type.name} "
                             f"tensors", file=self.path, layer=layer) from None
-        w = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).reshape(self.layers[layer])
+        w = torch.from_numpy(np.array(values, dtype=np.float32, copy=True)).reshape(self.layers[layer])
         check_finite(w, file=self.path, layer=layer, what="weight")
         return w
 
@@ -144,7 +145,7 @@ class GGUFCheckpoint:
         self._reader = None
         self._tensor = {}
 
-    def __enter__(self) -> GGUFCheckpoint:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
