@@ -150,18 +150,19 @@ class TargetDrift:
         """Layers present in both models with exactly the same weights."""
         return [n for n, i in self.info.items() if i.get("mode") == "zero" and not i.get("missing")]
 
-    def noisy(self) -> dict[str, dict]:
-        """Layers whose target is stored with rounding noise: layer -> noise report."""
-        return {n: i["noise"] for n, i in self.info.items() if "noise" in i}
+    def noisy(self, layers=None) -> dict[str, dict]:
+        """Layers (of ``layers``, default all) whose target is stored with rounding noise: layer -> report."""
+        return {n: i["noise"] for n, i in self.info.items() if "noise" in i and (layers is None or n in layers)}
 
-    def below_noise(self, floor: float = 1.0) -> list[str]:
+    def below_noise(self, floor: float = 1.0, layers=None) -> list[str]:
         """Layers whose drift is below the target's rounding noise (amplitude SNR < ``floor``)."""
-        return [n for n, r in self.noisy().items() if r.get("snr", float("inf")) < floor]
+        return [n for n, r in self.noisy(layers).items() if r.get("snr", float("inf")) < floor]
 
 
-def noise_summary(drift: TargetDrift, what: str = "the target") -> list[str]:
-    """Plain-language lines about the target's storage noise (empty when it has none that matters)."""
-    noisy = drift.noisy()
+def noise_summary(drift: TargetDrift, what: str = "the target", layers=None) -> list[str]:
+    """Plain-language lines about the target's storage noise (empty when it has none that matters);
+    ``layers`` restricts them to some layers (those a LoRA touches)."""
+    noisy = drift.noisy(layers)
     if not noisy:
         return []
     snrs = sorted(r["snr"] for r in noisy.values())
@@ -169,7 +170,7 @@ def noise_summary(drift: TargetDrift, what: str = "the target") -> list[str]:
     median = snrs[len(snrs) // 2]
     lines = [(f"{what} is stored as {', '.join(kinds)}: drift/noise (SNR) per layer from {snrs[0]:.2g} to "
               f"{snrs[-1]:.2g} (median {median:.2g}); the drift was separated from the rounding noise")]
-    low = drift.below_noise()
+    low = drift.below_noise(layers=layers)
     if low:
         lines.append(f"WARNING: in {len(low)} of {len(noisy)} layers (e.g. {low[0]}) the distillation drift is "
                      f"below the storage noise, so the transfer there rests on an estimate; a bf16 release of "

@@ -75,8 +75,14 @@ class DriftHandle:
     def describe(self) -> str:
         how = "reused from the cache" if self.reused else "computed"
         moved = sum(1 for i in self.drift.info.values() if i.get("mode") != "zero")
-        return (f"drift of the target against {self.basis.name}: {moved}/{len(self.drift.info)} layers differ, "
+        text = (f"drift of the target against {self.basis.name}: {moved}/{len(self.drift.info)} layers differ, "
                 f"{how} in {self.seconds:.1f} s")
+        same, missing = self.drift.identical(), self.drift.missing()
+        if same:
+            text += f"; {len(same)} identical in both models"
+        if missing:
+            text += f"; {len(missing)} not in the connected MODEL (e.g. {missing[0]})"
+        return text
 
 
 @dataclass
