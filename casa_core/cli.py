@@ -176,14 +176,15 @@ def cmd_demo(a) -> int:
     return 0
 
 
-def _drift_source(a, source, cache: Path):
-    """What the drift is measured from: a distilled checkpoint or a distillation LoRA (opened, not computed)."""
-    from .formats.checkpoint import Checkpoint
+def _drift_source(a, source, target, cache: Path):
+    """What the drift is measured from: a distilled checkpoint (safetensors or GGUF, opened) or a
+    distillation LoRA (read, not computed)."""
     from .formats.lora import read_lora
 
-    if a.target is not None:
-        return WeightDifference(source, Checkpoint(a.target, memo_dir=cache))
-    return LoRADrift(read_lora(a.distill_lora, source.layers, strength=a.distill_strength, memo_dir=cache), source)
+    if target is not None:
+        return WeightDifference(source, target)
+    return LoRADrift(read_lora(a.distill_lora, source.layers, strength=a.distill_strength, memo_dir=cache,
+                               model_keys=source.param_names), source)
 
 
 def _check_target_shapes(source, dsrc) -> None:
@@ -202,8 +203,10 @@ def _check_target_shapes(source, dsrc) -> None:
 
 def cmd_transfer(a) -> int:
     from . import batch as B
-    from .formats.checkpoint import Checkpoint
+    from .drift import noise_summary
+    from .formats.checkpoint import open_model
     from .formats.lora import read_lora
+    from .transfer import check_coverage
 
     cache = Path(a.cache_dir)
     if (a.target is None) == (a.distill_lora is None):
@@ -212,10 +215,11 @@ def cmd_transfer(a) -> int:
     # fail fast: every input file is opened and checked before the long computations start
     loras = B.expand_loras(a.lora)
     plan = B.plan_jobs(loras, methods, a.out)
-    source = Checkpoint(a.source, memo_dir=cache)
+    source = open_model(a.source, memo_dir=cache)
+    target = open_model(a.target, memo_dir=cache) if a.target is not None else None
     dsrc = None
     if any(m != "direct" for m in methods):
-        dsrc = _drift_source(a, source, cache)
+        dsrc = _drift_source(a, source, target, cache)
         _check_target_shapes(source, dsrc)
     dtype = getattr(torch, a.dtype)
     cfgs = {m: TransferConfig(method=m, params=_params(a), output=_output(a), device=a.device) for m in methods}
@@ -229,7 +233,12 @@ def cmd_transfer(a) -> int:
         drift = load_or_build_drift(basis, dsrc, cache, device=a.device, progress=Bar("drift"))
     if plan.batch:
         return _run_batch(a, plan, source.layers, basis, drift, cfgs, dtype, cache)
-    lora = read_lora(loras[0], source.layers, strength=a.strength, memo_dir=cache)
+    lora = read_lora(loras[0], source.layers, strength=a.strength, memo_dir=cache, model_keys=source.param_names)
+    # where the LoRA's layers go: most of them nowhere is an error (exit 2), a few a warning
+    warnings = check_coverage(
+        lora, drift, source=Path(a.source).name, target=Path(a.target or a.distill_lora).name,
+        source_naming=source.naming, target_naming=getattr(target, "naming", "distillation LoRA"),
+        target_layers=target.layers if target is not None and drift is None else None)
     reports = {}
     for job in plan.jobs:
         if job.status == "skipped":
@@ -237,16 +246,29 @@ def cmd_transfer(a) -> int:
             continue
         reports[job.method] = run_transfer_to_file(lora, basis, drift, cfgs[job.method], a.strength, job.out,
                                                    dtype=dtype, progress=Bar(job.method[:10]))
+        reports[job.method].warnings = list(warnings)
         print(f"wrote {job.out}", file=sys.stderr)
     if a.report and reports:
         _write_report(Path(a.report), reports, _inputs(a.source, a.target or a.distill_lora, loras[0]))
     if reports:
         print()
         summary_table(reports)
+    notes = list(noise_summary(drift, Path(a.target).name)) if drift is not None and a.target else []
+    rep = next(iter(reports.values()), None)
+    if rep is not None and rep.no_drift:
+        notes.append(f"{len(rep.no_drift)} layer(s) have identical weights in both models (LoRA applied as is)")
     if lora.unmatched:
-        print(f"\n{len(lora.unmatched)} LoRA key(s) matched no layer and were left out, e.g. {lora.unmatched[0]}")
+        notes.append(f"{len(lora.unmatched)} LoRA key(s) matched no layer and were left out, e.g. {lora.unmatched[0]}")
     if lora.passthrough:
-        print(f"{len(lora.passthrough)} non-low-rank key(s) carried through unchanged")
+        notes.append(f"{len(lora.passthrough)} non-low-rank key(s) carried through unchanged")
+    if lora.dropped:
+        key, why = next(iter(lora.dropped.items()))
+        notes.append(f"{len(lora.dropped)} key(s) ComfyUI cannot load were not written, e.g. {key} ({why})")
+    notes += [f"WARNING: {w}" for w in warnings]
+    if notes:
+        print()
+    for line in notes:
+        print(line)
     return 0
 
 
@@ -312,7 +334,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(d)
     t = sub.add_parser("transfer", help="transfer a LoRA between real checkpoint files")
     t.add_argument("--source", required=True, help="base model checkpoint (.safetensors)")
-    t.add_argument("--target", help="distilled model checkpoint (.safetensors)")
+    t.add_argument("--target", help="distilled model checkpoint (.safetensors, fp8 included, or .gguf with the "
+                                    "optional gguf package)")
     t.add_argument("--distill-lora", help="instead of --target: a distillation LoRA applied to the base (lightx2v, CausVid …)")
     t.add_argument("--distill-strength", type=float, default=1.0, help="strength of --distill-lora (default 1.0)")
     t.add_argument("--lora", required=True, nargs="+",

@@ -11,6 +11,13 @@ float64), through the same function. ComfyUI's own patcher, asked for the same w
 (``nodes/model_weights.py``), gives the same float64 sum up to the last float64 bit, so the node's
 drift (base + distillation LoRA loaded by ComfyUI) and the command line's drift (the two files) are
 the same float32 numbers, not two roundings that CASA's thresholds could split apart.
+
+**Stored targets are noisy.** A target stored in fp8, GGUF, bfloat16 or float16 was rounded to its
+storage grid; at distillation drifts the rounding error is a sizeable part of ``W_t - W_s`` (fp8:
+larger than the drift). :class:`WeightDifference` therefore separates the drift from the rounding
+noise whose grid it knows (:mod:`casa_core.quantnoise`) and records per layer, in the cache manifest,
+the storage, the estimated noise and the signal-to-noise ratio (``info[layer]["noise"]``). A target
+without rounding noise (float32) and a distillation LoRA (exact by construction) are used as they are.
 """
 from __future__ import annotations
 
@@ -25,6 +32,10 @@ from .cache import LayerCache, Progress, decode, encode, settings_key
 from .errors import CasaError
 from .formats.checkpoint import check_finite
 from .formats.keys import comfy_key
+from .quantnoise import grid_of, separate_drift
+
+#: bumped whenever the drift a target gives changes for the same files (part of the cache key)
+DRIFT_MODEL = "noise-aware-1"
 
 
 class DriftSource(Protocol):
@@ -55,12 +66,33 @@ class WeightDifference:
         self.source, self.target = source, target
 
     def identity(self) -> str:
-        return f"diff({self.source.identity()},{self.target.identity()})"
+        return f"diff({self.source.identity()},{self.target.identity()}):{DRIFT_MODEL}"
 
     def describe(self) -> str:
         return f"{_name(self.target)} - {_name(self.source)}"
 
     def delta(self, layer: str, shape: tuple[int, int]) -> torch.Tensor | None:
+        return self.delta_info(layer, shape)[0]
+
+    def delta_info(self, layer: str, shape: tuple[int, int],
+                   device: torch.device | str = "cpu") -> tuple[torch.Tensor | None, dict | None]:
+        """The drift (separated from the target's rounding noise where it has one) and the noise report
+        (None for a target without rounding noise)."""
+        raw = self._raw(layer, shape)
+        if raw is None:
+            return None, None
+        d0, stored, grid = raw
+        if grid is None or not grid.supported:
+            return d0, None
+        dev = torch.device(device)
+        stored = stored.to(dev)
+        lo, hi = grid.cells(stored)
+        est, info = separate_drift(d0.to(dev), lo, hi, grid.noise_variance(stored))
+        info = {k: v for k, v in info.items() if k != "trace"}
+        info["storage"] = grid.describe()
+        return est.float().cpu(), info
+
+    def _raw(self, layer: str, shape: tuple[int, int]):
         tshape = self.target.layers.get(layer)
         if tshape is None:
             return None
@@ -72,9 +104,18 @@ class WeightDifference:
             )
         wt = self.target.get(layer)
         check_finite(wt, file=_name(self.target), layer=layer, what="weight")
+        # the grid is the one the target's stored weight lies on (before any patch it carries)
+        stored = self.target.stored(layer) if hasattr(self.target, "stored") else wt
+        grid = self.target.grid(layer) if hasattr(self.target, "grid") else None
+        if grid is None:
+            grid = grid_of(stored)
         ws = self.source.get(layer)
         check_finite(ws, file=_name(self.source), layer=layer, what="weight")
-        return weight_difference(wt, ws)
+        if grid is not None and stored.shape == ws.shape and bool(torch.equal(stored.to(ws.dtype), ws)):
+            # the target's stored weights ARE the source's (e.g. base + distillation LoRA patches): their
+            # rounding is common to both and cancels, so there is no storage noise to separate
+            grid = None
+        return weight_difference(wt, ws), stored.float(), grid
 
 
 class LoRAApplied:
@@ -156,6 +197,42 @@ class TargetDrift:
     def bytes_on_disk(self) -> int:
         return self.cache.bytes_on_disk()
 
+    def missing(self) -> list[str]:
+        """Layers of the source that the target does not have (not the same as "no drift")."""
+        return [n for n, i in self.info.items() if i.get("missing")]
+
+    def identical(self) -> list[str]:
+        """Layers present in both models with exactly the same weights."""
+        return [n for n, i in self.info.items() if i.get("mode") == "zero" and not i.get("missing")]
+
+    def noisy(self, layers=None) -> dict[str, dict]:
+        """Layers (of ``layers``, default all) whose target is stored with rounding noise: layer -> report."""
+        return {n: i["noise"] for n, i in self.info.items() if "noise" in i and (layers is None or n in layers)}
+
+    def below_noise(self, floor: float = 1.0, layers=None) -> list[str]:
+        """Layers whose drift is below the target's rounding noise (amplitude SNR < ``floor``)."""
+        return [n for n, r in self.noisy(layers).items() if r.get("snr", float("inf")) < floor]
+
+
+def noise_summary(drift: TargetDrift, what: str = "the target", layers=None) -> list[str]:
+    """Plain-language lines about the target's storage noise (empty when it has none that matters);
+    ``layers`` restricts them to some layers (those a LoRA touches)."""
+    noisy = drift.noisy(layers)
+    if not noisy:
+        return []
+    snrs = sorted(r["snr"] for r in noisy.values())
+    kinds = sorted({r.get("storage", "?") for r in noisy.values()})
+    median = snrs[len(snrs) // 2]
+    lines = [(f"{what} is stored as {', '.join(kinds)}: drift/noise (SNR) per layer from {snrs[0]:.2g} to "
+              f"{snrs[-1]:.2g} (median {median:.2g}); the drift was separated from the rounding noise")]
+    low = drift.below_noise(layers=layers)
+    if low:
+        lines.append(f"WARNING: in {len(low)} of {len(noisy)} layers (e.g. {low[0]}) the distillation drift is "
+                     f"below the storage noise, so the transfer there rests on an estimate; a bf16 release of "
+                     f"the distilled model, or its distillation LoRA on the base model, is the cleaner target "
+                     f"when one exists")
+    return lines
+
 
 def decode_drift(name: str, tensors: dict[str, torch.Tensor], info: dict, device: torch.device | str = "cpu") -> L.LayerDrift:
     """Inverse of :func:`encode_drift`."""
@@ -221,14 +298,22 @@ def load_or_build_drift(
 
     def compute(name: str):
         shape = basis.layers[name]
-        delta = drift.delta(name, shape)
+        if hasattr(drift, "delta_info"):
+            delta, noise = drift.delta_info(name, shape, device)
+        else:
+            delta, noise = drift.delta(name, shape), None
         if delta is None or not bool(delta.any()):
-            return {}, {"mode": "zero", "norm": 0.0, "missing": delta is None}
+            info = {"mode": "zero", "norm": 0.0, "missing": delta is None}
+            if noise is not None:
+                info["noise"] = noise
+            return {}, info
         b = basis.layer(name, device)
         d = L.compute_drift(b, delta.to(device=device, dtype=torch.float32))
         tensors, info = encode_drift(d, basis.storage)
         info["norm"] = float(torch.linalg.matrix_norm(delta.float()))
         info["missing"] = False
+        if noise is not None:
+            info["noise"] = noise
         return tensors, info
 
     cache.build(

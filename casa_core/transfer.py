@@ -56,7 +56,10 @@ class TransferReport:
     layers: dict[str, dict] = field(default_factory=dict)
     passthrough: list[str] = field(default_factory=list)
     unmatched: list[str] = field(default_factory=list)
-    no_drift: list[str] = field(default_factory=list)
+    no_drift: list[str] = field(default_factory=list)  # present in both models, identical weights
+    missing_in_target: list[str] = field(default_factory=list)  # the target has no such layer
+    dropped: dict[str, str] = field(default_factory=dict)  # LoRA keys left out of the output, and why
+    warnings: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
     def totals(self) -> dict:
@@ -71,6 +74,8 @@ class TransferReport:
             "passthrough_keys": len(self.passthrough),
             "unmatched_keys": len(self.unmatched),
             "layers_without_drift": len(self.no_drift),
+            "layers_missing_in_target": len(self.missing_in_target),
+            "dropped_keys": len(self.dropped),
         }
         ent = sum(r.get("entries", 0) for r in reps)
         if ent:
@@ -89,6 +94,9 @@ class TransferReport:
             "passthrough": self.passthrough,
             "unmatched": self.unmatched,
             "layers_without_drift": self.no_drift,
+            "layers_missing_in_target": self.missing_in_target,
+            "dropped": self.dropped,
+            "warnings": self.warnings,
         }
 
 
@@ -97,7 +105,52 @@ def start_report(lora, cfg: TransferConfig, strength: float) -> "TransferReport"
     report = TransferReport(cfg.method, config_dict(cfg, strength))
     report.passthrough = sorted(lora.passthrough)
     report.unmatched = list(lora.unmatched)
+    report.dropped = dict(getattr(lora, "dropped", {}))
     return report
+
+
+#: more than this share of a LoRA's layers without a place to go fails the transfer
+MOSTLY = 0.5
+
+
+def check_coverage(lora, drift: TargetDrift | None, *, source: str, target: str, source_naming: str = "",
+                   target_naming: str = "", not_landed: list[str] | None = None,
+                   target_layers=None) -> list[str]:
+    """Where the LoRA's layers go: raise a CasaError when most of them have no place (they match no
+    layer of the source, the target lacks them, or their patch lands on no key of the model), return
+    warnings (one sentence each) when a few do.
+
+    ``source``/``target`` name the files (or the model); ``*_naming`` describe their key namings
+    (:func:`casa_core.formats.keys.naming_of`); ``not_landed``: transferred layers whose patch found no
+    weight in the model (the node).
+    """
+    lora_name = Path(str(lora.path)).name
+    unmatched = list(getattr(lora, "unmatched_modules", []))
+    layers = list(lora.updates)
+    if target_layers is not None:
+        missing = [n for n in layers if n not in target_layers]
+    else:
+        missing = [n for n in layers if drift is not None and drift.info.get(n, {}).get("missing")]
+    lost = sorted(set(missing) | set(not_landed or []))
+    total = len(layers) + len(unmatched)
+    bad = len(unmatched) + len(lost)
+    if total == 0 or bad == 0:
+        return []
+    src = f"{source}" + (f" ({source_naming})" if source_naming else "")
+    tgt = f"{target}" + (f" ({target_naming})" if target_naming else "")
+    parts = []
+    if unmatched:
+        parts.append(f"{len(unmatched)} match no layer of the base model {src} (e.g. {unmatched[0]})")
+    if missing:
+        parts.append(f"{len(missing)} are layers of the base that the target {tgt} does not have (e.g. {missing[0]})")
+    extra = sorted(set(not_landed or []) - set(missing))
+    if extra:
+        parts.append(f"{len(extra)} found no weight to patch in the target {tgt} (e.g. {extra[0]})")
+    what = "; ".join(parts)
+    if bad > MOSTLY * total:
+        raise CasaError(f"{lora_name}: {bad} of its {total} layers cannot be transferred — {what}; the files use "
+                        f"namings that do not correspond, or are for different models", file=str(lora.path))
+    return [f"{lora_name}: {bad} of its {total} layers were left out — {what}"]
 
 
 def config_dict(cfg: TransferConfig, strength: float) -> dict:
@@ -157,8 +210,14 @@ def iter_transfer(
         else:
             b = basis.layer(name, dev)
             d = drift.layer(name, b, dev)
-            if drift.info[name]["mode"] == "zero":
+            info = drift.info[name]
+            if info.get("missing"):
+                report.missing_in_target.append(name)
+            elif info["mode"] == "zero":
                 report.no_drift.append(name)
+            if "noise" in info:
+                rep["drift_snr"] = info["noise"]["snr"]
+                rep["target_storage"] = info["noise"].get("storage")
             coords = L.coordinates(b, d, left.to(dev), right.to(dev) if right is not None else None)
             if method == "prolora":
                 cu = prolora_layer(coords, cfg.params)

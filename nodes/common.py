@@ -103,11 +103,17 @@ class DriftHandle:
 
     def describe(self) -> str:
         how = f"reused from the cache in {self.seconds:.1f} s" if self.reused else f"computed in {self.seconds:.1f} s, cached"
-        return (f"Distilled model compared with the base {self.basis.name}: {self.moved()} of {len(self.drift.info)} "
+        text = (f"Distilled model compared with the base {self.basis.name}: {self.moved()} of {len(self.drift.info)} "
                 f"layers differ ({how})")
+        same, missing = self.drift.identical(), self.drift.missing()
+        if same:
+            text += f"; {len(same)} identical in both models"
+        if missing:
+            text += f"; {len(missing)} not in the connected MODEL (e.g. {missing[0]})"
+        return text
 
     def warnings(self) -> list[str]:
-        if self.drift.info and self.moved() == 0:
+        if self.drift.info and self.moved() == 0 and not self.drift.missing():
             return [(f"the model is identical to the base {self.basis.name} in every layer: connect the distilled "
                      "model (or the base with a distillation LoRA), else CASA has nothing to work with")]
         return []

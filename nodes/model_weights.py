@@ -6,15 +6,26 @@ quantized weights are dequantized; the patches of *this* patcher (e.g. a distill
 by LoraLoaderModelOnly) are applied with ComfyUI's own ``comfy.lora.calculate_weight``.  The live,
 possibly patched module is never trusted.  Only the public patcher interface shared by the classic
 and the dynamic-VRAM patchers is used.
+
+Quantized weights: ComfyUI's ``QuantizedTensor`` (scaled fp8) through its ``dequantize()``; plain fp8
+tensors by upcasting; GGUF weights (city96's ComfyUI-GGUF, ``GGMLTensor``: raw blocks plus
+``tensor_type`` and ``tensor_shape``) through that pack's own ``dequantize_tensor``, found at run time
+in the module that defines the tensor's class (the pack is never imported by name, nor its code
+copied). ``grid(layer)`` tells the drift the storage grid of the original weight, so that it can be
+separated from the rounding noise (:mod:`casa_core.quantnoise`).
 """
 from __future__ import annotations
 
 import hashlib
+import sys
 
 import comfy.lora
 import comfy.model_patcher
 import torch
 
+from ..casa_core.errors import CasaError
+from ..casa_core.formats.keys import naming_of
+from ..casa_core.quantnoise import StorageGrid
 from .model_identity import file_identity
 
 try:  # ComfyUI >= 0.4
@@ -25,15 +36,62 @@ except ImportError:  # pragma: no cover - older ComfyUI
 PREFIX = "diffusion_model."
 
 
+def is_ggml(w) -> bool:
+    """A ComfyUI-GGUF weight: a tensor subclass holding GGUF blocks, with their type and real shape."""
+    return isinstance(w, torch.Tensor) and hasattr(w, "tensor_type") and hasattr(w, "tensor_shape")
+
+
+def _ggml_dequantizer(w):
+    """ComfyUI-GGUF's ``dequantize_tensor``, from the module that defines the tensor's class (its ops
+    module imports it) or that package's ``dequant`` module."""
+    module = type(w).__module__
+    fn = getattr(sys.modules.get(module), "dequantize_tensor", None)
+    if fn is None and "." in module:
+        fn = getattr(sys.modules.get(module.rsplit(".", 1)[0] + ".dequant"), "dequantize_tensor", None)
+    if fn is None:
+        raise CasaError(f"the connected MODEL holds GGUF weights ({type(w).__name__} from {module}) but that "
+                        f"pack's dequantize_tensor was not found; update ComfyUI-GGUF")
+    return fn
+
+
+def _qtype(w) -> str:
+    t = getattr(w, "tensor_type", None)
+    return getattr(t, "name", str(t))
+
+
 def _plain(w) -> torch.Tensor:
     if QuantizedTensor and isinstance(w, QuantizedTensor):
         w = w.dequantize()
+    elif is_ggml(w):
+        shape = tuple(int(x) for x in w.tensor_shape)
+        w = _ggml_dequantizer(w)(w, torch.float32)
+        w = w.as_subclass(torch.Tensor) if type(w) is not torch.Tensor else w
+        if tuple(w.shape) != shape:
+            w = w.reshape(shape)
     return w.detach()
+
+
+def grid_of_weight(w) -> StorageGrid | None:
+    """The storage grid of a model weight as ComfyUI holds it (None: float32, or a format without one)."""
+    if is_ggml(w):
+        qtype = _qtype(w)
+        return {"F16": StorageGrid.of_dtype(torch.float16), "BF16": StorageGrid.of_dtype(torch.bfloat16),
+                "F32": None}.get(qtype, StorageGrid.gguf(qtype))
+    qdata = getattr(w, "_qdata", None)
+    if QuantizedTensor and isinstance(w, QuantizedTensor):
+        if isinstance(qdata, torch.Tensor) and qdata.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+            scale = getattr(getattr(w, "_params", None), "scale", None)
+            return StorageGrid.fp8(qdata.dtype, scale if isinstance(scale, torch.Tensor) else None)
+        return None
+    return StorageGrid.of_dtype(w.dtype) if isinstance(w, torch.Tensor) else None
 
 
 def _hash_value(h, v) -> None:
     """Feed a patch entry (tensors, numbers, adapters, nested tuples) into a hash."""
-    if isinstance(v, torch.Tensor):
+    if is_ggml(v):  # the blocks themselves: exact and cheaper than dequantising
+        h.update(f"{_qtype(v)}{tuple(int(x) for x in v.tensor_shape)}".encode())
+        h.update(v.as_subclass(torch.Tensor).detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
+    elif isinstance(v, torch.Tensor):
         t = _plain(v).float().contiguous().cpu()
         h.update(str(tuple(t.shape)).encode())
         h.update(t.numpy().tobytes())
@@ -61,15 +119,29 @@ class ComfyModelWeights:
         self.layers: dict[str, tuple[int, int]] = {}
         for name, module in dm.named_modules():
             w = getattr(module, "weight", None)
-            if isinstance(w, torch.Tensor) and w.ndim == 2 and not isinstance(module, torch.nn.Embedding):
+            if isinstance(w, torch.Tensor) and len(w.shape) == 2 and not isinstance(module, torch.nn.Embedding):
                 self.layers[name] = (int(w.shape[0]), int(w.shape[1]))
+        self.naming = "ComfyUI model, " + naming_of(self.layers).split(", ")[0]
         self._identity: str | None = None
+        self._stored: tuple[str, torch.Tensor] | None = None
 
-    def original(self, layer: str) -> torch.Tensor:
+    def _raw(self, layer: str):
         key = PREFIX + layer + ".weight"
         bk = getattr(self.patcher, "backup", {}).get(key)
-        w = bk.weight if bk is not None else comfy.model_patcher.get_key_weight(self.patcher.model, key)[0]
-        return _plain(w)
+        return bk.weight if bk is not None else comfy.model_patcher.get_key_weight(self.patcher.model, key)[0]
+
+    def original(self, layer: str) -> torch.Tensor:
+        return _plain(self._raw(layer))
+
+    def grid(self, layer: str) -> StorageGrid | None:
+        """The storage grid of the layer's original weight (fp8, GGUF, bf16, fp16), None for float32."""
+        return grid_of_weight(self._raw(layer))
+
+    def stored(self, layer: str) -> torch.Tensor:
+        """The original weight (before this patcher's patches), dequantised to float32."""
+        if self._stored is not None and self._stored[0] == layer:
+            return self._stored[1]
+        return self.original(layer).to(torch.float32)
 
     def get(self, layer: str) -> torch.Tensor:
         """The effective weight: float32 without patches, else ComfyUI's patches applied in float64.
@@ -79,6 +151,7 @@ class ComfyModelWeights:
         key = PREFIX + layer + ".weight"
         with torch.no_grad():
             w = self.original(layer)
+            self._stored = (layer, w.to(torch.float32))
             patches = self.patcher.patches.get(key, [])
             if not patches:
                 return w.to(torch.float32)

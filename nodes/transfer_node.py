@@ -1,6 +1,7 @@
 """CASATransferLoRA: transfer a base-model LoRA onto the distilled MODEL through the model patcher."""
 from __future__ import annotations
 
+import logging
 import time
 
 import comfy.lora
@@ -9,11 +10,14 @@ import torch
 from comfy.weight_adapter import LoRAAdapter
 from comfy_api.latest import io
 
+from ..casa_core.drift import noise_summary
+from ..casa_core.errors import CasaError
 from ..casa_core.factorize import OutputSpec
 from ..casa_core.formats.lora import read_lora
+from ..casa_core.formats.safetensors_io import file_digest
 from ..casa_core.render import fmt_share, verdict_kind
 from ..casa_core.routing import CasaParams
-from ..casa_core.transfer import TransferConfig, iter_transfer, provenance, start_report
+from ..casa_core.transfer import TransferConfig, check_coverage, iter_transfer, provenance, start_report
 from .common import (
     CATEGORY,
     DriftType,
@@ -25,6 +29,20 @@ from .common import (
     progress_callback,
     summary_ui,
 )
+
+log = logging.getLogger(__name__)
+PREFIX = "diffusion_model."
+
+
+def model_key_map(model) -> tuple[dict[str, str], frozenset[str]]:
+    """The model's own naming: ComfyUI's LoRA key map as ``{LoRA module name: canonical layer}`` and the
+    model's parameter names without the ``diffusion_model.`` prefix."""
+    keys = frozenset(k[len(PREFIX):] for k in model.model.state_dict() if k.startswith(PREFIX))
+    aliases = {}
+    for lora_key, model_key in comfy.lora.model_lora_keys_unet(model.model, {}).items():
+        if isinstance(model_key, str) and model_key.startswith(PREFIX) and model_key.endswith(".weight"):
+            aliases[lora_key] = model_key[len(PREFIX):-len(".weight")]
+    return aliases, keys
 
 METHOD_CHOICES = {
     "CASA": "casa",
@@ -113,12 +131,30 @@ class CASATransferLoRA(io.ComfyNode):
         )
 
     @classmethod
+    def fingerprint_inputs(cls, lora_name, **widgets):
+        """The LoRA file's content (digest memoised by size and mtime): a LoRA rewritten under the same
+        name is transferred again instead of being served from ComfyUI's cache. The other inputs are
+        ComfyUI's own concern (links: their nodes; widgets: compared by value)."""
+        path = folder_paths.get_full_path("loras", lora_name) if lora_name else None
+        try:
+            return ("lora", lora_name, file_digest(path, cache_dir()))
+        except (TypeError, OSError):
+            return ("lora", lora_name, None)
+
+    @classmethod
     def execute(cls, model, drift, lora_name, strength, method, tau, q_dom, q_act, energy, injection,
                 rank, kept_energy) -> io.NodeOutput:
         t0 = time.perf_counter()
         path = folder_paths.get_full_path_or_raise("loras", lora_name)
         basis = drift.basis.basis
-        lora = read_lora(path, basis.layers, strength=strength, memo_dir=cache_dir())
+        aliases, model_keys = model_key_map(model)
+        lora = read_lora(path, basis.layers, strength=strength, memo_dir=cache_dir(), aliases=aliases,
+                         model_keys=model_keys)
+        # every layer must have a place to go: fail before computing when most have none
+        not_landed = [n for n in lora.updates if f"{n}.weight" not in model_keys]
+        warnings = check_coverage(lora, drift.drift, source=drift.basis.name, target="the connected MODEL",
+                                  source_naming=getattr(drift.basis.source, "naming", ""),
+                                  not_landed=not_landed)
         mode = INJECTION_CHOICES[injection]
         if mode == "exact":
             spec = OutputSpec(mode="exact", rank=None)
@@ -148,16 +184,22 @@ class CASATransferLoRA(io.ComfyNode):
         patched = model.clone()
         added = set(patched.add_patches(patches, 1.0))
         missing = sorted(set(patches) - added)
+        if patches and not added:
+            raise CasaError(f"{lora_name}: none of its {len(patches)} transferred layers has a weight to patch in the "
+                            f"connected MODEL (e.g. {next(iter(patches))})", file=path)
         if passthrough:
             key_map = comfy.lora.model_lora_keys_unet(patched.model, {})
             patched.add_patches(comfy.lora.load_lora(passthrough, key_map), 1.0)
+        report.warnings = warnings
+        for w in warnings:
+            log.warning("casa-lora: %s", w)
         report.seconds = time.perf_counter() - t0
-        text, warnings = _summary(handle, method, injection, rank, q_act, missing)
+        text, warnings = _summary(handle, method, injection, rank, q_act, missing, drift.drift)
         return io.NodeOutput(patched, handle, ui=summary_ui("CASA Transfer LoRA", text, warnings))
 
 
 def _summary(h: ReportHandle, method: str, injection: str, rank: int, q_act: float,
-             missing: list[str]) -> tuple[str, list[str]]:
+             missing: list[str], drift=None) -> tuple[str, list[str]]:
     """The node's summary in plain words, and its warnings."""
     t = h.report.totals()
     held = sum(x.numel() * x.element_size() for out in h.outputs.values() for x in out.tensors)
@@ -187,6 +229,15 @@ def _summary(h: ReportHandle, method: str, injection: str, rank: int, q_act: flo
                         "(or set kept_energy, or use exact injection)")
     if h.report.no_drift:
         lines.append(f"{len(h.report.no_drift)} layer(s) identical in both models: the LoRA applies there as trained")
+    if h.report.missing_in_target:
+        warnings.append(f"{len(h.report.missing_in_target)} layer(s) missing from the target model, e.g. "
+                        f"{h.report.missing_in_target[0]}")
+    if drift is not None:
+        for line in noise_summary(drift, "the target", layers=h.report.layers):
+            if line.startswith("WARNING: "):
+                warnings.append(line[len("WARNING: "):])
+            else:
+                lines.append(line)
     if h.report.passthrough:
         lines.append(f"{len(h.report.passthrough)} non-low-rank key(s) carried through unchanged")
     if h.report.unmatched:
@@ -194,4 +245,8 @@ def _summary(h: ReportHandle, method: str, injection: str, rank: int, q_act: flo
                         f"e.g. {h.report.unmatched[0]}")
     if missing:
         warnings.append(f"{len(missing)} layer(s) of the transfer were not found in the model, e.g. {missing[0]}")
+    if h.report.dropped:
+        key, why = next(iter(h.report.dropped.items()))
+        lines.append(f"{len(h.report.dropped)} key(s) left out (ComfyUI cannot load them), e.g. {key}: {why}")
+    warnings += list(h.report.warnings)
     return "\n".join(lines), warnings

@@ -11,13 +11,17 @@ which :class:`Checkpoint` implements and which a ComfyUI model adapter can imple
 A layer is every 2-D ``<module>.weight`` tensor, whatever the model family: conv kernels, 1-D norms,
 modulation tables and biases are not layers (they are listed in ``other_keys``). Key layouts handled:
 original names, ComfyUI repacks with ``model.diffusion_model.`` (or ``diffusion_model.``, ``model.model.``,
-``net.``) prefixes, and Wan diffusers names (translated to original names).
+``net.``) prefixes, Wan diffusers names (translated to original names) and HunyuanVideo's original release
+names (translated to ComfyUI's: ``img_attn_qkv`` -> ``img_attn.qkv``); see :func:`keys.canonical_names`.
+``param_names`` lists every tensor under its canonical name (what ComfyUI's LoRA loader could patch).
 
 **fp8.** Plain ``float8_e4m3fn``/``float8_e5m2`` weights are upcast. Scaled fp8 stores the weight divided
 by a scale: legacy files carry ``<module>.scale_weight`` (plus a ``scaled_fp8`` marker), newer ComfyUI
 files ``<module>.weight_scale`` (scalar, or per output row) with a ``<module>.comfy_quant`` JSON tensor
 or a ``_quantization_metadata`` header entry; the weight is ``w.float() * scale``. Other quantisation
 formats (nvfp4, mxfp8, int8, …) pack weights differently and are refused with a clear message.
+``grid(layer)`` describes a layer's storage grid (:class:`~casa_core.quantnoise.StorageGrid`: fp8,
+bfloat16, float16), from which the drift estimates the rounding noise of the layer; float32 has none.
 """
 from __future__ import annotations
 
@@ -29,10 +33,10 @@ from typing import Protocol, runtime_checkable
 import torch
 
 from ..errors import CasaError
-from .keys import diffusers_to_original, is_diffusers_wan, strip_model_prefix
+from .keys import canonical_names, naming_of
 from .safetensors_io import SafeTensorsFile, file_digest
 
-__all__ = ["WeightProvider", "Checkpoint", "check_finite"]
+__all__ = ["Checkpoint", "WeightProvider", "check_finite", "open_model"]
 
 _FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 _FP8_FORMATS = {"float8_e4m3fn": torch.float8_e4m3fn, "float8_e5m2": torch.float8_e5m2}
@@ -78,7 +82,8 @@ class Checkpoint:
     def _index(self) -> None:
         f = self._file
         keys = f.keys()
-        diffusers = is_diffusers_wan(keys)
+        canonical = canonical_names(keys)
+        self.naming: str = naming_of(keys)
         quant_meta = self._quantization_metadata()
 
         self._weight_key: dict[str, str] = {}
@@ -89,8 +94,7 @@ class Checkpoint:
             if not key.endswith(".weight") or len(f.shape(key)) != 2:
                 continue
             raw_module = key[: -len(".weight")]
-            name = strip_model_prefix(raw_module)
-            layer = diffusers_to_original(name) if diffusers else name
+            layer = canonical[key][: -len(".weight")]
             if layer in self._weight_key:
                 raise CasaError(f"{self.path}: keys '{self._weight_key[layer]}' and '{key}' are both the "
                                 f"weight of layer {layer}", file=self.path, layer=layer)
@@ -114,6 +118,11 @@ class Checkpoint:
             layer: (f.shape(key)[0], f.shape(key)[1]) for layer, key in self._weight_key.items()
         }
         self.other_keys: list[str] = [k for k in keys if k not in used]
+        #: every tensor's canonical name (scale and quantisation bookkeeping left out)
+        self.param_names: frozenset[str] = frozenset(
+            canonical[k] for k in keys
+            if k in self._weight_key.values() or (k in self.other_keys and not k.endswith(("comfy_quant", "scaled_fp8")))
+        )
 
     def _quantization_metadata(self) -> dict[str, dict]:
         raw = self._file.metadata.get("_quantization_metadata")
@@ -150,6 +159,15 @@ class Checkpoint:
             return self._weight_key[layer]
         except KeyError:
             raise CasaError(f"{self.path} has no layer {layer}", file=self.path, layer=layer) from None
+
+    def grid(self, layer: str):
+        """The storage grid of a layer stored in fp8 (plain or scaled), bfloat16 or float16; None for
+        float32 (whose rounding is negligible)."""
+        from ..quantnoise import StorageGrid
+
+        scale_key = self._scale_key.get(layer)
+        scale = self._file.get(scale_key).float() if scale_key is not None else None
+        return StorageGrid.of_dtype(self.storage_dtype(layer), scale)
 
     def storage_dtype(self, layer: str) -> torch.dtype:
         """The dtype the layer's weight is stored in (fp8 for scaled-fp8 files)."""
@@ -199,3 +217,13 @@ class Checkpoint:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.close()
+
+
+def open_model(path: str | os.PathLike[str], memo_dir: str | os.PathLike[str] | None = None):
+    """A model file as a weight provider: :class:`Checkpoint` for safetensors, a
+    :class:`~casa_core.formats.gguf_file.GGUFCheckpoint` for GGUF (needs the optional ``gguf`` package)."""
+    from .gguf_file import GGUFCheckpoint, is_gguf
+
+    if is_gguf(path):
+        return GGUFCheckpoint(path, memo_dir)
+    return Checkpoint(path, memo_dir)

@@ -13,7 +13,19 @@ Three naming families reach us:
   :class:`LayerMatcher` resolves against the model's known module paths;
 * diffusers names of Wan (``attn1.to_q``, ``ffn.net.0.proj``, ``proj_out``, ``condition_embedder.…``,
   ``scale_shift_table``), translated with the table below, which is the inverse of diffusers'
-  ``WanTransformerConverter.rename_dict`` (scripts/convert_wan_to_diffusers.py).
+  ``WanTransformerConverter.rename_dict`` (scripts/convert_wan_to_diffusers.py);
+* HunyuanVideo (and 1.5) in its original release naming (``double_blocks.N.img_attn_qkv``,
+  ``img_mlp.fc1``, ``img_mod.linear``, ``txt_in.t_embedder.mlp.0`` …), which ComfyUI renames when it
+  loads the model (``img_attn.qkv``, ``img_mlp.0``, ``img_mod.lin``, ``txt_in.t_embedder.in_layer``):
+  :func:`hunyuan_to_comfy` (and its inverse for LoRA names, :func:`comfy_to_hunyuan`). The older
+  diffusion-pipe HunyuanVideo LoRAs use the original names behind ``transformer.``.
+
+So the canonical name of a layer is the one the ComfyUI model uses. Inside ComfyUI the pack goes one
+step further and takes the model's own LoRA key map (``comfy.lora.model_lora_keys_unet``) as aliases
+(``LayerMatcher(aliases=…)``), so every LoRA naming ComfyUI accepts resolves to the model's keys.
+
+Trainer bookkeeping tensors (:data:`BOOKKEEPING_KEYS`) are not part of any update; the reader drops them
+and says so. Which pass-through keys ComfyUI's LoRA loader applies at all is :func:`loadable_passthrough`.
 """
 from __future__ import annotations
 
@@ -31,6 +43,14 @@ __all__ = [
     "comfy_key",
     "kohya_name",
     "LayerMatcher",
+    "hunyuan_to_comfy",
+    "comfy_to_hunyuan",
+    "is_hunyuan_family",
+    "canonical_names",
+    "naming_of",
+    "BOOKKEEPING_KEYS",
+    "LOADABLE_SUFFIXES",
+    "loadable_passthrough",
 ]
 
 #: Wrapper prefixes of checkpoint keys, removed by :func:`strip_model_prefix` (longest first).
@@ -96,6 +116,149 @@ _BLOCK = re.compile(r"^(blocks\.\d+)(?:\.(.*))?$")
 _DIFFUSERS_MARKERS = re.compile(
     r"^(condition_embedder\.|proj_out(\.|$)|scale_shift_table$|blocks\.\d+\.(attn1|attn2|ffn\.net)\.)"
 )
+
+
+# HunyuanVideo (1.0 / 1.5): original release name fragment -> the name ComfyUI's model uses. Each rule
+# rewrites a substring; none of them matches a ComfyUI name, so applying them twice changes nothing.
+_HUNYUAN_RULES: tuple[tuple[str, str], ...] = (
+    ("txt_in.t_embedder.mlp.0.", "txt_in.t_embedder.in_layer."),
+    ("txt_in.t_embedder.mlp.2.", "txt_in.t_embedder.out_layer."),
+    ("txt_in.c_embedder.linear_1.", "txt_in.c_embedder.in_layer."),
+    ("txt_in.c_embedder.linear_2.", "txt_in.c_embedder.out_layer."),
+    ("_mod.linear.", "_mod.lin."),  # img_mod / txt_mod
+    (".modulation.linear.", ".modulation.lin."),  # single blocks
+    ("_attn_qkv.", "_attn.qkv."),  # img_attn / txt_attn / the token refiner's self_attn
+    ("_attn_proj.", "_attn.proj."),
+    ("_attn_q_norm.", "_attn.norm.query_norm."),
+    ("_attn_k_norm.", "_attn.norm.key_norm."),
+    (".q_norm.", ".norm.query_norm."),  # single blocks
+    (".k_norm.", ".norm.key_norm."),
+    ("_mlp.fc1.", "_mlp.0."),  # img_mlp / txt_mlp
+    ("_mlp.fc2.", "_mlp.2."),
+    (".mlp.fc1.", ".mlp.0."),  # the token refiner's mlp
+    (".mlp.fc2.", ".mlp.2."),
+    ("_in.mlp.0.", "_in.in_layer."),  # time_in / vector_in / guidance_in / time_r_in
+    ("_in.mlp.2.", "_in.out_layer."),
+)
+
+
+def _rewriter(pairs: Iterable[tuple[str, str]]) -> tuple[re.Pattern[str], dict[str, str]]:
+    table = dict(pairs)
+    return re.compile("|".join(re.escape(k) for k in sorted(table, key=len, reverse=True))), table
+
+
+def _one_pass(text: str, rw: tuple[re.Pattern[str], dict[str, str]]) -> str:
+    """Every rule applied once, left to right, never to the output of another rule."""
+    pattern, table = rw
+    return pattern.sub(lambda m: table[m.group(0)], text)
+
+
+_TO_COMFY = _rewriter(_HUNYUAN_RULES)
+# norms are not layers: the inverse (for LoRA module names) only needs the layers' rules
+_TO_HUNYUAN = _rewriter((to, frm) for frm, to in _HUNYUAN_RULES if "norm" not in to)
+_HUNYUAN_ROOTS = ("double_blocks.", "single_blocks.", "txt_in.", "img_in.", "final_layer.")
+
+
+def is_hunyuan_family(keys: Iterable[str]) -> bool:
+    """True when tensor or module names (prefixes allowed) look like HunyuanVideo's (either naming)."""
+    for key in keys:
+        name, _ = strip_lora_prefix(strip_model_prefix(key))
+        if name.startswith(("double_blocks", "single_blocks")) and ("attn" in name or "mod" in name
+                                                                   or "linear" in name or "mlp" in name):
+            return True
+    return False
+
+
+def hunyuan_to_comfy(name: str) -> str:
+    """A HunyuanVideo key or module path in the original release naming, in ComfyUI's naming.
+
+    ``double_blocks.0.img_attn_qkv.weight`` -> ``double_blocks.0.img_attn.qkv.weight``; module paths
+    (no ``.weight``) work too. Names already in ComfyUI's naming, and names of other families, are
+    returned unchanged. RMSNorm ``.scale`` tensors become ``.weight``.
+    """
+    if not name.startswith(_HUNYUAN_ROOTS) and not any(name.startswith(p) for p in ("time_in.", "vector_in.",
+                                                                                   "guidance_in.", "time_r_in.",
+                                                                                   "byt5_in.", "vision_in.")):
+        return name
+    out = _one_pass(name + ".", _TO_COMFY)  # rules match whole path components
+    out = out[:-1]
+    if out.endswith(".scale"):
+        out = out[: -len(".scale")] + ".weight"
+    return out
+
+
+def comfy_to_hunyuan(name: str) -> str:
+    """The inverse of :func:`hunyuan_to_comfy` on layer module paths (for LoRA names in the original
+    naming, e.g. diffusion-pipe's ``transformer.double_blocks.0.img_attn_qkv``)."""
+    if not name.startswith(_HUNYUAN_ROOTS) and not name.startswith(("time_in.", "vector_in.", "guidance_in.",
+                                                                    "time_r_in.")):
+        return name
+    out = _one_pass(name + ".", _TO_HUNYUAN)
+    return out[:-1]
+
+
+def naming_of(keys: Iterable[str]) -> str:
+    """A short description of the naming a file's keys use (for error sentences)."""
+    keys = list(keys)
+    if is_hunyuan_family(keys):
+        stripped = [strip_lora_prefix(strip_model_prefix(k))[0] for k in keys]
+        original = any(hunyuan_to_comfy(k) != k for k in stripped)
+        return "HunyuanVideo, original naming" if original else "HunyuanVideo, ComfyUI naming"
+    if is_diffusers_wan(keys):
+        return "Wan, diffusers naming"
+    if any(strip_model_prefix(k).startswith("blocks.") for k in keys):
+        return "Wan, original/ComfyUI naming"
+    first = next(iter(keys), "")
+    return f"unknown naming (e.g. {first})" if first else "no keys"
+
+
+def canonical_names(keys: Iterable[str]) -> dict[str, str]:
+    """File key -> canonical key (the ComfyUI model's parameter name), for a checkpoint's tensors.
+
+    Removes one wrapper prefix, translates Wan's diffusers names and HunyuanVideo's original names.
+    Keys are returned with their suffix (``.weight``, ``.bias``).
+    """
+    keys = list(keys)
+    diffusers = is_diffusers_wan(keys)
+    hunyuan = is_hunyuan_family(keys)
+    out: dict[str, str] = {}
+    for key in keys:
+        name = strip_model_prefix(key)
+        if diffusers:
+            name = diffusers_to_original(name)
+        elif hunyuan:
+            name = hunyuan_to_comfy(name)
+        out[key] = name
+    return out
+
+
+#: Tensors trainers store beside the updates that no loader applies: musubi-tuner forks
+#: (blissful-tuner) write network-level ``use_rslora_flag`` / ``use_dora_flag`` buffers. Dropped on
+#: read; ``use_rslora_flag`` is honoured (scale alpha / sqrt(rank)), ``use_dora_flag`` refused.
+BOOKKEEPING_KEYS: frozenset[str] = frozenset({"use_rslora_flag", "use_dora_flag"})
+
+#: Pass-through suffixes ComfyUI's ``comfy.lora.load_lora`` applies (``.diff_m`` and others are
+#: logged as "lora key not loaded" and ignored).
+LOADABLE_SUFFIXES: frozenset[str] = frozenset({"diff", "diff_b", "set_weight", "w_norm", "b_norm"})
+
+
+def loadable_passthrough(module: str, suffix: str, model_keys: frozenset[str] | set[str],
+                         siblings: Iterable[str] = ()) -> str | None:
+    """None when ComfyUI's LoRA loader applies ``<module>.<suffix>`` to a model with parameters
+    ``model_keys`` (canonical names: ``blocks.0.norm3.weight``, ``blocks.0.modulation`` …), else the
+    reason it would not. ``siblings`` are the other suffixes present on the same module."""
+    if suffix not in LOADABLE_SUFFIXES:
+        return f"'.{suffix}' keys are not applied by ComfyUI's LoRA loader"
+    has_weight = f"{module}.weight" in model_keys
+    if suffix in ("diff_b", "b_norm"):
+        if not (has_weight and f"{module}.bias" in model_keys):
+            return f"the model has no bias {module}.bias"
+        if suffix == "b_norm" and "w_norm" not in set(siblings):
+            return "ComfyUI applies '.b_norm' only beside a '.w_norm'"
+        return None
+    if has_weight or module in model_keys:
+        return None
+    return f"the model has no parameter {module}"
 
 
 def strip_model_prefix(key: str) -> str:
@@ -185,9 +348,12 @@ class LayerMatcher:
     names are translated either way.
     """
 
-    def __init__(self, layer_names: Iterable[str], *, diffusers_naming: bool = False):
+    def __init__(self, layer_names: Iterable[str], *, diffusers_naming: bool = False,
+                 aliases: dict[str, str] | None = None):
         self.layers: frozenset[str] = frozenset(layer_names)
         self.diffusers_naming = diffusers_naming
+        #: exact LoRA module names -> canonical layer (inside ComfyUI: the model's own LoRA key map)
+        self.aliases: dict[str, str] = {k: v for k, v in (aliases or {}).items() if v in self.layers}
         parents: set[str] = set()
         for layer in self.layers:
             parents.update(_ancestors(layer))
@@ -208,6 +374,13 @@ class LayerMatcher:
             add(kohya_name(diff_name), layer)
             for anc in _ancestors(diff_name):
                 add(kohya_name(anc), diffusers_to_original(anc))
+            hy_name = comfy_to_hunyuan(layer)
+            if hy_name != layer:
+                add(kohya_name(hy_name), layer)
+        for alias, layer in self.aliases.items():
+            rest, underscore_form = strip_lora_prefix(alias)
+            if underscore_form:
+                add(rest, layer)
         self._underscore = underscore
 
     def _from_underscore(self, rest: str) -> str | None:
@@ -225,6 +398,9 @@ class LayerMatcher:
 
     def match(self, module_path: str) -> str | None:
         """The canonical layer ``module_path`` refers to, or None when it is not one of the layers."""
+        alias = self.aliases.get(module_path)
+        if alias is not None:
+            return alias
         rest, underscore = strip_lora_prefix(module_path)
         if underscore:
             found = self._underscore.get(rest)
@@ -233,6 +409,9 @@ class LayerMatcher:
             if candidate in self.layers:
                 return candidate
             translated = diffusers_to_original(candidate)
+            if translated in self.layers:
+                return translated
+            translated = hunyuan_to_comfy(candidate)
             if translated in self.layers:
                 return translated
         return None

@@ -22,10 +22,20 @@ entries, or an ``adapter_config.json`` beside an ``adapter_model.safetensors``) 
 ``LowRankUpdate.alpha_rule`` records which rule applied: ``"tensor"``, ``"none"`` or
 ``"peft[_pattern][_rslora]"``.
 
-Every other key is passed through untouched (``.diff``, ``.diff_b``, ``.diff_m``, ``.set_weight``,
-``.w_norm``, ``.b_norm``, and keys this reader does not know), renamed to ComfyUI's
-``diffusion_model.<module>.<suffix>`` when the module is recognised. Update groups on modules that are
-not layers of the model are listed in ``unmatched`` (never silently dropped).
+Other keys that ComfyUI's LoRA loader applies (``.diff``, ``.diff_b``, ``.set_weight``, ``.w_norm``,
+``.b_norm`` on a module the model has) are passed through untouched, renamed to ComfyUI's
+``diffusion_model.<module>.<suffix>``. Everything else is left out and listed in ``dropped`` with the
+reason: trainer bookkeeping (``use_rslora_flag``, ``use_dora_flag``; see
+:data:`~casa_core.formats.keys.BOOKKEEPING_KEYS`), ``.diff_m`` and other suffixes ComfyUI ignores, keys of
+modules the model does not have, keys of no known form; so no output carries a key ComfyUI cannot load.
+``use_rslora_flag`` set to true switches the alpha rule of tensor alphas to rsLoRA (``alpha / sqrt(r)``);
+``use_dora_flag`` set to true is refused (DoRA is not an additive update). Update groups on modules that
+are not layers of the model are listed in ``unmatched`` (never silently dropped).
+
+``aliases`` (LoRA module name -> canonical layer) resolve names before any rule of this reader: inside
+ComfyUI they are the model's own LoRA key map, so every naming ComfyUI accepts resolves to the model's
+keys. ``model_keys`` (canonical parameter names of the model) decide which pass-through keys ComfyUI
+would apply; without them, a key on a recognised module with an applicable suffix counts.
 """
 from __future__ import annotations
 
@@ -40,7 +50,15 @@ import torch
 
 from ..errors import CasaError
 from .checkpoint import check_finite
-from .keys import LayerMatcher, comfy_key, is_diffusers_wan, strip_lora_prefix
+from .keys import (
+    BOOKKEEPING_KEYS,
+    LOADABLE_SUFFIXES,
+    LayerMatcher,
+    comfy_key,
+    is_diffusers_wan,
+    loadable_passthrough,
+    strip_lora_prefix,
+)
 from .safetensors_io import SafeTensorsFile, file_digest
 
 __all__ = ["LowRankUpdate", "DenseUpdate", "LoRAFile", "read_lora"]
@@ -92,6 +110,8 @@ class LoRAFile:
     unmatched: list[str]
     metadata: dict[str, str]
     strength: float = 1.0
+    unmatched_modules: list[str] = field(default_factory=list)
+    dropped: dict[str, str] = field(default_factory=dict)  # key -> why it is not carried through
     memo_dir: str | None = field(default=None, repr=False)
     _digest: str | None = field(default=None, repr=False, compare=False)
 
@@ -254,13 +274,24 @@ def _peft_alpha(path: str, metadata: dict[str, str]) -> _PeftAlpha | None:
 class _Reader:
     """State of one :func:`read_lora` call."""
 
-    def __init__(self, f: SafeTensorsFile, layer_shapes: dict[str, tuple[int, int]], strength: float):
+    def __init__(self, f: SafeTensorsFile, layer_shapes: dict[str, tuple[int, int]], strength: float,
+                 aliases: dict[str, str] | None = None):
         self.f = f
         self.path = f.path
         self.shapes = layer_shapes
         self.strength = strength
-        self.matcher = LayerMatcher(layer_shapes, diffusers_naming=is_diffusers_wan(f.keys()))
+        self.matcher = LayerMatcher(layer_shapes, diffusers_naming=is_diffusers_wan(f.keys()), aliases=aliases)
         self.peft = _peft_alpha(self.path, f.metadata)
+        self.rslora = self._flag("use_rslora_flag")
+        if self._flag("use_dora_flag"):
+            raise CasaError(f"{self.path}: the file is a DoRA (its use_dora_flag is set); DoRA updates are not "
+                            f"supported", file=self.path)
+
+    def _flag(self, key: str) -> bool:
+        if key not in self.f:
+            return False
+        t = self.f.get(key)
+        return bool(t.numel() == 1 and bool(t.reshape(()).item()))
 
     def tensor(self, key: str, layer: str | None) -> torch.Tensor:
         t = self.f.get(key)
@@ -322,7 +353,9 @@ class _Reader:
             raise self.size_error(layer, up.shape[0], down.shape[1])
         rank = down.shape[0]
         alpha = self.alpha(group, layer)
-        if alpha is not None:
+        if alpha is not None and self.rslora:
+            scale, rule = alpha / math.sqrt(rank), "tensor_rslora"
+        elif alpha is not None:
             scale, rule = alpha / rank, "tensor"
         else:
             found = self.peft.alpha_for(strip_lora_prefix(module)[0]) if self.peft else None
@@ -389,7 +422,8 @@ class _Reader:
 
 
 def read_lora(path: str | os.PathLike[str], layer_shapes: dict[str, tuple[int, int]], strength: float = 1.0,
-              memo_dir: str | os.PathLike[str] | None = None) -> LoRAFile:
+              memo_dir: str | os.PathLike[str] | None = None, *, aliases: dict[str, str] | None = None,
+              model_keys: frozenset[str] | set[str] | None = None) -> LoRAFile:
     """Read a LoRA file against a model's layers (canonical name -> (out, in)).
 
     Strength and alpha are applied (into ``LowRankUpdate.scale`` / ``DenseUpdate.delta`` /
@@ -399,8 +433,13 @@ def read_lora(path: str | os.PathLike[str], layer_shapes: dict[str, tuple[int, i
     """
     strength = float(strength)
     with SafeTensorsFile(path) as f:
-        r = _Reader(f, layer_shapes, strength)
+        r = _Reader(f, layer_shapes, strength, aliases)
         keys = f.keys()
+        dropped: dict[str, str] = {}
+        for key in keys:
+            if key.rsplit(".", 1)[-1] in BOOKKEEPING_KEYS:
+                dropped[key] = "trainer bookkeeping, not part of any update"
+        keys = [k for k in keys if k not in dropped]
 
         groups: dict[str, dict[str, str]] = {}  # module -> {suffix: key}, update keys and alpha
         loose: list[tuple[str, str | None, str]] = []  # (key, module, suffix) passed through
@@ -419,6 +458,7 @@ def read_lora(path: str | os.PathLike[str], layer_shapes: dict[str, tuple[int, i
         schemes: Counter[str] = Counter()  # naming schemes of the update groups
         loose_schemes: Counter[str] = Counter()  # and of the passed-through keys (used when no group)
         unmatched: list[str] = []
+        unmatched_modules: list[str] = []
         for module, group in groups.items():
             if not any(_SUFFIX_ROLE[s] in _UPDATE_ROLES for s in group):  # an alpha alone
                 loose.extend((k, module, s) for s, k in group.items())
@@ -427,6 +467,7 @@ def read_lora(path: str | os.PathLike[str], layer_shapes: dict[str, tuple[int, i
             layer = r.matcher.match(module)
             if layer is None:
                 unmatched.extend(sorted(group.values()))
+                unmatched_modules.append(module)
                 continue
             if layer in updates:
                 raise CasaError(f"{f.path}, layer {layer}: the file has two updates for this layer "
@@ -437,9 +478,29 @@ def read_lora(path: str | os.PathLike[str], layer_shapes: dict[str, tuple[int, i
         passthrough: dict[str, torch.Tensor] = {}
         passthrough_layers: dict[str, torch.Tensor] = {}
         position = {key: i for i, key in enumerate(keys)}
+        siblings: dict[str, list[str]] = {}
+        for key, module, suffix in loose:
+            if module is not None:
+                siblings.setdefault(module, []).append(suffix[1:])
         for key, module, suffix in sorted(loose, key=lambda item: position[item[0]]):
             canonical = r.matcher.canonical_module(module) if module is not None else None
-            out_key = comfy_key(canonical, suffix[1:]) if canonical is not None else key
+            if canonical is None:
+                dropped[key] = ("no module of the model has this name" if module is not None
+                                else "not a key ComfyUI's LoRA loader knows")
+                continue
+            if suffix == ".alpha":
+                dropped[key] = "an alpha without an update"
+                continue
+            if model_keys is not None:
+                why = loadable_passthrough(canonical, suffix[1:], model_keys, siblings.get(module, ()))
+            elif suffix[1:] not in LOADABLE_SUFFIXES:
+                why = f"'{suffix}' keys are not applied by ComfyUI's LoRA loader"
+            else:
+                why = None
+            if why is not None:
+                dropped[key] = why
+                continue
+            out_key = comfy_key(canonical, suffix[1:])
             if out_key in passthrough:
                 raise CasaError(f"{f.path}: keys '{key}' and another key both mean '{out_key}'", file=f.path)
             layer = r.matcher.match(module) if module is not None and suffix == ".diff" else None
@@ -454,7 +515,8 @@ def read_lora(path: str | os.PathLike[str], layer_shapes: dict[str, tuple[int, i
             raise CasaError(f"{f.path}: none of its {len(keys)} keys matches a layer of the model "
                             f"(first keys: {', '.join(keys[:3])})", file=f.path)
 
-        fmt = (schemes or loose_schemes).most_common(1)[0][0]
+        fmt = (schemes or loose_schemes or Counter({"original": 1})).most_common(1)[0][0]
         return LoRAFile(path=f.path, format=fmt, updates=updates, passthrough=passthrough,
                         passthrough_layers=passthrough_layers, unmatched=unmatched, metadata=dict(f.metadata),
-                        strength=strength, memo_dir=None if memo_dir is None else os.fspath(memo_dir))
+                        strength=strength, memo_dir=None if memo_dir is None else os.fspath(memo_dir),
+                        unmatched_modules=unmatched_modules, dropped=dropped)

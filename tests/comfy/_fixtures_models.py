@@ -219,9 +219,11 @@ def fetch_dump(client, entry: dict, node_id: str) -> tuple[dict, dict]:
 
 class DictWeights:
     """A casa_core WeightProvider over float tensors keyed by canonical layer name (e.g. a weight dump:
-    the weights a ComfyUI MODEL really uses)."""
+    the weights a ComfyUI MODEL really uses). ``grids``: the storage grid of each layer, when the weights
+    came from a quantised file (their rounding noise is then separated from the drift, as the node does)."""
 
-    def __init__(self, tensors: dict, name: str = "weights"):
+    def __init__(self, tensors: dict, name: str = "weights", grids: dict | None = None):
+        self.grids = dict(grids or {})
         self.tensors = {k: v for k, v in tensors.items() if v.ndim == 2}
         self.layers = {k: (int(v.shape[0]), int(v.shape[1])) for k, v in self.tensors.items()}
         self.path = name
@@ -234,8 +236,12 @@ class DictWeights:
     def get(self, layer: str) -> torch.Tensor:
         return self.tensors[layer].float().clone()
 
+    def grid(self, layer: str):
+        return self.grids.get(layer)
+
     def identity(self) -> str:
-        return self._id
+        return self._id + (":grids=" + ",".join(sorted(f"{k}={g.kind}" for k, g in self.grids.items()))
+                           if self.grids else "")
 
 
 @dataclass
@@ -252,7 +258,7 @@ def casa_expected(source_path, lora_path, cache_dir, *, method: str = "casa", in
                   rank: int = 128, kept_energy: float = 0.0, strength: float = 1.0, storage: str = "float16",
                   tau: float = 0.5, q_dom: float = 0.5, q_act: float = 0.85, energy: float = 0.9,
                   target_path=None, target_weights: dict | None = None, distill_lora_path=None,
-                  distill_strength: float = 1.0) -> Expected:
+                  distill_strength: float = 1.0, target_grids: dict | None = None) -> Expected:
     """The transfer the node contract specifies, computed with casa_core alone in this process:
 
     ``iter_transfer(read_lora(lora, layer_shapes, strength), basis, drift, TransferConfig(...))`` with the
@@ -264,7 +270,7 @@ def casa_expected(source_path, lora_path, cache_dir, *, method: str = "casa", in
     from casa_core.basis import load_or_build_basis
     from casa_core.drift import LoRADrift, WeightDifference, load_or_build_drift
     from casa_core.factorize import OutputSpec
-    from casa_core.formats.checkpoint import Checkpoint
+    from casa_core.formats.checkpoint import Checkpoint, open_model
     from casa_core.formats.lora import read_lora
     from casa_core.routing import CasaParams
     from casa_core.transfer import TransferConfig, TransferReport, config_dict, iter_transfer
@@ -283,11 +289,11 @@ def casa_expected(source_path, lora_path, cache_dir, *, method: str = "casa", in
         if distill_lora_path is not None:
             dsrc = LoRADrift(read_lora(distill_lora_path, source.layers, strength=distill_strength), source)
         elif target_weights is not None:
-            dsrc = WeightDifference(source, DictWeights(target_weights, "target"))
+            dsrc = WeightDifference(source, DictWeights(target_weights, "target", target_grids))
         else:
-            dsrc = WeightDifference(source, Checkpoint(target_path, memo_dir=cache_dir))
+            dsrc = WeightDifference(source, open_model(target_path, memo_dir=cache_dir))
         drift = load_or_build_drift(basis, dsrc, cache_dir)
-    lora = read_lora(lora_path, source.layers, strength=strength)
+    lora = read_lora(lora_path, source.layers, strength=strength, model_keys=source.param_names)
     report = TransferReport(method, config_dict(cfg, strength))
     deltas, outputs = {}, {}
     for r in iter_transfer(lora, basis, drift, cfg, report):

@@ -296,17 +296,18 @@ class ComfyServer:
 
 
 def prepare_base_dir(base_dir, pack_root=None, pack_name: str = "casa-lora", test_nodes=None,
-                     test_nodes_name: str = "casa_test_nodes") -> Path:
+                     test_nodes_name: str = "casa_test_nodes", extra_packs=None) -> Path:
     """Lay out a ComfyUI base directory: models/{diffusion_models,loras}, custom_nodes, input, output,
-    temp, user. ``pack_root`` and ``test_nodes`` are symlinked into custom_nodes (copied where
-    symlinks are not allowed)."""
+    temp, user. ``pack_root``, ``test_nodes`` and ``extra_packs`` (``{folder name: path}``, e.g.
+    ComfyUI-GGUF) are symlinked into custom_nodes (copied where symlinks are not allowed)."""
     import shutil
 
     base = Path(base_dir)
     for sub in ("models/diffusion_models", "models/loras", "models/checkpoints", "models/vae",
                 "models/text_encoders", "custom_nodes", "input", "output", "temp", "user"):
         (base / sub).mkdir(parents=True, exist_ok=True)
-    for src, name in ((pack_root, pack_name), (test_nodes, test_nodes_name)):
+    for src, name in ((pack_root, pack_name), (test_nodes, test_nodes_name), *((p, n) for n, p in
+                                                                               (extra_packs or {}).items())):
         if src is None:
             continue
         dst = base / "custom_nodes" / name

@@ -12,6 +12,8 @@ Fixtures:
                    run, object_info, interrupt, log, ... (comfy_client.py)
   comfy_inprocess  ComfyUI imported into this process on the CPU (session; comfy_inprocess.py)
   tiny_wan         file name of the tiny Wan2.1 t2v checkpoint in both base dirs' models/diffusion_models
+  comfyui_gguf     the ComfyUI-GGUF tree linked into the server's custom_nodes ($CASA_COMFYUI_GGUF; tests/run.sh
+                   sets it, always under CI). A test that uses it FAILS when it is absent (never skips).
 """
 from __future__ import annotations
 
@@ -34,6 +36,15 @@ TEST_NODES_DIR = HERE / "testnodes"
 PACK_DIR_NAME = "casa-lora"
 TINY_WAN = "casa_tiny_wan_t2v.safetensors"
 REQUIRE_ENV = "CASA_REQUIRE_COMFYUI"
+GGUF_ENV = "CASA_COMFYUI_GGUF"
+GGUF_PACK_NAME = "ComfyUI-GGUF"
+
+
+def gguf_pack_path() -> Path | None:
+    """The ComfyUI-GGUF tree named by $CASA_COMFYUI_GGUF, when it is a folder with its nodes."""
+    value = os.environ.get(GGUF_ENV, "")
+    path = Path(value).expanduser() if value else None
+    return path if path is not None and (path / "nodes.py").is_file() else None
 
 # Distributions ComfyUI lists but does not need to start (a missing torchaudio only disables audio nodes).
 _OPTIONAL_DISTS = {"torchaudio"}
@@ -201,8 +212,9 @@ def _make_base_dir(tmp_path_factory, name: str) -> Path:
     import _tiny
     from comfy_client import prepare_base_dir
 
+    gguf = gguf_pack_path()
     base = prepare_base_dir(tmp_path_factory.mktemp(name), pack_root=REPO_ROOT, pack_name=PACK_DIR_NAME,
-                            test_nodes=TEST_NODES_DIR)
+                            test_nodes=TEST_NODES_DIR, extra_packs={GGUF_PACK_NAME: gguf} if gguf else None)
     _tiny.write_tiny_wan(base / "models" / "diffusion_models" / TINY_WAN)
     return base
 
@@ -228,6 +240,20 @@ def comfy_server(comfy_root, tmp_path_factory):
     finally:
         _state["client"] = None
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def comfyui_gguf(comfy_server) -> Path:
+    """ComfyUI-GGUF as the server loaded it. Fails (never skips) when $CASA_COMFYUI_GGUF does not name the
+    tree, or the server did not register its UnetLoaderGGUF node."""
+    path = gguf_pack_path()
+    if path is None:
+        pytest.fail(f"{GGUF_ENV} must name city96's ComfyUI-GGUF tree (tests/run.sh sets it; got "
+                    f"{os.environ.get(GGUF_ENV, '')!r})", pytrace=False)
+    if "UnetLoaderGGUF" not in comfy_server.object_info():
+        pytest.fail(f"the server did not register UnetLoaderGGUF from {path}; "
+                    f"import failures: {comfy_server.custom_node_import_failures()}", pytrace=False)
+    return path
 
 
 @pytest.fixture(scope="session")

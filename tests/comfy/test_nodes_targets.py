@@ -35,6 +35,25 @@ def saved_deltas(client, entry, node_id="save"):
     return lora_file_deltas(tensors)
 
 
+def stored_grids(meta, path) -> dict:
+    """The storage grid of each dumped layer, from how ComfyUI held it (``class.``/``dtype.`` metadata)."""
+    from casa_core.formats.checkpoint import Checkpoint
+    from casa_core.quantnoise import StorageGrid
+
+    grids = {}
+    for key, cls in meta.items():
+        if not key.startswith("class."):
+            continue
+        layer = key[len("class."):]
+        dtype = meta.get(f"dtype.{layer}", "")
+        if cls == "QuantizedTensor":
+            with Checkpoint(path) as f:
+                grids[layer] = f.grid(layer)
+        elif dtype in ("float8_e4m3fn", "float8_e5m2", "bfloat16", "float16"):
+            grids[layer] = StorageGrid.of_dtype(getattr(torch, dtype))
+    return grids
+
+
 def run_target(client, ts, target, tag, method="CASA", injection="exact", **kw):
     g = casa_transfer_graph(ts.base, target, ts.style_lora, method=method, injection=injection, **kw)
     add_save(g, "save", f"casa_tests/target_{tag}", dtype="float32")
@@ -73,10 +92,12 @@ def test_fp8_target(comfy_server, tiny_set, truth_cache, variant):
         assert rel_err(w_t[layer], truth) < 1e-2 * FP8_MAX_REL_STEP, (layer, meta.get(f"dtype.{layer}"))
         assert rel_err(w_t[layer], w32) < FP8_MAX_REL_STEP  # sanity: these are fp8 roundings of W_t
 
-    # 2. the transferred update uses the drift of exactly those weights ...
+    # 2. the transferred update uses the drift of exactly those weights, separated from the rounding noise
+    #    of the grid they are stored on (fp8: the file's scale, or none) ...
     got = saved_deltas(comfy_server, entry)
     exp_model = casa_expected(ts.unet_path(ts.base), ts.lora_path(ts.style_lora), truth_cache,
-                              target_weights=w_t, injection="exact")
+                              target_weights=w_t, target_grids=stored_grids(meta, ts.unet_path(target)),
+                              injection="exact")
     for layer, d in exp_model.deltas.items():
         assert rel_err(got[layer], d) < TOL, f"{layer}: transfer differs from casa_core on the model's weights"
     # ... which, for fp8 files, are casa_core's dequantisation of the file (same numbers, same result)

@@ -11,6 +11,8 @@
 3. Writes them to ``<output>/casa_test_dumps/<filename>.safetensors`` with keys in canonical layer names
    (``blocks.0.self_attn.q``); the metadata ``dtype.<layer>`` records the live weight's dtype.
 
+GGUF weights (ComfyUI-GGUF) are dequantised by that pack's own ``dequantize_tensor`` (the metadata
+``gguf.<layer>`` records their type).
 ``keys``: comma-separated canonical layer names (``blocks.0.self_attn.q``) or ComfyUI keys
 (``diffusion_model.blocks.0.self_attn.q.weight``); ``*`` = every 2-D weight of the diffusion model (saved
 under canonical layer names); ``**`` = every parameter (biases, norms, modulation too), saved under its
@@ -45,6 +47,11 @@ def _dequantize(w):
         qo = None
     if qo is not None and isinstance(w, getattr(qo, "QuantizedTensor", ())):
         return w.dequantize()
+    if hasattr(w, "tensor_type") and hasattr(w, "tensor_shape"):  # ComfyUI-GGUF's GGMLTensor: its own dequantiser
+        import sys
+
+        deq = getattr(sys.modules[type(w).__module__], "dequantize_tensor")
+        return deq(w, torch.float32).as_subclass(torch.Tensor).reshape(tuple(w.tensor_shape))
     return w
 
 
@@ -106,6 +113,8 @@ class CasaTestDumpWeights(io.ComfyNode):
                 w = comfy.model_patcher.get_key_weight(model.model, key)[0]
                 layer = key[len(PREFIX):] if every else key[len(PREFIX):-len(".weight")]
                 meta[f"dtype.{layer}"] = str(getattr(w, "dtype", "?")).replace("torch.", "")
+                if hasattr(w, "tensor_type"):
+                    meta[f"gguf.{layer}"] = getattr(w.tensor_type, "name", str(w.tensor_type))
                 meta[f"class.{layer}"] = type(w).__name__
                 tensors[layer] = _dequantize(w).detach().to("cpu", torch.float32).clone().contiguous()
         out_dir = os.path.join(folder_paths.get_output_directory(), SUBFOLDER)

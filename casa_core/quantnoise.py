@@ -1,0 +1,330 @@
+"""Quantisation noise of a stored target and a drift that is separated from it.
+
+A distilled model stored in fp8 or GGUF is ``W_t^q = W_t + E``: every element was rounded to the
+storage grid. At a realistic distillation drift (about 1.5 % of the weight norm) the fp8 rounding
+error is larger than the drift itself, so ``W_t^q - W_s`` is mostly noise, and restoring "the drift"
+would write that noise into the transferred LoRA.
+
+**The grid is known** (:class:`StorageGrid`): for fp8 the spacing at each stored value (3 mantissa
+bits for e4m3, 2 for e5m2, times the per-tensor or per-row scale); for GGUF the block scale of every
+32 (or 16) values (Q8_0: ``d = max|x| / 127`` exactly; K-quants: the sub-block's step, read back
+from the dequantised values). So for every element we know the *cell* ``[q + lo, q + hi]`` that
+the unrounded value lies in (round to nearest), and the noise variance ``(hi - lo)^2 / 12``.
+
+**Separation** (:func:`separate_drift`). A distillation drift has a decaying singular spectrum (a
+distillation LoRA is low rank by construction; extracted ones show the same shape), while rounding
+noise spreads evenly over all ``min(m, n)`` singular directions. We estimate the drift as the
+low-rank matrix that is *consistent with the cells*: alternating projections between "rank k" and
+"``W_s + drift`` lies in every element's cell" (POCS, over-relaxed). The rank is the number of
+singular values of ``W_t^q - W_s`` above the noise's spectral edge (the largest singular value of a
+sample of the noise itself) when the drift clearly stands out (amplitude SNR >= 2); below that,
+consistency recovers components the spectrum cannot show, and the rank is chosen among 0.75-2x that
+count by cross-validation (fit on 90 % of the cells, score the held-out 10 %). For uniform rounding
+noise, consistent estimation is known to beat linear estimation and singular-value thresholding:
+its error falls like ``1/oversampling`` instead of ``1/sqrt(oversampling)`` (Thao & Vetterli 1994;
+here the oversampling is ``mn / (k (m + n))``, 10-40 for Wan layers). Whatever the low-rank part
+leaves is added back with a Wiener (James-Stein) factor ``max(0, 1 - noise energy / residual energy)``,
+so a drift with a large full-rank part (a heavy fine-tune) is kept, and pure noise is not. Measured
+in ``benchmarks/bench_quantised.py``.
+
+**Signal-to-noise** per layer: ``snr = sqrt(max(||dF||^2 - N, 0) / N)`` with ``N`` the expected noise
+energy, an amplitude ratio: below 1 the layer's drift is under its noise floor.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["GGUF_GRIDS", "StorageGrid", "drift_snr", "grid_of", "noise_energy", "separate_drift"]
+
+# fp8 formats: (mantissa bits, smallest normal exponent)
+_FLOAT_GRIDS = {
+    "float8_e4m3fn": (3, -6),
+    "float8_e5m2": (2, -14),
+    "bfloat16": (7, -126),
+    "float16": (10, -14),
+}
+_FLOAT_DTYPES = {torch.float8_e4m3fn: "float8_e4m3fn", torch.float8_e5m2: "float8_e5m2",
+                 torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+#: GGUF quantisation types: (values per scale block, levels, symmetric). Symmetric blocks store
+#: ``x = d * q`` with ``|q| <= levels // 2`` (step ``max|x| / (levels // 2)``, exact for Q8_0's
+#: ``max|x| / 127``); the others ``x = d * q - m`` with ``q in 0..levels-1`` (step
+#: ``(max - min) / (levels - 1)``). K-quants are given by their sub-blocks (the super-block only holds
+#: the scales of the scales).
+GGUF_GRIDS: dict[str, tuple[int, int, bool]] = {
+    "Q8_0": (32, 255, True),
+    "Q4_0": (32, 16, True),
+    "Q4_1": (32, 16, False),
+    "Q5_0": (32, 32, True),
+    "Q5_1": (32, 32, False),
+    "Q2_K": (16, 4, False),
+    "Q3_K": (16, 8, True),
+    "Q4_K": (32, 16, False),
+    "Q5_K": (32, 32, False),
+    "Q6_K": (16, 64, True),
+}
+_SYMMETRIC_QMAX = {"Q8_0": 127, "Q4_0": 8, "Q5_0": 16, "Q3_K": 4, "Q6_K": 32}
+# K-quants also quantise the sub-block scales (6 or 8 bits) and choose them by a weighted search, so
+# their step is known less exactly than Q8_0's: their cells get this extra width
+_SCALE_SLACK = {"Q2_K": 1.25, "Q3_K": 1.25, "Q4_K": 1.25, "Q5_K": 1.25, "Q6_K": 1.25}
+
+
+@dataclass(frozen=True)
+class StorageGrid:
+    """How one layer's weight is stored, enough to rebuild every element's rounding cell.
+
+    ``kind``: ``"float8_e4m3fn"``, ``"float8_e5m2"`` or ``"gguf:<type>"`` (``gguf:Q8_0``, ``gguf:Q4_K`` …);
+    ``scale``: the fp8 scale (scalar or one per output row), None for 1.
+    """
+
+    kind: str
+    scale: torch.Tensor | None = None
+
+    @classmethod
+    def fp8(cls, dtype: torch.dtype, scale: torch.Tensor | None = None) -> StorageGrid:
+        return cls(_FLOAT_DTYPES[dtype], None if scale is None else scale.detach().float().cpu())
+
+    @classmethod
+    def of_dtype(cls, dtype: torch.dtype, scale: torch.Tensor | None = None) -> StorageGrid | None:
+        """The grid of a float storage dtype (fp8, bfloat16, float16), None for float32/float64."""
+        return cls.fp8(dtype, scale) if dtype in _FLOAT_DTYPES else None
+
+    @classmethod
+    def gguf(cls, qtype: str) -> StorageGrid | None:
+        """The grid of a GGUF tensor type, None for the float types (F32, F16, BF16)."""
+        return cls("gguf:" + qtype) if qtype in GGUF_GRIDS else None
+
+    @property
+    def supported(self) -> bool:
+        return self.kind in _FLOAT_GRIDS or self.kind[5:] in GGUF_GRIDS
+
+    def describe(self) -> str:
+        if self.kind.startswith("gguf:"):
+            return f"GGUF {self.kind[5:]}"
+        fmt = {"bfloat16": "bf16", "float16": "fp16"}.get(self.kind, self.kind.replace("float8_", "fp8 "))
+        return f"{fmt} (scaled)" if self.scale is not None else fmt
+
+    def cells(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(lo, hi)``: the unrounded value of ``w[i, j]`` (the dequantised stored weight, ``out x in``)
+        lies in ``[w + lo, w + hi]``; ``lo <= 0 <= hi``."""
+        return self._cells(w)[:2]
+
+    def noise_variance(self, w: torch.Tensor) -> torch.Tensor:
+        """The rounding error's variance per element: ``step^2 / 12`` (the cells of GGUF blocks are a
+        little wider than a step, to allow for the rounding of their scales)."""
+        return self._cells(w)[2]
+
+    def _cells(self, w: torch.Tensor):
+        w = w.float()
+        if self.kind in _FLOAT_GRIDS:
+            lo, hi = _float_cells(w, self.scale, *_FLOAT_GRIDS[self.kind])
+            return lo, hi, (hi - lo) ** 2 / 12.0
+        if self.kind.startswith("gguf:") and self.kind[5:] in GGUF_GRIDS:
+            return _gguf_cells(w, self.kind[5:])
+        raise ValueError(f"no noise model for storage {self.kind!r}")
+
+
+def _float_cells(w: torch.Tensor, scale: torch.Tensor | None, mbits: int, emin: int):
+    if scale is None:
+        s = torch.ones((), device=w.device)
+    else:
+        s = scale.to(w.device).reshape(-1, 1) if scale.numel() > 1 else scale.to(w.device).reshape(())
+    x = (w / s).abs()
+    e = torch.floor(torch.log2(x.clamp_min(2.0 ** emin))).clamp_min(emin)
+    power = torch.exp2(e)
+    up = torch.exp2(e - mbits)  # spacing above |x| (and below, inside the binade)
+    down = torch.where((x == power) & (e > emin), up / 2, up)  # at 2^e the spacing below halves
+    s_abs = s.abs()
+    lo = torch.where(w >= 0, -down, -up) * (s_abs / 2)
+    hi = torch.where(w >= 0, up, down) * (s_abs / 2)
+    return lo, hi
+
+
+def _gguf_cells(w: torch.Tensor, qtype: str):
+    block, levels, symmetric = GGUF_GRIDS[qtype]
+    m, n = w.shape
+    if n % block:
+        raise ValueError(f"a {qtype} row of {n} values is not a whole number of {block}-value blocks")
+    b = w.reshape(m, n // block, block)
+    if symmetric:
+        step = b.abs().amax(-1, keepdim=True) / _SYMMETRIC_QMAX[qtype]
+    else:
+        step = (b.amax(-1, keepdim=True) - b.amin(-1, keepdim=True)) / (levels - 1)
+    # the block scale d is stored as float16 but the values were rounded with the unrounded d, so a
+    # value can sit up to qmax * |d - fp16(d)| <= qmax * d * 2^-11 beyond its half step
+    qmax = _SYMMETRIC_QMAX.get(qtype, levels - 1)
+    half = (step * (0.5 + qmax * 2.0 ** -11) * _SCALE_SLACK.get(qtype, 1.0)).expand_as(b).reshape(m, n)
+    var = (step ** 2 / 12.0).expand_as(b).reshape(m, n)
+    return -half, half.clone(), var
+
+
+def grid_of(w: torch.Tensor) -> StorageGrid | None:
+    """The grid of a weight from its dtype, or, for a float32 tensor, from its values: a float32 copy of
+    bfloat16 (or float16) weights, as ComfyUI makes when it upcasts a model, lies on that grid."""
+    grid = StorageGrid.of_dtype(w.dtype)
+    if grid is not None or w.dtype != torch.float32:
+        return grid
+    for dtype in (torch.bfloat16, torch.float16):
+        if bool(torch.equal(w.to(dtype).float(), w)):
+            return StorageGrid.of_dtype(dtype)
+    return None
+
+
+def noise_energy(var: torch.Tensor) -> float:
+    """Expected squared Frobenius norm of the rounding error (the sum of the per-element variances)."""
+    return float(var.double().sum())
+
+
+def drift_snr(drift_energy: float, noise: float) -> float:
+    """Amplitude signal-to-noise of a drift whose observed energy is ``drift_energy``."""
+    if noise <= 0:
+        return math.inf
+    return math.sqrt(max(drift_energy - noise, 0.0) / noise)
+
+
+# -- separation ---------------------------------------------------------------------------------------
+
+#: below this noise share of the observed drift energy the drift is used as it is
+NEGLIGIBLE_NOISE = 1e-3
+POCS_ITERS = 40
+REFINE_ITERS = 100
+RANK_CANDIDATES = (0.75, 1.0, 1.25, 1.5, 2.0)  # times the number of singular values above the noise edge
+CLEAR_SNR = 2.0  # above this drift/noise ratio the rank is the count above the noise edge
+RELAX = 1.8
+HOLD_OUT = 0.1  # share of the entries held out to choose the rank
+CONSISTENT = 2e-3  # relative box residual that counts as consistent
+NOISE_MARGIN = 1.1  # the noise energy is known to a few per cent: only a residual clearly above it is kept
+
+
+def _noise_edge(var: torch.Tensor, gen: torch.Generator, iters: int = 24) -> float:
+    """Largest singular value of a sample of the rounding noise (uniform, of the given variances)."""
+    half = (3.0 * var).sqrt()
+    e = half * (2.0 * torch.rand(var.shape, generator=gen, device="cpu").to(var.device) - 1.0)
+    v = torch.randn(e.shape[1], 1, generator=gen).to(e.device)
+    for _ in range(iters):
+        v = e.T @ (e @ v)
+        nv = v.norm()
+        if float(nv) == 0.0:
+            return 0.0
+        v = v / nv
+    return float((e @ v).norm())
+
+
+def _top_right(x: torch.Tensor, k: int, gen: torch.Generator, iters: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(V, s)``: approximately the top-k right singular vectors of ``x`` (``n x k``, ordered) and
+    the singular values (randomised subspace iteration)."""
+    y = torch.randn(x.shape[1], k, generator=gen).to(x.device)
+    q, _ = torch.linalg.qr(x.T @ (x @ y))
+    for _ in range(iters):
+        q, _ = torch.linalg.qr(x.T @ (x @ q))
+    _, s, vh = torch.linalg.svd(x @ q, full_matrices=False)
+    return q @ vh.T, s
+
+
+def _pocs(d0, lo_b, hi_b, v, iters, x=None, free=None):
+    """Alternating projections onto {rank <= k} (one warm-started subspace step each) and the cells.
+
+    ``free``: a boolean mask of entries without a cell constraint (held out for cross-validation)."""
+    for _ in range(iters):
+        if x is None:
+            xb = d0
+        else:
+            # over-relaxed projection onto the cells (x + RELAX (P(x) - x)): same fixed points, faster
+            xb = x + RELAX * (torch.minimum(torch.maximum(x, lo_b), hi_b) - x)
+            if free is not None:
+                xb = torch.where(free, x, xb)
+        q, _ = torch.linalg.qr(xb @ v)
+        z = q.T @ xb
+        x = q @ z
+        v, _ = torch.linalg.qr(z.T)
+    return x, v
+
+
+def _box_residual(x, lo_b, hi_b) -> float:
+    return float((x - torch.minimum(torch.maximum(x, lo_b), hi_b)).norm() / x.norm().clamp_min(1e-30))
+
+
+def separate_drift(d0: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, var: torch.Tensor | None = None, *,
+                   max_rank: int = 256, seed: int = 0) -> tuple[torch.Tensor, dict]:
+    """The drift ``W_t - W_s`` estimated from ``d0 = W_t^q - W_s`` and the cells of ``W_t^q``.
+
+    ``lo``/``hi``: the cells (see :meth:`StorageGrid.cells`), ``var`` the noise variances
+    (:meth:`StorageGrid.noise_variance`; default: uniform in the cells). Returns the estimate (float32, same
+    shape and device) and a report: ``noise_norm`` (expected ``||E||_F``), ``drift_norm`` (``||d0||``),
+    ``snr`` (amplitude, :func:`drift_snr`), ``rank`` (of the consistent low-rank part), ``edge_rank``
+    (singular values above the noise edge), ``residual_kept`` (the Wiener factor), ``method``.
+    """
+    d0 = d0.float()
+    if var is None:
+        var = (hi - lo) ** 2 / 12.0
+    transposed = d0.shape[0] < d0.shape[1]
+    if transposed:
+        d0, lo, hi, var = d0.T, lo.T, hi.T, var.T
+    m, n = d0.shape
+    noise = noise_energy(var)
+    energy = float((d0.double() ** 2).sum())
+    info = {"noise_norm": math.sqrt(noise), "drift_norm": math.sqrt(energy), "snr": drift_snr(energy, noise),
+            "rank": None, "edge_rank": None, "residual_kept": 1.0, "method": "raw"}
+
+    def out(x: torch.Tensor):
+        return (x.T if transposed else x).contiguous(), info
+
+    if energy == 0.0 or noise <= NEGLIGIBLE_NOISE * energy:
+        return out(d0)
+    gen = torch.Generator().manual_seed(seed)
+    edge = _noise_edge(var, gen)
+    k_cap = max(1, min(max_rank, n // 2))
+    probe = min(n, 64)
+    while True:  # grow the probe until it reaches below the noise edge
+        v, s = _top_right(d0, min(n, probe + 8), gen)
+        k_edge = int((s > edge).sum())
+        if k_edge < probe or probe >= k_cap:
+            break
+        probe = min(k_cap, 2 * probe)
+    info["edge_rank"] = k_edge
+    lo_b, hi_b = d0 + lo, d0 + hi
+    k = min(k_edge, k_cap)
+    if k == 0:
+        low = torch.zeros_like(d0)
+    elif info["snr"] >= CLEAR_SNR:
+        # a clear drift: the spectrum shows every component above the noise, consistency refines them
+        low, _ = _pocs(d0, lo_b, hi_b, v[:, :k].contiguous(), POCS_ITERS)
+        info["method"] = "consistent low-rank"
+        info["consistency"] = _box_residual(low, lo_b, hi_b)
+    else:
+        # rank by cross-validation: fit on the cells of 90 % of the entries only (the held-out 10 %
+        # enter neither the start nor the subspace), score the held-out entries against their stored
+        # values. The expected score is the estimation error there plus the known noise variance, so
+        # its minimum over the candidate ranks is the rank that best predicts the drift.
+        held = torch.rand(d0.shape, generator=gen).to(d0.device) < HOLD_OUT
+        held_noise = float(var[held].sum())
+        d_fit = torch.where(held, torch.zeros_like(d0), d0) / (1.0 - HOLD_OUT)
+        v_fit, _ = _top_right(d_fit, min(n, 2 * k + 8), gen)
+        trace = info["trace"] = []
+        best = None
+        for factor in RANK_CANDIDATES:
+            kc = max(1, min(k_cap, v_fit.shape[1], round(k * factor)))
+            if any(kc == t[0] for t in trace):
+                continue
+            x, _ = _pocs(d_fit, lo_b, hi_b, v_fit[:, :kc].contiguous(), POCS_ITERS, free=held)
+            sc = float(((x - d0)[held] ** 2).sum()) - held_noise
+            trace.append((kc, sc))
+            if best is None or sc < best[0]:
+                best = (sc, kc)
+        k = best[1]
+        low, _ = _pocs(d0, lo_b, hi_b, v[:, :k].contiguous() if k <= v.shape[1] else _top_right(d0, k, gen)[0],
+                       REFINE_ITERS)
+        info["method"] = "consistent low-rank"
+        info["consistency"] = _box_residual(low, lo_b, hi_b)
+    # what the low-rank part leaves: kept in proportion to how much of it is not noise
+    resid = d0 - low
+    r_energy = float((resid.double() ** 2).sum())
+    r_noise = noise * max(0.0, 1.0 - k * (m + n - k) / (m * n))
+    keep = max(0.0, 1.0 - NOISE_MARGIN * r_noise / r_energy) if r_energy > 0 else 0.0
+    info.update(rank=k, residual_kept=keep)
+    if info["method"] == "raw":
+        info["method"] = "wiener"
+    return out(low + keep * resid)

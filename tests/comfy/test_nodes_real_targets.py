@@ -1,0 +1,235 @@
+"""Real users' targets inside a real ComfyUI: GGUF models through city96's UnetLoaderGGUF, base/target/LoRA
+files in different namings (Wan, HunyuanVideo-1.5), a LoRA rewritten under the same name, and mismatches
+that must fail with one sentence instead of doing nothing.
+
+Expected values: the weights a MODEL really uses are read back by CasaTestDumpWeights (GGUF: through
+ComfyUI-GGUF's own dequantiser) and checked against the gguf package's independent decoder; the transfer
+is casa_core's on those weights with their storage grid (casa_expected), as the node contract specifies.
+"""
+import re
+import uuid
+
+import pytest
+import torch
+from _fixtures_models import (
+    _save,
+    casa_expected,
+    fetch_dump,
+    load_safetensors_bytes,
+    lora_file_deltas,
+    rel_err,
+    tiny_set,  # noqa: F401  (fixture)
+    truth_cache,  # noqa: F401  (fixture)
+    tiny_set_in,
+)
+from _tiny import lora_formats as lf
+from graphs import (
+    add_dump,
+    add_ksampler,
+    add_patch_info,
+    add_save,
+    api_node,
+    casa_transfer_graph,
+    latent_stats,
+    patch_info,
+    ui_text,
+)
+from helpers.gguf_files import dequantize, quantize, save_gguf
+from helpers.hunyuan import block_layers, original_name, tiny_hunyuan15_state_dict
+
+TOL = 1e-3  # the same maths on the same weights (the noise separation is iterative: float32 order)
+
+MIXED = {"*": "Q6_K", "blocks.0.self_attn.q.weight": "Q8_0", "blocks.0.self_attn.k.weight": "Q5_K",
+         "blocks.0.self_attn.v.weight": "Q4_K", "blocks.0.ffn.0.weight": "BF16", "blocks.0.ffn.2.weight": "F16",
+         "head.head.weight": "F32"}
+
+
+def saved_deltas(client, entry, node_id="save"):
+    m = re.search(r"[\w./-]+\.safetensors", ui_text(entry, node_id))
+    assert m, ui_text(entry, node_id)
+    tensors, _ = load_safetensors_bytes((client.base_dir / "models" / "loras" / m.group(0)).read_bytes())
+    return lora_file_deltas(tensors)
+
+
+@pytest.fixture(scope="module")
+def gguf_set(comfy_server, comfyui_gguf):
+    """dim 256 (K-quant rows are 256 values), 1 block: base and distilled (1.5 % drift) in float32, the
+    distilled model as GGUF files, a musubi-style LoRA."""
+    from casa_core import synth
+
+    ts = tiny_set_in(comfy_server.base_dir, "casa_gguf", seed=11, dim=256, ffn_dim=512, blocks=1, rel_drift=0.015,
+                     fp8=False, distill_lora=False, style_formats=("kohya",), other_size=False)
+    files = {}
+    for tag, qtypes in (("Q8_0", "Q8_0"), ("Q4_K", "Q4_K"), ("mixed", MIXED)):
+        name = f"casa_gguf_distilled_{tag}.gguf"
+        save_gguf(ts.unet_path(name), ts.distilled_sd, qtypes)
+        files[tag] = (name, qtypes)
+    assert synth is not None
+    return ts, files
+
+
+def _qtype(qtypes, layer):
+    return qtypes if isinstance(qtypes, str) else qtypes.get(layer + ".weight", qtypes["*"])
+
+
+@pytest.mark.parametrize("tag", ["Q8_0", "Q4_K", "mixed"])
+def test_gguf_target_through_unet_loader_gguf(comfy_server, gguf_set, truth_cache, tag):
+    from casa_core.quantnoise import StorageGrid
+
+    ts, files = gguf_set
+    name, qtypes = files[tag]
+    run = uuid.uuid4().hex[:6]
+    g = casa_transfer_graph(ts.base, "unused", ts.style_lora, injection="exact")
+    g["target"] = api_node("UnetLoaderGGUF", unet_name=name)
+    add_save(g, "save", f"casa_tests/gguf_{tag}_{run}", dtype="float32")
+    add_dump(g, "dump", ["target", 0], f"gguf_{tag}_{run}")
+    add_patch_info(g, "patches", ["transfer", 0])
+    stats = add_ksampler(g, ["transfer", 0], seed=4)
+    entry = comfy_server.run(g, timeout=600)
+
+    # what the GGUF model really uses = the gguf package's decoding of the file (ComfyUI-GGUF works in fp16)
+    w_t, meta = fetch_dump(comfy_server, entry, "dump")
+    grids = {}
+    for layer in ts.block_layers() + ["head.head"]:
+        qt = _qtype(qtypes, layer)
+        w = ts.distilled_sd[layer + ".weight"]
+        want = dequantize(quantize(w, qt), qt, w.shape)
+        assert rel_err(w_t[layer], want) < 2e-3, (layer, qt)
+        if qt not in ("F32", "F16", "BF16"):
+            assert meta[f"gguf.{layer}"] == qt
+        grids[layer] = {"F16": StorageGrid.of_dtype(torch.float16), "BF16": StorageGrid.of_dtype(torch.bfloat16),
+                        "F32": None}.get(qt, StorageGrid.gguf(qt))
+    # KSampler on the patched GGUF model: a finite latent
+    assert latent_stats(entry, stats)["finite"]
+    # a patch on every transferred layer
+    info = patch_info(entry, "patches")
+    assert {f"diffusion_model.{layer}.weight" for layer in ts.block_layers()} <= set(info), sorted(info)[:4]
+    # the transfer is casa_core's on those weights, their rounding noise separated by their grid
+    got = saved_deltas(comfy_server, entry)
+    exp = casa_expected(ts.unet_path(ts.base), ts.lora_path(ts.style_lora), truth_cache, injection="exact",
+                        target_weights=w_t, target_grids={k: v for k, v in grids.items() if v is not None})
+    assert set(got) == set(exp.deltas) == set(ts.block_layers())
+    for layer, d in exp.deltas.items():
+        assert rel_err(got[layer], d) < TOL, layer
+    drift_text, transfer_text = ui_text(entry, "drift"), ui_text(entry, "transfer")
+    assert "GGUF" in drift_text and "SNR" in drift_text, drift_text
+    assert "missing" not in transfer_text and "not found" not in transfer_text, transfer_text
+
+
+# -- namings ---------------------------------------------------------------------------------------------
+
+
+def test_wan_base_in_diffusers_naming_with_target_in_comfyui_naming(comfy_server, tiny_set, truth_cache):
+    ts = tiny_set
+    base_name = f"casa_t_base_diffusers_{uuid.uuid4().hex[:6]}.safetensors"
+    lf.save_checkpoint(ts.unet_path(base_name), ts.base_sd, layout="diffusers")
+    g = casa_transfer_graph(base_name, ts.distilled, ts.style["diffusers"], injection="exact")
+    add_save(g, "save", f"casa_tests/naming_wan_{uuid.uuid4().hex[:6]}", dtype="float32")
+    add_patch_info(g, "patches", ["transfer", 0])
+    entry = comfy_server.run(g, timeout=300)
+    info = patch_info(entry, "patches")
+    assert {f"diffusion_model.{layer}.weight" for layer in ts.block_layers()} <= set(info)
+    got = saved_deltas(comfy_server, entry)
+    exp = casa_expected(ts.unet_path(ts.base), ts.lora_path(ts.style["diffusers"]), truth_cache, injection="exact",
+                        target_path=ts.unet_path(ts.distilled))
+    assert set(got) == set(exp.deltas) == set(ts.block_layers())
+    for layer, d in exp.deltas.items():
+        assert rel_err(got[layer], d) < TOL, layer
+    assert "identical" not in ui_text(entry, "transfer") and "missing" not in ui_text(entry, "transfer")
+
+
+@pytest.fixture(scope="module")
+def hunyuan_set(comfy_server):
+    """A tiny HunyuanVideo-1.5 base and distilled model in both namings, and a diffusion-pipe LoRA."""
+    base = tiny_hunyuan15_state_dict(seed=3)
+    layers = block_layers(base)
+    g = torch.Generator().manual_seed(4)
+    distilled = {k: (v + 0.01 * v.std() * torch.randn(v.shape, generator=g)
+                     if k.endswith(".weight") and k[: -len(".weight")] in layers else v) for k, v in base.items()}
+    unet = comfy_server.base_dir / "models" / "diffusion_models"
+    files = {}
+    for role, sd in (("base", base), ("distilled", distilled)):
+        for naming in ("comfy", "original"):
+            name = f"casa_hy15_{role}_{naming}.safetensors"
+            _save(sd if naming == "comfy" else {original_name(k): v for k, v in sd.items()}, unet / name)
+            files[role, naming] = name
+    lora = {}
+    for layer, (up, down) in lf.make_lora(lf.layer_shapes(base), rank=4, seed=6, targets=layers).items():
+        module = "transformer." + original_name(layer + ".weight")[: -len(".weight")]  # diffusion-pipe
+        lora[f"{module}.lora_B.weight"], lora[f"{module}.lora_A.weight"] = up, down
+    lora_name = "casa_hy15_diffusion_pipe_lora.safetensors"
+    _save(lora, comfy_server.base_dir / "models" / "loras" / lora_name)
+    return files, lora_name, layers
+
+
+@pytest.mark.parametrize("base_naming,target_naming", [("original", "comfy"), ("comfy", "original")])
+def test_hunyuan15_base_and_target_in_different_namings(comfy_server, hunyuan_set, truth_cache, base_naming,
+                                                        target_naming):
+    files, lora_name, layers = hunyuan_set
+    base, target = files["base", base_naming], files["distilled", target_naming]
+    g = casa_transfer_graph(base, target, lora_name, injection="exact")
+    add_save(g, "save", f"casa_tests/naming_hy_{uuid.uuid4().hex[:6]}", dtype="float32")
+    add_patch_info(g, "patches", ["transfer", 0])
+    entry = comfy_server.run(g, timeout=300)
+    info = patch_info(entry, "patches")
+    assert {f"diffusion_model.{layer}.weight" for layer in layers} <= set(info), sorted(info)[:5]
+    got = saved_deltas(comfy_server, entry)
+    unet = comfy_server.base_dir / "models" / "diffusion_models"
+    exp = casa_expected(unet / base, comfy_server.base_dir / "models" / "loras" / lora_name, truth_cache,
+                        injection="exact", target_path=unet / target)
+    assert set(got) == set(exp.deltas) == set(layers)
+    for layer, d in exp.deltas.items():
+        assert rel_err(got[layer], d) < TOL, layer
+    text = ui_text(entry, "transfer")
+    assert f"{len(layers)} layers" in text and "identical" not in text and "missing" not in text, text
+
+
+def test_unresolvable_naming_mismatch_fails_with_a_sentence(comfy_server, tiny_set, hunyuan_set):
+    files, _, _ = hunyuan_set
+    g = casa_transfer_graph(tiny_set.base, files["distilled", "comfy"], tiny_set.style_lora)
+    add_save(g, "save", "casa_tests/never")
+    pid = comfy_server.post_prompt(g)
+    entry = comfy_server.wait(pid, timeout=300)
+    assert entry["status"]["status_str"] == "error"
+    err = next(d for name, d in entry["status"]["messages"] if name == "execution_error")
+    assert err["node_type"] == "CASAComputeDrift", err
+    msg = err["exception_message"]
+    assert tiny_set.base in msg and "not in the connected MODEL" in msg and "HunyuanVideo" in msg, msg
+    assert err["exception_type"].endswith("CasaError"), err["exception_type"]
+
+
+def test_a_few_unplaceable_layers_warn_on_the_node_and_in_the_log(comfy_server, tiny_set):
+    """An i2v LoRA on a t2v model: its k_img/v_img layers have no place; the rest transfers, the node says so."""
+    ts = tiny_set
+    i2v = lf.layer_shapes(lf.tiny_wan_state_dict(layers=2, seed=1, i2v=True))
+    name = f"casa_t_i2v_lora_{uuid.uuid4().hex[:6]}.safetensors"
+    lf.save_lora(ts.lora_path(name), lf.make_lora(i2v, rank=4, seed=8), "kohya", alpha=4.0)
+    g = casa_transfer_graph(ts.base, ts.distilled, name)
+    add_patch_info(g, "patches", ["transfer", 0])
+    offset = comfy_server.log_size()
+    entry = comfy_server.run(g, timeout=300)
+    text = ui_text(entry, "transfer")
+    assert "WARNING" in text and "4 of its 24 layers" in text and "k_img" in text, text
+    assert "casa-lora:" in comfy_server.log_since(offset) and "4 of its 24 layers" in comfy_server.log_since(offset)
+    assert len([k for k in patch_info(entry, "patches") if k.startswith("diffusion_model.blocks.")]) == 20
+
+
+# -- no stale reuse --------------------------------------------------------------------------------------
+
+
+def test_lora_rewritten_under_the_same_name_is_transferred_again(comfy_server, tiny_set, truth_cache):
+    ts = tiny_set
+    name = f"casa_t_retrained_{uuid.uuid4().hex[:6]}.safetensors"
+    shapes = lf.layer_shapes(ts.base_sd)
+    lf.save_lora(ts.lora_path(name), lf.make_lora(shapes, rank=4, seed=1), "kohya", alpha=4.0)
+    g = casa_transfer_graph(ts.base, ts.distilled, name, injection="exact")
+    add_save(g, "save", f"casa_tests/retrained_{uuid.uuid4().hex[:6]}", dtype="float32")
+    first = saved_deltas(comfy_server, comfy_server.run(g, timeout=300))
+    # the user retrains and saves under the same name; the very same prompt is queued again
+    lf.save_lora(ts.lora_path(name), lf.make_lora(shapes, rank=4, seed=2), "kohya", alpha=4.0)
+    second = saved_deltas(comfy_server, comfy_server.run(g, timeout=300))
+    exp = casa_expected(ts.unet_path(ts.base), ts.lora_path(name), truth_cache, injection="exact",
+                        target_path=ts.unet_path(ts.distilled))
+    for layer, d in exp.deltas.items():
+        assert rel_err(second[layer], d) < TOL, f"{layer}: the rewritten LoRA was not transferred"
+        assert rel_err(first[layer], d) > 0.1, layer

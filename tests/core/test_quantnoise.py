@@ -1,0 +1,103 @@
+"""The storage grids and the drift separated from rounding noise (plain maths written out here)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from casa_core.quantnoise import StorageGrid, drift_snr, grid_of, separate_drift
+
+FP8_MAX = 448.0
+
+
+def _weights(m=256, n=256, seed=0, std=0.02):
+    return torch.randn(m, n, generator=torch.Generator().manual_seed(seed)) * std
+
+
+@pytest.mark.parametrize("case", ["e4m3_plain", "e4m3_scaled", "e4m3_row", "e5m2", "bf16", "fp16"])
+def test_float_cells_hold_the_unrounded_value(case):
+    w = _weights(seed=1)
+    if case == "e4m3_plain":
+        q, grid = w.to(torch.float8_e4m3fn).float(), StorageGrid.fp8(torch.float8_e4m3fn)
+    elif case == "e4m3_scaled":
+        s = w.abs().max() / FP8_MAX
+        q, grid = (w / s).to(torch.float8_e4m3fn).float() * s, StorageGrid.fp8(torch.float8_e4m3fn, s)
+    elif case == "e4m3_row":
+        s = w.abs().amax(1) / FP8_MAX
+        q = (w / s[:, None]).to(torch.float8_e4m3fn).float() * s[:, None]
+        grid = StorageGrid.fp8(torch.float8_e4m3fn, s)
+    elif case == "e5m2":
+        q, grid = w.to(torch.float8_e5m2).float(), StorageGrid.fp8(torch.float8_e5m2)
+    elif case == "bf16":
+        q, grid = w.bfloat16().float(), StorageGrid.of_dtype(torch.bfloat16)
+    else:
+        q, grid = w.half().float(), StorageGrid.of_dtype(torch.float16)
+    lo, hi = grid.cells(q)
+    err = w - q
+    assert bool(((err >= lo) & (err <= hi)).all())
+    # the cells are the rounding cells, not wider: some errors come close to their edges
+    assert float(torch.maximum(err / hi.clamp_min(1e-30), err / lo.clamp_max(-1e-30)).max()) > 0.9
+    ratio = float(grid.noise_variance(q).sum().sqrt() / err.norm())
+    assert 0.85 < ratio < 1.15, ratio
+
+
+def test_grid_of_recognises_upcast_weights():
+    w = _weights()
+    assert grid_of(w) is None
+    assert grid_of(w.bfloat16().float()).kind == "bfloat16"
+    assert grid_of(w.half().float()).kind == "float16"
+    assert grid_of(w.to(torch.float8_e4m3fn)).kind == "float8_e4m3fn"
+
+
+def _low_rank_drift(ws, rank=16, rel=0.015, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    m, n = ws.shape
+    u, _ = torch.linalg.qr(torch.randn(m, rank, generator=g))
+    v, _ = torch.linalg.qr(torch.randn(n, rank, generator=g))
+    s = torch.arange(1, rank + 1).float() ** -0.5
+    d = (u * s) @ v.T
+    return d * (rel * float(ws.norm()) / float(d.norm()))
+
+
+def test_low_rank_drift_is_separated_from_fp8_noise():
+    ws = _weights(512, 512, seed=2)
+    drift = _low_rank_drift(ws)
+    wt = ws + drift
+    s = wt.abs().max() / FP8_MAX
+    q = (wt / s).to(torch.float8_e4m3fn).float() * s
+    grid = StorageGrid.fp8(torch.float8_e4m3fn, s)
+    lo, hi = grid.cells(q)
+    d0 = q - ws
+    est, info = separate_drift(d0, lo, hi, grid.noise_variance(q))
+    raw_err = float((d0 - drift).norm() / drift.norm())
+    err = float((est - drift).norm() / drift.norm())
+    assert raw_err > 1.2  # the stored difference is mostly noise ...
+    assert err < 0.35 * raw_err, (err, raw_err, info)  # ... the estimate mostly drift
+    noise = float((q - wt).norm())
+    assert math.isclose(info["noise_norm"], noise, rel_tol=0.1)
+    assert math.isclose(info["snr"], float(drift.norm()) / noise, rel_tol=0.25)
+    assert info["method"] == "consistent low-rank" and 8 <= info["rank"] <= 40
+
+
+def test_pure_noise_gives_almost_nothing_and_a_clear_drift_is_kept():
+    ws = _weights(256, 256, seed=4)
+    s = ws.abs().max() / FP8_MAX
+    q = (ws / s).to(torch.float8_e4m3fn).float() * s
+    grid = StorageGrid.fp8(torch.float8_e4m3fn, s)
+    lo, hi = grid.cells(q)
+    est, info = separate_drift(q - ws, lo, hi, grid.noise_variance(q))
+    assert float(est.norm()) < 0.3 * float((q - ws).norm()), info
+    assert info["snr"] < 0.3
+    # a large full-rank drift (a heavy fine-tune) under bf16 rounding: essentially unchanged
+    big = 0.2 * _weights(256, 256, seed=5)
+    wt = (ws + big).bfloat16().float()
+    grid = StorageGrid.of_dtype(torch.bfloat16)
+    lo, hi = grid.cells(wt)
+    est, info = separate_drift(wt - ws, lo, hi)
+    assert float((est - (wt - ws)).norm() / (wt - ws).norm()) < 0.02, info
+    assert info["snr"] > 10
+
+
+def test_snr_is_an_amplitude_ratio():
+    assert drift_snr(5.0, 1.0) == 2.0 and drift_snr(0.5, 1.0) == 0.0 and drift_snr(1.0, 0.0) == math.inf

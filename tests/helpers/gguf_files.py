@@ -1,0 +1,167 @@
+"""GGUF model files for the tests, written with the ``gguf`` package (llama.cpp's Python library).
+
+* :func:`quantize` — a float matrix (``out x in``) as the raw bytes of one GGUF tensor type. Q8_0,
+  Q4_0, Q4_1, Q5_0, Q5_1 and BF16 come from ``gguf.quants.quantize``; the package only *dequantises*
+  the K-quants, so Q4_K, Q5_K and Q6_K are encoded here, straight from the block layouts (what the
+  decoder reads: fp16 super-block scales, 6-bit packed sub-block scales and mins, 4/5/6-bit values),
+  with round-to-nearest given the final scales. :func:`dequantize` is the gguf package's decoder, the
+  independent reference; ``tests/core/test_gguf.py`` checks that the two agree.
+* :func:`save_gguf` — a state dict as a GGUF file the way ComfyUI-GGUF's converter lays it out:
+  ``general.architecture`` (``wan``, ``hyvid``), the model's own key names, 2-D weights in the chosen
+  types (``qtypes``: a type per layer, or one for all), everything else in F32, and tensors of more than
+  four dimensions flattened with their shape in ``comfy.gguf.orig_shape.<name>``.
+
+Needs numpy, torch and gguf only (importable by path from the ComfyUI tests).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import numpy as np
+import torch
+
+QK_K = 256
+
+
+def _gguf():
+    import gguf
+
+    return gguf
+
+
+def _f16(x: np.ndarray) -> np.ndarray:
+    return x.astype(np.float16).view(np.uint8).reshape(*x.shape, 2)
+
+
+def _pack_k_scales(sc: np.ndarray, mn: np.ndarray) -> np.ndarray:
+    """The 12-byte scale field of Q4_K/Q5_K from 6-bit scales and mins (n_blocks x 8 each)."""
+    sc = sc.astype(np.uint8)
+    mn = mn.astype(np.uint8)
+    out = np.zeros((sc.shape[0], 12), dtype=np.uint8)
+    out[:, 0:4] = (sc[:, 0:4] & 0x3F) | ((sc[:, 4:8] >> 4) << 6)
+    out[:, 4:8] = (mn[:, 0:4] & 0x3F) | ((mn[:, 4:8] >> 4) << 6)
+    out[:, 8:12] = (sc[:, 4:8] & 0x0F) | ((mn[:, 4:8] & 0x0F) << 4)
+    return out
+
+
+def _k_affine(blocks: np.ndarray, levels: int):
+    """Per 32-value sub-block: ``x ~ d*sc*q - dmin*m`` with 6-bit sc/m; returns (d, dmin, sc, m, q)."""
+    n = blocks.shape[0]
+    sub = blocks.reshape(n, 8, 32)
+    lo = np.minimum(sub.min(-1), 0.0)  # the stored min is subtracted, so it is <= 0
+    hi = sub.max(-1)
+    scale = (hi - lo) / (levels - 1)
+    mins = -lo
+    d = (scale.max(-1) / 63.0).astype(np.float16).astype(np.float32)
+    dmin = (mins.max(-1) / 63.0).astype(np.float16).astype(np.float32)
+    sc = np.where(d[:, None] > 0, np.clip(np.rint(scale / np.where(d > 0, d, 1)[:, None]), 0, 63), 0)
+    mq = np.where(dmin[:, None] > 0, np.clip(np.rint(mins / np.where(dmin > 0, dmin, 1)[:, None]), 0, 63), 0)
+    step = d[:, None] * sc
+    off = dmin[:, None] * mq
+    q = np.where(step[..., None] > 0, np.rint((sub + off[..., None]) / np.where(step > 0, step, 1)[..., None]), 0)
+    q = np.clip(q, 0, levels - 1).astype(np.uint8)
+    return d, dmin, sc, mq, q
+
+
+def _q4_k(blocks: np.ndarray) -> np.ndarray:
+    n = blocks.shape[0]
+    d, dmin, sc, mq, q = _k_affine(blocks, 16)
+    qs = np.zeros((n, 4, 32), dtype=np.uint8)
+    for p in range(4):
+        qs[:, p] = q[:, 2 * p] | (q[:, 2 * p + 1] << 4)
+    return np.concatenate([_f16(d), _f16(dmin), _pack_k_scales(sc, mq), qs.reshape(n, 128)], axis=1)
+
+
+def _q5_k(blocks: np.ndarray) -> np.ndarray:
+    n = blocks.shape[0]
+    d, dmin, sc, mq, q = _k_affine(blocks, 32)
+    low, high = q & 0x0F, q >> 4
+    qs = np.zeros((n, 4, 32), dtype=np.uint8)
+    for p in range(4):
+        qs[:, p] = low[:, 2 * p] | (low[:, 2 * p + 1] << 4)
+    qh = np.zeros((n, 32), dtype=np.uint8)
+    for j in range(8):
+        qh |= (high[:, j] & 1) << j
+    return np.concatenate([_f16(d), _f16(dmin), _pack_k_scales(sc, mq), qh, qs.reshape(n, 128)], axis=1)
+
+
+def _q6_k(blocks: np.ndarray) -> np.ndarray:
+    n = blocks.shape[0]
+    sub = blocks.reshape(n, 16, 16)
+    sf = np.abs(sub).max(-1) / 31.0  # q in -31..31: no clipping
+    d = (sf.max(-1) / 127.0).astype(np.float16).astype(np.float32)
+    scales = np.where(d[:, None] > 0, np.clip(np.rint(sf / np.where(d > 0, d, 1)[:, None]), -127, 127), 0)
+    step = d[:, None] * scales
+    q = np.where(step[..., None] > 0, np.rint(sub / np.where(step > 0, step, 1)[..., None]), 0)
+    q = (np.clip(q, -32, 31) + 32).astype(np.uint8).reshape(n, 2, 128)  # two halves of 128 values
+    ql = np.zeros((n, 2, 64), dtype=np.uint8)
+    qh = np.zeros((n, 2, 32), dtype=np.uint8)
+    for i in range(128):
+        ql[:, :, i % 64] |= (q[:, :, i] & 0x0F) << (4 * (i // 64))
+        qh[:, :, i % 32] |= (q[:, :, i] >> 4) << (2 * (i // 32))
+    return np.concatenate([ql.reshape(n, 128), qh.reshape(n, 64), scales.astype(np.int8).view(np.uint8),
+                           _f16(d)], axis=1)
+
+
+_K_ENCODERS: dict[str, Callable[[np.ndarray], np.ndarray]] = {"Q4_K": _q4_k, "Q5_K": _q5_k, "Q6_K": _q6_k}
+
+
+def quantize(w: torch.Tensor, qtype: str) -> np.ndarray:
+    """``w`` (float, ``out x in``) as GGUF tensor bytes of type ``qtype``: ``uint8 [out, row bytes]``
+    (``float32``/``float16`` arrays for F32/F16)."""
+    gguf = _gguf()
+    x = w.detach().float().cpu().numpy()
+    if qtype == "F32":
+        return x.astype(np.float32)
+    if qtype == "F16":
+        return x.astype(np.float16)
+    t = getattr(gguf.GGMLQuantizationType, qtype)
+    if qtype in _K_ENCODERS:
+        if x.shape[-1] % QK_K:
+            raise ValueError(f"{qtype} rows must be a multiple of {QK_K} values, got {x.shape[-1]}")
+        blocks = x.reshape(-1, QK_K)
+        raw = _K_ENCODERS[qtype](blocks)
+        return raw.reshape(x.shape[0], -1)
+    return gguf.quants.quantize(x, t)
+
+
+def dequantize(raw: np.ndarray, qtype: str, shape) -> torch.Tensor:
+    """The gguf package's dequantisation of ``quantize``'s output, as a float32 tensor of ``shape``."""
+    gguf = _gguf()
+    if qtype in ("F32", "F16"):
+        return torch.from_numpy(np.asarray(raw, dtype=np.float32)).reshape(shape)
+    t = getattr(gguf.GGMLQuantizationType, qtype)
+    return torch.from_numpy(np.ascontiguousarray(gguf.quants.dequantize(raw, t), dtype=np.float32)).reshape(shape)
+
+
+def save_gguf(path, state_dict: Mapping[str, torch.Tensor], qtypes: str | Mapping[str, str] = "Q8_0",
+              arch: str = "wan") -> Path:
+    """Write ``state_dict`` as a GGUF file: 2-D ``.weight`` tensors in ``qtypes`` (one type, or
+    ``{key: type}`` with a default under ``"*"``), the rest in F32. Returns the path."""
+    gguf = _gguf()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    writer = gguf.GGUFWriter(str(tmp), arch=arch)
+    writer.add_type("diffusion")  # "general.type", as the converters write it
+    for key, t in state_dict.items():
+        t = t.detach().float().cpu()
+        if t.ndim == 2 and key.endswith(".weight"):
+            qtype = qtypes if isinstance(qtypes, str) else qtypes.get(key, qtypes.get("*", "F32"))
+        else:
+            qtype = "F32"
+        if t.ndim > 4:
+            writer.add_array(f"comfy.gguf.orig_shape.{key}", list(t.shape))
+            t = t.reshape(t.shape[0], -1)
+        raw = quantize(t if t.ndim else t.reshape(1), qtype)
+        if qtype in ("F32", "F16"):
+            writer.add_tensor(key, raw)
+        else:
+            writer.add_tensor(key, raw, raw_shape=raw.shape, raw_dtype=getattr(gguf.GGMLQuantizationType, qtype))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    tmp.replace(path)
+    return path
