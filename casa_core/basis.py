@@ -6,8 +6,9 @@ layout and its atomicity, :mod:`casa_core.layer` for the orientation and what is
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable, Protocol
+from typing import Protocol
 
 import torch
 

@@ -3,9 +3,8 @@ from __future__ import annotations
 
 import os
 
-import torch
-
 import folder_paths
+import torch
 from comfy_api.latest import io
 
 from ..casa_core.formats.lora_write import write_comfy_lora

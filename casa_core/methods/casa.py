@@ -39,7 +39,7 @@ def casa_full_bases(
     s: torch.Tensor,
     vh: torch.Tensor,
     c_f: torch.Tensor,
-    params: CasaParams = CasaParams(),
+    params: CasaParams = CasaParams(),  # noqa: B008  (frozen dataclass: an immutable default)
     variant: str = "casa",
 ) -> tuple[torch.Tensor, dict]:
     """CASA with the reference code's inputs: full bases ``U (m x m)``, ``S``, ``Vh (n x n)``,

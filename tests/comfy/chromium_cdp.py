@@ -82,7 +82,7 @@ class Chromium:
             except Exception:
                 if time.monotonic() > deadline or self.proc.poll() is not None:
                     self.close()
-                    raise RuntimeError(f"Chromium did not start (log {self.log_path})")
+                    raise RuntimeError(f"Chromium did not start (log {self.log_path})") from None
                 time.sleep(0.2)
         self.loop = asyncio.new_event_loop()
         self.console: list[str] = []

@@ -2,7 +2,6 @@
 import time
 
 import pytest
-
 from comfy_client import ComfyExecutionError, ComfyPromptError
 from graphs import ksampler_graph, latent_stats
 

@@ -1,9 +1,8 @@
 """comfy_locate: which ComfyUI tree the tests use. Runs without ComfyUI."""
 from pathlib import Path
 
-import pytest
-
 import comfy_locate
+import pytest
 
 pytestmark = pytest.mark.comfy_not_needed
 

@@ -19,8 +19,8 @@ from _fixtures_models import (
     lora_file_deltas,
     rel_err,
     tiny_set,  # noqa: F401  (fixture)
-    truth_cache,  # noqa: F401  (fixture)
     tiny_set_in,
+    truth_cache,  # noqa: F401  (fixture)
 )
 from _tiny import lora_formats as lf
 from graphs import (

@@ -4,10 +4,8 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-from pathlib import Path
 
 import pytest
-
 import torch
 from safetensors.torch import load_file
 

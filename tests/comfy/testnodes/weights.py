@@ -50,7 +50,7 @@ def _dequantize(w):
     if hasattr(w, "tensor_type") and hasattr(w, "tensor_shape"):  # ComfyUI-GGUF's GGMLTensor: its own dequantiser
         import sys
 
-        deq = getattr(sys.modules[type(w).__module__], "dequantize_tensor")
+        deq = sys.modules[type(w).__module__].dequantize_tensor
         return deq(w, torch.float32).as_subclass(torch.Tensor).reshape(tuple(w.tensor_shape))
     return w
 
