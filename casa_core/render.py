@@ -220,6 +220,12 @@ def layer_data(summary: dict, stats: dict | None = None) -> dict:
     total = float(mats["count"].sum())
     tot_rest = float(mats["restored"].sum()) / total if total else 0.0
     tot_arb = float(mats["arbitrated"].sum()) / total if total else 0.0
+    if stats and stats.get("entries") and stats.get("arbitrated_entries") is not None:
+        # the report's counts are the layer's figures (a non-square layer's complement is arbitrated in
+        # expectation, and the report counts whole entries): the picture states the same shares
+        tot_arb = stats["arbitrated_entries"] / stats["entries"]
+        if stats.get("dominant_entries") is not None:
+            tot_rest = 1.0 - stats["dominant_entries"] / stats["entries"]
     return {
         "k": k, "n_clusters": n_clusters, "n_groups": n_in, "merged": n_clusters > n_in,
         "transposed": transposed, "rows": rows, "cols": cols,
