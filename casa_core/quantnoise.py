@@ -163,11 +163,12 @@ def _gguf_cells(w: torch.Tensor, qtype: str):
 
 def grid_of(w: torch.Tensor) -> StorageGrid | None:
     """The grid of a weight from its dtype, or, for a float32 tensor, from its values: a float32 copy of
-    bfloat16 (or float16) weights, as ComfyUI makes when it upcasts a model, lies on that grid."""
+    fp8, bfloat16 or float16 weights (ComfyUI upcasts models it runs in float32) lies on that grid; the
+    narrowest format the values fit is the one they were stored in."""
     grid = StorageGrid.of_dtype(w.dtype)
     if grid is not None or w.dtype != torch.float32:
         return grid
-    for dtype in (torch.bfloat16, torch.float16):
+    for dtype in (torch.float8_e4m3fn, torch.float8_e5m2, torch.bfloat16, torch.float16):
         if bool(torch.equal(w.to(dtype).float(), w)):
             return StorageGrid.of_dtype(dtype)
     return None

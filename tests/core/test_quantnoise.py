@@ -48,6 +48,7 @@ def test_grid_of_recognises_upcast_weights():
     assert grid_of(w.bfloat16().float()).kind == "bfloat16"
     assert grid_of(w.half().float()).kind == "float16"
     assert grid_of(w.to(torch.float8_e4m3fn)).kind == "float8_e4m3fn"
+    assert grid_of(w.to(torch.float8_e4m3fn).float()).kind == "float8_e4m3fn"  # the narrowest grid that fits
 
 
 def _low_rank_drift(ws, rank=16, rel=0.015, seed=3):
