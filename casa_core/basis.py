@@ -6,9 +6,8 @@ layout and its atomicity, :mod:`casa_core.layer` for the orientation and what is
 """
 from __future__ import annotations
 
-from collections.abc import Iterable
 from pathlib import Path
-from typing import Protocol
+from typing import Iterable, Protocol
 
 import torch
 

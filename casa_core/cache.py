@@ -16,8 +16,8 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Callable, Iterable
 
 import torch
 

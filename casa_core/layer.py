@@ -77,7 +77,7 @@ class LayerBasis:
     def tall_shape(self) -> tuple[int, int]:
         return (max(self.shape), min(self.shape))
 
-    def to(self, device: torch.device) -> LayerBasis:
+    def to(self, device: torch.device) -> "LayerBasis":
         return LayerBasis(self.name, self.shape, self.U.to(device), self.S.to(device), self.V.to(device), self.refine)
 
     def left_coords(self, x: torch.Tensor) -> torch.Tensor:

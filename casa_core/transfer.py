@@ -9,9 +9,9 @@ import json
 import os
 import tempfile
 import time
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Callable, Iterator
 
 import torch
 
@@ -100,7 +100,7 @@ class TransferReport:
         }
 
 
-def start_report(lora, cfg: TransferConfig, strength: float) -> TransferReport:
+def start_report(lora, cfg: TransferConfig, strength: float) -> "TransferReport":
     """An empty report for transferring ``lora``, listing its pass-through and unmatched keys."""
     report = TransferReport(cfg.method, config_dict(cfg, strength))
     report.passthrough = sorted(lora.passthrough)
@@ -305,7 +305,7 @@ class _Spill:
     def __init__(self, folder: Path):
         self.file = tempfile.TemporaryFile(dir=folder, prefix=".casa-spill-")
 
-    def __enter__(self) -> _Spill:
+    def __enter__(self) -> "_Spill":
         return self
 
     def __exit__(self, *exc) -> None:

@@ -7,10 +7,11 @@ import logging
 import os
 from dataclasses import dataclass, field
 
+import torch
+
 import comfy.model_management as mm
 import comfy.utils
 import folder_paths
-import torch
 from comfy_api.latest import io
 
 from ..casa_core.basis import SourceBasis

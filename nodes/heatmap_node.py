@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+
 from comfy_api.latest import io, ui
 
 from ..casa_core.render import auto_layer, fmt_share, layer_figure, layer_index, overview_figure

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import os
 
-import folder_paths
 import torch
+
+import folder_paths
 from comfy_api.latest import io
 
 from ..casa_core.formats.lora_write import write_comfy_lora

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import base64
 import zlib
-from functools import cache, lru_cache
+from functools import lru_cache
 
 import numpy as np
 
@@ -26,7 +26,7 @@ def _glyph_bytes() -> np.ndarray:
     return np.frombuffer(zlib.decompress(base64.b64decode("".join(_atlas.DATA))), dtype=np.uint8)
 
 
-@cache
+@lru_cache(maxsize=None)
 def _glyph(ch: str) -> tuple[float, int, int, np.ndarray]:
     """(advance, x offset, y offset, coverage 0..1 at master size) of one character."""
     adv4, x0, y0, w, h, off = _atlas.GLYPHS[ch]

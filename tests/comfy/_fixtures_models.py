@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
 from _tiny import lora_formats as lf  # tests/helpers/lora_formats.py (and the repository root on sys.path)
 
 STYLE_RANK = 16

@@ -265,7 +265,7 @@ class ComfyServer:
                         self.port, self.client = port, client
                         self.startup_seconds = time.monotonic() - t0
                         return client
-                except (TimeoutError, urllib.error.URLError, ConnectionError, OSError):
+                except (urllib.error.URLError, ConnectionError, socket.timeout, OSError):
                     pass
                 time.sleep(0.2)
             tail = client.log_tail(60)

@@ -6,6 +6,7 @@ the drift, so the two routes must give the same float32 drift, not two roundings
 target in float64 and subtract through casa_core.drift.weight_difference."""
 import pytest
 import torch
+
 from _fixtures_models import tiny_set_in
 
 REPO_ROOT = __import__("pathlib").Path(__file__).resolve().parents[2]

@@ -2,6 +2,7 @@
 import time
 
 import pytest
+
 from comfy_client import ComfyExecutionError, ComfyPromptError
 from graphs import ksampler_graph, latent_stats
 

@@ -1,8 +1,9 @@
 """comfy_locate: which ComfyUI tree the tests use. Runs without ComfyUI."""
 from pathlib import Path
 
-import comfy_locate
 import pytest
+
+import comfy_locate
 
 pytestmark = pytest.mark.comfy_not_needed
 

@@ -8,15 +8,9 @@ import time
 import uuid
 
 import pytest
-from _fixtures_models import (
-    _save,
-    casa_expected,
-    load_safetensors_bytes,
-    lora_file_deltas,
-    rel_err,
-    tiny_set_in,
-    truth_cache,  # noqa: F401  (fixture)
-)
+
+from _fixtures_models import (_save, casa_expected, lora_file_deltas, load_safetensors_bytes, rel_err, tiny_set_in,
+                              truth_cache)  # noqa: F401  (fixture)
 from graphs import add_save, casa_transfer_graph, ui_text
 
 _SUMMARY_LINES: list[str] = []

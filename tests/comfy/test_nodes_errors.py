@@ -7,15 +7,9 @@ import time
 import uuid
 
 import pytest
-from _fixtures_models import (
-    casa_expected,
-    copy_model,
-    load_safetensors_bytes,
-    lora_file_deltas,
-    rel_err,
-    tiny_set,  # noqa: F401  (fixtures)
-    tiny_set_in,
-)
+
+from _fixtures_models import (casa_expected, copy_model, lora_file_deltas, load_safetensors_bytes, rel_err,
+                              tiny_set, tiny_set_in, truth_cache)  # noqa: F401  (fixtures)
 from graphs import add_save, casa_transfer_graph, ksampler_graph, latent_stats, ui_text
 
 TOL = 2e-4
@@ -177,6 +171,7 @@ def test_interrupt_during_drift_leaves_no_reusable_cache(comfy_server, big_set, 
     """Same for the drift: a target of its own (the big distilled model, moved a little more) whose drift is
     interrupted while being computed; the basis comes from the cache."""
     import torch
+
     from _fixtures_models import _save
 
     ts = big_set

@@ -5,6 +5,7 @@ import io as _io
 import uuid
 
 import numpy as np
+
 from _fixtures_models import casa_expected, tiny_set, truth_cache  # noqa: F401  (fixtures)
 from graphs import add_heatmap, casa_transfer_graph
 

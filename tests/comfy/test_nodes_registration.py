@@ -1,6 +1,7 @@
 """(a) The five CASA nodes are registered with the contract's inputs, outputs and defaults (GET /object_info),
 and the pack imports without failure. HTTP only, on the real server."""
 import pytest
+
 from graphs import CASA_NODES, METHODS
 
 CATEGORY = "casa-lora"
@@ -72,7 +73,7 @@ def input_order(info: dict) -> list[str]:
     order = info.get("input_order")
     if order:
         return list(order.get("required", [])) + list(order.get("optional", []))
-    return list(info["input"].get("required") or {}) + list(info["input"].get("optional") or {})
+    return list((info["input"].get("required") or {})) + list((info["input"].get("optional") or {}))
 
 
 @pytest.fixture(scope="module")

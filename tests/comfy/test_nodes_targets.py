@@ -16,14 +16,9 @@ import uuid
 
 import pytest
 import torch
-from _fixtures_models import (
-    casa_expected,
-    copy_model,
-    fetch_dump,
-    load_safetensors_bytes,
-    lora_file_deltas,
-    rel_err,  # noqa: F401  (fixtures)
-    )
+
+from _fixtures_models import (casa_expected, copy_model, fetch_dump, lora_file_deltas, load_safetensors_bytes,
+                              rel_err, tiny_set, truth_cache)  # noqa: F401  (fixtures)
 from graphs import add_dump, add_ksampler, add_patch_info, add_save, casa_transfer_graph, patch_info, ui_text
 
 TOL = 2e-4  # float32 maths on identical inputs (see test_nodes_transfer.py)

@@ -12,26 +12,11 @@ import uuid
 
 import pytest
 import torch
-from _fixtures_models import (
-    casa_expected,
-    fetch_dump,
-    load_safetensors_bytes,
-    lora_file_deltas,
-    rel_err,
-    tiny_set,  # noqa: F401  (fixtures)
-    )
-from graphs import (
-    INJECTIONS,
-    METHODS,
-    add_dump,
-    add_ksampler,
-    add_patch_info,
-    add_save,
-    casa_transfer_graph,
-    latent_stats,
-    patch_info,
-    ui_text,
-)
+
+from _fixtures_models import (casa_expected, fetch_dump, lora_file_deltas, load_safetensors_bytes, rel_err,
+                              tiny_set, truth_cache)  # noqa: F401  (fixtures)
+from graphs import (INJECTIONS, METHODS, add_dump, add_ksampler, add_patch_info, add_save, casa_transfer_graph,
+                    latent_stats, patch_info, ui_text)
 
 # Patched weights are W_t + up @ down (or + delta) computed by ComfyUI in float32; the node and casa_core
 # run the same float32 maths on the same files, so they agree to float32 rounding. TOL is relative to
@@ -227,8 +212,9 @@ def test_non_lowrank_keys_are_applied_like_comfyuis_loader(comfy_server, tiny_se
     0.5: the transferred MODEL's block linears are W_t + ΔCASA (casa_core), and every other parameter
     (biases, norm weights, head.head) is exactly what ComfyUI's own LoraLoaderModelOnly makes of the same
     file at the same strength."""
-    from _fixtures_models import lf
     from safetensors.torch import load_file
+
+    from _fixtures_models import lf
 
     ts = tiny_set
     name = f"casa_t_style_with_diffs_{uuid.uuid4().hex[:6]}.safetensors"

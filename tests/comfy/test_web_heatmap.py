@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from chromium_cdp import Chromium, require_chromium
 from graphs import wf_title
 from test_heatmap_payload import write_tiny_models

@@ -6,6 +6,7 @@ import io
 import json
 
 import pytest
+
 import torch
 from safetensors.torch import load_file
 

@@ -7,9 +7,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers.device import DEVICE
-from helpers.plain import plain_casa
-from safetensors.torch import load_file
 
 from casa_core import synth
 from casa_core.basis import load_or_build_basis
@@ -20,6 +17,10 @@ from casa_core.formats.checkpoint import Checkpoint
 from casa_core.formats.lora import read_lora
 from casa_core.formats.safetensors_io import write_file
 from casa_core.transfer import TransferConfig, run_transfer_to_file
+from safetensors.torch import load_file
+
+from helpers.device import DEVICE
+from helpers.plain import plain_casa
 
 SHAPE = synth.WanShape(dim=128, ffn_dim=256, blocks=2)
 

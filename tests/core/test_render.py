@@ -16,15 +16,8 @@ from casa_core import fonts, synth
 from casa_core.draw import ORANGES, RDBU, VIRIDIS, Canvas, colormap, invert_colormap
 from casa_core.png import decode_png, encode_png, read_png
 from casa_core.render import (
-    REGION_COLOURS,
-    auto_layer,
-    fmt_share,
-    interesting_layers,
-    layer_figure,
-    layer_index,
-    log_range,
-    overview_figure,
-    split_layer_name,
+    REGION_COLOURS, auto_layer, fmt_share, interesting_layers, layer_figure, layer_index,
+    log_range, overview_figure, split_layer_name,
 )
 from casa_core.routing_data import cluster_groups
 
@@ -121,8 +114,7 @@ def make_summary(rows_sizes, cols_beyond, drift_e, lora_e, dot, restored, arbitr
     r = np.array(sizes + [rb], dtype=np.float64)
     c = np.array(sizes + [cols_beyond], dtype=np.float64)
     count = np.outer(r, c)
-    def t(a):
-        return torch.tensor(np.asarray(a, dtype=np.float64), dtype=torch.float32)
+    t = lambda a: torch.tensor(np.asarray(a, dtype=np.float64), dtype=torch.float32)
     return {
         "drift_energy": t(drift_e), "lora_energy": t(lora_e), "dot": t(dot), "count": t(count),
         "restored": t(restored), "arbitrated": t(arbitrated),

@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from helpers.plain import plain_casa, plain_components, plain_k
 
 from casa_core import layer as L
 from casa_core.methods import casa_layer, prolora_layer
 from casa_core.routing import CasaParams, casa_update, clusters, connected_components, leading_k
+from helpers.plain import plain_casa, plain_components, plain_k
 
 
 # ---------------------------------------------------------------- fixtures ---------------
