@@ -5,13 +5,15 @@
 // only while the page lives (a tab switch restores them, a reload does not), and tells a widget about
 // an output only through onExecuted. This module keeps, per workflow and node:
 //
-//   { promptId, output, sig, failed }
+//   { promptId, output, sig, struct, failed }
 //
 // * promptId / output: the last run that produced an output for the node (the "executed" message),
 //   or, after a reload, the newest entry of GET /history for this workflow (its id, saved in the
 //   prompt's extra_pnginfo) that holds an output for the node;
 // * sig: the node's inputs in that run: the API graph's node and every node upstream of it, as queued
 //   (api.queuePrompt is wrapped to keep the graph; /history keeps it too);
+// * struct: the same without node ids (what ComfyUI's cache keys on): a node served from ComfyUI's cache
+//   gets no output message, so the output of the run that made the cached result is looked up by it;
 // * failed: set when a later run that included the node ended in an error (or was cancelled) before
 //   the node produced an output: the output shown is from before that run.
 //
@@ -29,6 +31,7 @@ const state = (window.__casaState = window.__casaState || {
   queued: new Map(),   // prompt id -> { graph (API), workflow key }
   results: new Map(),  // "<workflow key>|<node id>" -> { promptId, output, sig, failed }
   executedIn: new Map(), // prompt id -> Set of node ids that produced an output in it
+  waiting: new Map(),  // prompt id -> handlers of messages that came before /prompt answered
   listeners: new Set(),  // (node, record) callbacks, one per widget kind
   current: null,       // { at, graph, key } the last graphToPrompt() of the shown workflow
   history: null,       // Promise of GET /history for the restore after a reload
@@ -72,6 +75,25 @@ export function signature(apiGraph, nodeId) {
   return JSON.stringify(order.sort().map((id) => [id, apiGraph[id].class_type, canon(apiGraph[id].inputs || {})]));
 }
 
+const isLink = (v) => Array.isArray(v) && v.length === 2 && (typeof v[0] === "string" || typeof v[0] === "number");
+
+// what a node computes, independent of node ids: its class and inputs, links replaced by what they come
+// from (the same thing ComfyUI's cache keys on); equal for the "same" node in two workflows
+export function structure(apiGraph, nodeId, memo = new Map()) {
+  const id = String(nodeId);
+  if (memo.has(id)) return memo.get(id);
+  const n = apiGraph?.[id];
+  if (!n) return null;
+  memo.set(id, "cycle");
+  const inputs = Object.keys(n.inputs || {}).sort().map((k) => {
+    const v = n.inputs[k];
+    return [k, isLink(v) ? ["<-", structure(apiGraph, v[0], memo), v[1]] : v];
+  });
+  const out = JSON.stringify([n.class_type, inputs]);
+  memo.set(id, out);
+  return out;
+}
+
 function notify(node) {
   const rec = record(node);
   for (const fn of state.listeners) {
@@ -99,24 +121,65 @@ function hook() {
     if (res?.prompt_id && data?.output) {
       state.queued.set(res.prompt_id, { graph: data.output, key: workflowKey() });
       state.current = { at: Date.now(), graph: data.output, key: workflowKey() };
+      const early = state.waiting.get(res.prompt_id) || [];
+      state.waiting.delete(res.prompt_id);
+      for (const fn of early) fn();
     }
     return res;
+  };
+  // the server may send a prompt's first messages before /prompt has answered with its id: those wait
+  const withQueued = (promptId, fn) => {
+    if (state.queued.has(promptId)) return fn(state.queued.get(promptId));
+    if (!state.waiting.has(promptId)) state.waiting.set(promptId, []);
+    state.waiting.get(promptId).push(() => fn(state.queued.get(promptId)));
+    setTimeout(() => state.waiting.delete(promptId), 60000);
   };
   api.addEventListener("executed", (e) => {
     const d = e.detail || {};
     const id = String(d.display_node ?? d.node ?? "");
     const node = nodeById(id);
     if (!node || !TYPES.has(node.comfyClass ?? node.type) || !d.output) return;
-    const q = state.queued.get(d.prompt_id);
     if (!state.executedIn.has(d.prompt_id)) state.executedIn.set(d.prompt_id, new Set());
     state.executedIn.get(d.prompt_id).add(id);
-    state.results.set(recordKey(node), { promptId: d.prompt_id, output: d.output,
-      sig: q ? signature(q.graph, id) : null, failed: null });
+    const rec = { promptId: d.prompt_id, output: d.output, sig: null, struct: null, failed: null };
+    state.results.set(recordKey(node), rec);
     notify(node);
+    withQueued(d.prompt_id, (q) => {
+      Object.assign(rec, { sig: signature(q.graph, id), struct: structure(q.graph, id) });
+      notify(node);
+    });
   });
-  const ended = (why) => (e) => {
+  // nodes ComfyUI serves from its cache get no new output message: show the output of the run that made
+  // the cached result (this page's, else the newest such entry of /history), which has the same inputs
+  api.addEventListener("execution_cached", (e) => withQueued(e.detail?.prompt_id, (q) => {
     const d = e.detail || {};
-    const q = state.queued.get(d.prompt_id);
+    if (!q || q.key !== workflowKey()) return;
+    for (const id of (d.nodes || []).map(String)) {
+      const node = nodeById(id);
+      if (!node || !TYPES.has(node.comfyClass ?? node.type)) continue;
+      const struct = structure(q.graph, id);
+      const sig = signature(q.graph, id);
+      const rec = record(node);
+      if (rec?.output && (rec.struct === struct || rec.sig === sig)) {
+        Object.assign(rec, { promptId: d.prompt_id, sig, struct, failed: null });
+        notify(node);
+        continue;
+      }
+      const same = [...state.results.values()].reverse().find((r) => r.output && r.struct === struct);
+      if (same) {
+        state.results.set(recordKey(node), { promptId: d.prompt_id, output: same.output, sig, struct, failed: null });
+        notify(node);
+        continue;
+      }
+      findInHistory(node.comfyClass ?? node.type, struct).then((output) => {
+        if (!output || record(node)?.output) return;
+        state.results.set(recordKey(node), { promptId: d.prompt_id, output, sig, struct, failed: null });
+        notify(node);
+      });
+    }
+  }));
+  const ended = (why) => (e) => withQueued(e.detail?.prompt_id, (q) => {
+    const d = e.detail || {};
     if (!q || q.key !== workflowKey()) return;
     const done = state.executedIn.get(d.prompt_id) || new Set();
     const where = d.node_type ? ` in ${d.node_type}` : "";
@@ -134,7 +197,7 @@ function hook() {
         failed: { promptId: d.prompt_id, message } });
       notify(node);
     }
-  };
+  });
   api.addEventListener("execution_error", ended("error"));
   api.addEventListener("execution_interrupted", ended("interrupted"));
   setInterval(refreshCurrent, 1000);
@@ -176,6 +239,27 @@ export function staleText(node) {
   return "";
 }
 
+// the newest output in /history of a node of this class that computed the same thing
+async function findInHistory(classType, struct) {
+  let hist = {};
+  try {
+    hist = await (await api.fetchApi("/history?max_items=200")).json();
+  } catch (e) {
+    return null;
+  }
+  let found = null;
+  for (const entry of Object.values(hist || {})) {
+    const apiGraph = entry?.prompt?.[2] || {};
+    const memo = new Map();
+    for (const [id, n] of Object.entries(apiGraph)) {
+      if (n?.class_type === classType && entry.outputs?.[id] && structure(apiGraph, id, memo) === struct) {
+        found = entry.outputs[id];
+      }
+    }
+  }
+  return found;
+}
+
 // --- after a reload: the stored output ------------------------------------------------------------
 function fetchHistory() {
   if (!state.history) {
@@ -198,7 +282,8 @@ async function restoreFromHistory(node) {
     if (!apiGraph[String(node.id)] || apiGraph[String(node.id)].class_type !== (node.comfyClass ?? node.type)) continue;
     const out = entry.outputs?.[String(node.id)];
     if (out) {
-      found = { promptId, output: out, sig: signature(apiGraph, node.id), failed: null };
+      found = { promptId, output: out, sig: signature(apiGraph, node.id), struct: structure(apiGraph, node.id),
+                failed: null };
       failedAfter = null;
     } else {
       const msgs = entry.status?.messages || [];

@@ -24,6 +24,7 @@ import io
 import json
 import shutil
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -89,7 +90,7 @@ def page(server, chromium_exe, artifacts):
     settings = base / "user" / "default" / "comfy.settings.json"
     settings.parent.mkdir(parents=True, exist_ok=True)
     current = json.loads(settings.read_text()) if settings.exists() else {}
-    current.update({"Comfy.TutorialCompleted": True, "Comfy.Minimap.Visible": False})
+    current.update({"Comfy.TutorialCompleted": True, "Comfy.Minimap.Visible": False, "Comfy.RightSidePanel.IsOpen": False})
     settings.write_text(json.dumps(current))
     browser = Chromium(chromium_exe, window=VIEWPORT)
     try:
@@ -246,6 +247,7 @@ def test_widget_picks_layers_redraws_and_reads_out_cells(server, page, artifacts
 
     names = write_tiny_models(comfy_server.base_dir)
     wf, source = example_workflow()
+    wf["id"] = str(uuid.uuid4())  # a workflow never run on this server (the widget would restore that run)
     (artifacts / "workflow_loaded.json").write_text(json.dumps(wf, indent=1))
     print(f"workflow: {source}")
 
@@ -419,7 +421,9 @@ def test_widget_picks_layers_redraws_and_reads_out_cells(server, page, artifacts
     page.eval("""(() => { const w = window.__casa.widget().widget("layer"); w.value = "blocks.0.no_such_layer";
         return true; })()""")
     page.eval(f"window.comfyAPI.app.app.queuePrompt(0, 1, [{json.dumps(ids['hm'])}]).then(() => true)")
-    page.wait_for("window.__casa.widget().root.dataset.stale === '1'", 120, "the mark after the failed run")
+    # (the changed layer alone marks it "inputs changed" at once; the run's failure then says why)
+    page.wait_for("window.__casa.widget().staleBanner.textContent.includes('failed')", 120,
+                  "the mark after the failed run")
     assert "failed" in state(page)["banner"] and "CASARoutingHeatmap" in state(page)["banner"], state(page)
     assert state(page)["url"] == s6["url"], "the picture of the earlier run stays, marked"
     page.screenshot(artifacts / "9_after_failed_run.png")

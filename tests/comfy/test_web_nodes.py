@@ -67,7 +67,7 @@ def page(server):
     settings = base / "user" / "default" / "comfy.settings.json"
     settings.parent.mkdir(parents=True, exist_ok=True)
     current = json.loads(settings.read_text()) if settings.exists() else {}
-    current.update({"Comfy.TutorialCompleted": True, "Comfy.Minimap.Visible": False})
+    current.update({"Comfy.TutorialCompleted": True, "Comfy.Minimap.Visible": False, "Comfy.RightSidePanel.IsOpen": False})
     settings.write_text(json.dumps(current))
     browser = Chromium(exe, window=VIEWPORT)
     try:
@@ -103,7 +103,9 @@ def models(server):
 
 
 def load_example(page, name: str, scale: float = 1.0) -> None:
+    """The example as a new workflow (a fresh id: no earlier run of it on this server to restore)."""
     wf = json.loads((REPO / "workflows" / f"{wf_title(name)}.json").read_text())
+    wf["id"] = str(uuid.uuid4())
     for attempt in range(5):
         n = page.eval(f"""(async () => {{ const app = window.comfyAPI.app.app;
             await app.loadGraphData({json.dumps(wf)}, true, true, {json.dumps(name)});
@@ -160,6 +162,8 @@ def test_every_casa_node_shows_its_summary_after_a_run(server, page, models):
         const t = app.graph.nodes.find(n => n.type === "CASATransferLoRA");
         const hm = LG.createNode("CASARoutingHeatmap"); hm.pos = [t.pos[0] + 380, t.pos[1] + 360]; app.graph.add(hm);
         t.connect(1, hm, 0); app.canvas.setDirty(true, true); return true; })()""")
+    # every node runs (another module's run of the same models would leave them in ComfyUI's cache)
+    server.free()
     before = page.eval(SHOWN)
     assert set(before) == set(CASA), before
     for t in CASA[:-1]:
@@ -204,6 +208,56 @@ def test_every_casa_node_shows_its_summary_after_a_run(server, page, models):
     assert name in shown["CASASaveLoRA"]["text"] and str(path) in " ".join(shown["CASASaveLoRA"]["text"].split())
 
 
+def queue_and_wait(page, server) -> tuple[str, dict]:
+    pid = page.eval("""(async () => { const app = window.comfyAPI.app.app; const api = window.comfyAPI.api.api;
+        let id = null; const f = (e) => { id = id || e.detail?.prompt_id; }; api.addEventListener("execution_start", f);
+        await app.queuePrompt(0, 1);
+        for (let i = 0; i < 100 && !id; i++) await new Promise(r => setTimeout(r, 100));
+        api.removeEventListener("execution_start", f); return id; })()""")
+    assert pid, "no execution_start seen"
+    entry = server.wait(pid, timeout=300)
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    return pid, entry
+
+
+def test_nodes_served_from_comfys_cache_show_the_summary_of_the_run_that_made_it(server, page, models):
+    """ComfyUI sends no output for a node it serves from its cache; in another workflow whose CASA nodes
+    compute the same things, the nodes show the summary of the run that made the cached results."""
+    settings = [("CASALoadSourceBasis", "base_model", models["base"]), ("CASALoadSourceBasis", "storage", "float32"),
+                ("UNETLoader", "unet_name", models["distilled"]), ("CASATransferLoRA", "lora_name", models["style"]),
+                ("CASATransferLoRA", "rank", 8)]
+    load_example(page, "casa_save_lora", scale=0.8)
+    for t, w, v in settings:
+        set_widget(page, t, w, v)
+    set_widget(page, "CASASaveLoRA", "filename_prefix", f"casa_web/cached_{uuid.uuid4().hex[:6]}")
+    _, first = queue_and_wait(page, server)
+    first_ids = node_ids(page)
+    made = {t: first["outputs"][first_ids[t]]["casa_summary"][0]["summary"] for t in CASA[:3]
+            if first_ids[t] in first["outputs"]}
+    load_example(page, "casa_routing_heatmap", scale=0.8)
+    for t, w, v in settings:
+        set_widget(page, t, w, v)
+    pid, second = queue_and_wait(page, server)
+    ids = node_ids(page)
+    cached = next(d["nodes"] for k, d in second["status"]["messages"] if k == "execution_cached")
+    assert {ids[t] for t in CASA[:3]} <= set(cached), (cached, ids)  # the case under test: all three cached
+    if len(made) < 3:  # the first run was itself served from the cache: the texts are in an earlier entry
+        made = {}
+        for e in server.get("/history").values():
+            for nid, n in e["prompt"][2].items():
+                out = e.get("outputs", {}).get(nid, {}).get("casa_summary")
+                if out and n["class_type"] in CASA[:3] and n["inputs"].get("lora_name", models["style"]) == models["style"]:
+                    made[n["class_type"]] = out[0]["summary"]
+    page.wait_for(f"""(() => {{ const s = {SHOWN};
+        return ["CASALoadSourceBasis", "CASAComputeDrift", "CASATransferLoRA"].every(t => s[t].prompt === {json.dumps(pid)}); }})()""",
+                  30, "the cached nodes' summaries")
+    shown = page.eval(SHOWN)
+    page.screenshot(page.artifacts / "1b_cached_nodes_summaries.png")
+    for t in CASA[:3]:
+        assert " ".join(made[t].split()) in " ".join(shown[t]["text"].split()), (t, made[t], shown[t]["text"])
+        assert not shown[t]["stale"]
+
+
 # ---------------------------------------------------------------------------------------------------
 # 2. help pages
 # ---------------------------------------------------------------------------------------------------
@@ -223,7 +277,7 @@ def open_node_info(page, node_type: str) -> None:
 
 
 def test_the_help_page_opens_for_every_node(server, page, models):
-    if not page.eval("window.comfyAPI.app.app.graph.nodes.some(n => n.type === 'CASARoutingHeatmap')"):
+    if not page.eval(f"{json.dumps(list(CASA))}.every(t => window.comfyAPI.app.app.graph.nodes.some(n => n.type === t))"):
         load_example(page, "casa_save_lora")
         page.eval("""(() => { const app = window.comfyAPI.app.app, LG = window.LiteGraph;
             const hm = LG.createNode("CASARoutingHeatmap"); hm.pos = [1600, 0]; app.graph.add(hm); return true; })()""")
