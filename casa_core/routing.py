@@ -13,7 +13,9 @@ Vocabulary (see ``docs`` / algorithm.md):
 
 The functions take matrices of any shape ``rows x cols`` with ``rows, cols >= k``: rows (columns)
 at or beyond ``k`` are coordinates outside the leading subspace, in whatever completion the
-caller chose.  They never need the bases themselves.
+caller chose.  They never need the bases themselves.  For a non-square layer in compact
+coordinates, ``casa_update(..., complement_dim=M - N)`` arbitrates those rows as the expectation
+over uniformly random completions (:mod:`casa_core.completion`) instead of entry by entry.
 """
 from __future__ import annotations
 
