@@ -255,10 +255,16 @@ def decode_drift(name: str, tensors: dict[str, torch.Tensor], info: dict, device
     return L.LayerDrift(name, dec("C_F"), comp)
 
 
+# The drift's coordinates decide CASA's dominance and arbitration entry by entry: stored in float16
+# their rounding (5e-4) would turn input differences of 1e-6 (the same target read two ways) into
+# moved thresholds and flipped decisions.  They are kept in float32 whatever the basis storage.
+COORDINATE_STORAGE = "float32"
+
+
 def encode_drift(d: L.LayerDrift, storage: str) -> tuple[dict[str, torch.Tensor], dict]:
-    """The tensors stored for one layer's drift: ``C_F`` (scaled float16), the complement's
-    ``Q2`` and ``C_F2`` (its upper triangle only when it is triangular)."""
-    tensors = {"C_F" + s: v for s, v in encode(d.c_f, storage, scaled=True).items()}
+    """The tensors stored for one layer's drift: ``C_F`` (float32), the complement's ``Q2`` (in
+    the basis storage) and ``C_F2`` (float32; its upper triangle only when it is triangular)."""
+    tensors = {"C_F" + s: v for s, v in encode(d.c_f, COORDINATE_STORAGE, scaled=True).items()}
     comp = d.complement
     if comp is None:
         return tensors, {"mode": "top"}
@@ -267,15 +273,16 @@ def encode_drift(d: L.LayerDrift, storage: str) -> tuple[dict[str, torch.Tensor]
     n = c.shape[0]
     if c.shape[0] == c.shape[1] and not bool(torch.tril(c, diagonal=-1).any()):
         rows, cols = torch.triu_indices(n, n, device=c.device)
-        tensors.update({"C_F2.triu" + s: v for s, v in encode(c[rows, cols], storage, scaled=True).items()})
+        tensors.update({"C_F2.triu" + s: v for s, v in encode(c[rows, cols], COORDINATE_STORAGE, scaled=True).items()})
     else:
-        tensors.update({"C_F2" + s: v for s, v in encode(c, storage, scaled=True).items()})
+        tensors.update({"C_F2" + s: v for s, v in encode(c, COORDINATE_STORAGE, scaled=True).items()})
     return tensors, {"mode": "complement"}
 
 
 def drift_cache(basis: SourceBasis, drift: DriftSource, cache_dir: str | Path) -> LayerCache:
-    # a float16 basis gives refined coordinates (casa_core.layer): not those of older caches
-    extra = () if basis.storage == "float32" else ("refined-coordinates",)
+    # a float16 basis gives refined coordinates (casa_core.layer), stored in float32: not those of
+    # older caches
+    extra = () if basis.storage == "float32" else ("refined-coordinates", "float32-coordinates")
     return LayerCache(Path(cache_dir), "drift", settings_key("drift", basis.key, drift.identity(), *extra))
 
 

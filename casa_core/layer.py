@@ -120,9 +120,13 @@ class Complement:
     def size(self) -> int:
         return int(self.c_f.shape[0])
 
-    def coords(self, x: torch.Tensor) -> torch.Tensor:
-        """``Q2^T x`` for ``x: M x r``."""
-        return self.q.T @ x
+    def coords(self, x: torch.Tensor, refine: bool = False) -> torch.Tensor:
+        """``Q2^T x`` for ``x: M x r`` (refined once by the residual, as
+        :meth:`LayerBasis.left_coords`, when ``Q2`` was read back from float16)."""
+        c = self.q.T @ x
+        if refine:
+            c = c + self.q.T @ (x - self.q @ c)
+        return c
 
     def expand(self, c: torch.Tensor) -> torch.Tensor:
         """``Q2 c`` for ``c: n2 x r``."""
@@ -262,7 +266,7 @@ def coordinates(
     parts = [top]
     comp = drift.complement
     if comp is not None:
-        c2 = comp.coords(rest)
+        c2 = comp.coords(rest, refine=basis.refine)
         rest = rest - comp.expand(c2)
         parts.append(c2)
     q3, r3 = linalg.orthonormal_columns(rest, ref_norm=float(torch.linalg.matrix_norm(left)))

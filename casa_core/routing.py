@@ -13,7 +13,9 @@ Vocabulary (see ``docs`` / algorithm.md):
 
 The functions take matrices of any shape ``rows x cols`` with ``rows, cols >= k``: rows (columns)
 at or beyond ``k`` are coordinates outside the leading subspace, in whatever completion the
-caller chose.  They never need the bases themselves.
+caller chose.  They never need the bases themselves.  For a non-square layer in compact
+coordinates, ``casa_update(..., complement_dim=M - N)`` arbitrates those rows as the expectation
+over uniformly random completions (:mod:`casa_core.completion`) instead of entry by entry.
 """
 from __future__ import annotations
 
@@ -258,7 +260,7 @@ def casa_update(
         rows = k + comp_rows
         n_d = int(torch.count_nonzero(d[:k])) + comp_rows * int(torch.count_nonzero(routing.dominance.cols))
         if routing.complement is not None:
-            n_arb += round(float(routing.complement.arbitrated.sum()))
+            n_arb += int(routing.complement.arbitrated.sum())
     else:
         n_d = int(torch.count_nonzero(d))
     routing.stats = {
@@ -306,7 +308,7 @@ def _casa_generic(
             arbitrated[:k] = arb_top
             a_arb, b_arb, exp_arb = cols.expected_update(routing.threshold)
             act = torch.from_numpy(cols.active)
-            comp = ComplementArbitration(dim, torch.from_numpy(exp_cand), torch.from_numpy(exp_arb),
+            comp = ComplementArbitration(dim, _whole_counts(exp_cand), _whole_counts(exp_arb),
                                          torch.where(act, torch.from_numpy(a_arb), alpha),
                                          torch.where(act, torch.from_numpy(b_arb), beta))
     routing.complement = comp
@@ -316,6 +318,17 @@ def _casa_generic(
     new_comp = comp_l * beta.to(c_l.device, c_l.dtype)
     new_comp.addcmul_(comp_f, alpha.to(c_l.device, c_l.dtype))
     return torch.cat([new_top, new_comp]), arbitrated
+
+
+def _whole_counts(expected) -> torch.Tensor:
+    """Per-column expected counts as whole numbers summing to the rounded total (largest
+    remainders), so that reports and heatmaps agree to the entry."""
+    x = torch.from_numpy(expected).double()
+    base = torch.floor(x)
+    short = round(float(x.sum())) - int(base.sum())
+    if short > 0:
+        base[torch.argsort(x - base, descending=True, stable=True)[:short]] += 1.0
+    return base
 
 
 def _arbitrate_generic(
@@ -340,7 +353,7 @@ def _arbitrate_generic(
     )
     exp_cand = cols.expected_candidates()
     n_comp = float(exp_cand.sum())
-    routing.candidates = int(torch.count_nonzero(candidates)) + round(n_comp)
+    routing.candidates = int(torch.count_nonzero(candidates)) + int(_whole_counts(exp_cand).sum())
     if top_scores.numel() == 0 and n_comp == 0.0:
         return None
     if n_comp == 0.0:

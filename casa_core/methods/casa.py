@@ -20,7 +20,11 @@ VARIANTS = {
 def casa_layer(
     coords: Coordinates, params: CasaParams, variant: str = "casa", summary: bool = False
 ) -> CoordUpdate:
-    """``C_new`` for one layer; with ``summary`` also the cluster-level routing data."""
+    """``C_new`` for one layer; with ``summary`` also the cluster-level routing data.
+
+    Non-square layers: the complement rows are arbitrated as the expectation over random
+    completions of ``U`` (``complement_dim = M - N``, see :mod:`casa_core.completion`); square
+    layers exactly as the reference."""
     p = replace(params, **VARIANTS[variant])
     c_l, c_f = coords.c_l(), coords.c_f()
     b = coords.basis
