@@ -196,7 +196,6 @@ RANK_CANDIDATES = (0.75, 1.0, 1.25, 1.5, 2.0)  # times the number of singular va
 CLEAR_SNR = 2.0  # above this drift/noise ratio the rank is the count above the noise edge
 RELAX = 1.8
 HOLD_OUT = 0.1  # share of the entries held out to choose the rank
-CONSISTENT = 2e-3  # relative box residual that counts as consistent
 NOISE_MARGIN = 1.1  # the noise energy is known to a few per cent: only a residual clearly above it is kept
 
 

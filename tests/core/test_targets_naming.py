@@ -230,3 +230,34 @@ def test_cli_gguf_target_lands_every_layer(tmp_path, capsys):
     written = load_file(str(out))
     assert len([k for k in written if k.endswith(".lora_up.weight")]) == 10
     assert "GGUF Q8_0" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("kind", ["fp32", "bf16", "fp8_plain", "fp8_scaled", "diffusers_bf16", "gguf_Q8_0", "gguf_Q4_K"])
+def test_cli_every_target_kind_lands_every_layer(tmp_path, kind):
+    """One base (original naming, float32), the distilled model stored each way users have it."""
+    from casa_core import synth
+
+    shape = synth.WanShape(dim=256, ffn_dim=512, blocks=1)
+    base, svd = synth.wan_state_dict(shape, seed=2, dtype=torch.float32)
+    distilled = synth.distill(base, svd, rel_drift=0.015, seed=3, dtype=torch.float32)
+    save_file(base, str(tmp_path / "base.safetensors"))
+    if kind.startswith("gguf_"):
+        target = save_gguf(tmp_path / "t.gguf", distilled, kind[5:])
+    else:
+        layout = "diffusers" if kind.startswith("diffusers") else "original"
+        fp8 = {"fp8_plain": "plain", "fp8_scaled": "scaled_new"}.get(kind, "none")
+        dtype = torch.bfloat16 if kind.endswith("bf16") else None
+        target = save_checkpoint(tmp_path / "t.safetensors", distilled, layout=layout, dtype=dtype, fp8=fp8)
+    save_file(synth.style_lora(svd, rank=8), str(tmp_path / "style.safetensors"))
+    out = tmp_path / "o.safetensors"
+    code = main(["transfer", "--source", str(tmp_path / "base.safetensors"), "--target", str(target), "--lora",
+                 str(tmp_path / "style.safetensors"), "--out", str(out), "--report", str(tmp_path / "r.json"),
+                 "--cache-dir", str(tmp_path / "c")])
+    assert code == 0
+    rep = json.loads((tmp_path / "r.json").read_text())["methods"]["casa"]
+    assert rep["totals"]["layers"] == 10 and rep["layers_missing_in_target"] == [] and rep["warnings"] == []
+    assert len([k for k in load_file(str(out)) if k.endswith(".lora_up.weight")]) == 10
+    storages = {layer.get("target_storage") for layer in rep["layers"].values()}
+    want = {"fp32": {None}, "bf16": {"bf16"}, "diffusers_bf16": {"bf16"}, "fp8_plain": {"fp8 e4m3fn"},
+            "fp8_scaled": {"fp8 e4m3fn (scaled)"}, "gguf_Q8_0": {"GGUF Q8_0"}, "gguf_Q4_K": {"GGUF Q4_K"}}[kind]
+    assert storages == want, storages
