@@ -342,7 +342,10 @@ def warm_hit(out: Path, shape: WanShape, full_blocks: int) -> dict:
     load_or_build_drift(basis, WeightDifference(source, target), cache)
     fixed = time.perf_counter() - t
     names = sorted(target.layers, key=_natural)
-    picks = sorted({names[(i * len(names)) // SPOT_LAYERS] for i in range(SPOT_LAYERS)}, key=_natural)
+    # as nodes/model_identity.spot_layers: spread over the model, among its smaller half by size
+    by_size = sorted(names, key=lambda n: (target.layers[n][0] * target.layers[n][1], _natural(n)))
+    small = sorted(by_size[: max(SPOT_LAYERS, (len(by_size) + 1) // 2)], key=_natural)
+    picks = sorted({small[(i * len(small)) // SPOT_LAYERS] for i in range(SPOT_LAYERS)}, key=_natural)
     t = time.perf_counter()
     for name in picks:  # read from the file and compared with the loaded weight
         w = target.get(name)

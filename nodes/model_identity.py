@@ -8,10 +8,10 @@ basis node's source file) stands for the weights instead, together with:
 * how ComfyUI loaded it: the loader and its ``model_options`` (a ``weight_dtype`` of fp8 changes the
   weights), the model class, and every layer's stored type, dtype and shape (which also tells a bf16
   load on a GPU from a float32 load on the CPU);
-* a spot check: a few layers spread over the model (``SPOT_LAYERS``), read from the file and cast to the
-  loaded dtype, must equal the loaded model's original weights bit for bit, so a model loaded before its
-  file was rewritten (ComfyUI keeps serving it under the same name) is not keyed by the new file's
-  digest;
+* a spot check: a few layers spread over the model (``SPOT_LAYERS``, among its smaller half), read from
+  the file and cast to the loaded dtype, must equal the loaded model's original weights bit for bit, so
+  a model loaded before its file was rewritten (ComfyUI keeps serving it under the same name) is not
+  keyed by the new file's digest;
 * this patcher's patches on those layers (a distillation LoRA added by LoraLoaderModelOnly), hashed by
   content (:mod:`casa_core.fingerprint`): they are LoRA-sized.
 
@@ -91,10 +91,10 @@ def _spot_check(path: str, layers: dict, original: Callable[[str], torch.Tensor]
     loaded original weights bit for bit."""
     try:
         with Checkpoint(path) as ck:
-            both = [n for n in sorted(layers, key=_natural) if tuple(ck.layers.get(n, ())) == tuple(layers[n])]
+            both = [n for n in layers if tuple(ck.layers.get(n, ())) == tuple(layers[n])]
             if not both:
                 return False
-            picks = sorted({both[(i * len(both)) // SPOT_LAYERS] for i in range(SPOT_LAYERS)}, key=_natural)
+            picks = spot_layers({n: layers[n] for n in both})
             for layer in picks:
                 got = original(layer)
                 if not got.is_floating_point():
@@ -104,6 +104,14 @@ def _spot_check(path: str, layers: dict, original: Callable[[str], torch.Tensor]
     except (CasaError, OSError):
         return False
     return True
+
+
+def spot_layers(layers: dict) -> list[str]:
+    """``SPOT_LAYERS`` layers spread over the model (natural order) among its smaller half by size (a
+    rewritten file differs everywhere; the smaller layers are cheaper to read)."""
+    by_size = sorted(layers, key=lambda n: (layers[n][0] * layers[n][1], _natural(n)))
+    small = sorted(by_size[: max(SPOT_LAYERS, (len(by_size) + 1) // 2)], key=_natural)
+    return sorted({small[(i * len(small)) // SPOT_LAYERS] for i in range(SPOT_LAYERS)}, key=_natural)
 
 
 def _natural(name: str):
