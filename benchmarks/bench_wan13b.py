@@ -343,7 +343,7 @@ def warm_hit(out: Path, shape: WanShape, full_blocks: int) -> dict:
     fixed = time.perf_counter() - t
     names = sorted(target.layers, key=_natural)
     # as nodes/model_identity.spot_layers: spread over the model, among its smaller half by size
-    by_size = sorted(names, key=lambda n: (target.layers[n][0] * target.layers[n][1], _natural(n)))
+    by_size = sorted(names, key=lambda n: (math.prod(target.layers[n]), _natural(n)))
     small = sorted(by_size[: max(SPOT_LAYERS, (len(by_size) + 1) // 2)], key=_natural)
     picks = sorted({small[(i * len(small)) // SPOT_LAYERS] for i in range(SPOT_LAYERS)}, key=_natural)
     t = time.perf_counter()

@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import math
 import os
 from collections.abc import Callable
 
@@ -109,7 +110,7 @@ def _spot_check(path: str, layers: dict, original: Callable[[str], torch.Tensor]
 def spot_layers(layers: dict) -> list[str]:
     """``SPOT_LAYERS`` layers spread over the model (natural order) among its smaller half by size (a
     rewritten file differs everywhere; the smaller layers are cheaper to read)."""
-    by_size = sorted(layers, key=lambda n: (layers[n][0] * layers[n][1], _natural(n)))
+    by_size = sorted(layers, key=lambda n: (math.prod(layers[n]), _natural(n)))
     small = sorted(by_size[: max(SPOT_LAYERS, (len(by_size) + 1) // 2)], key=_natural)
     return sorted({small[(i * len(small)) // SPOT_LAYERS] for i in range(SPOT_LAYERS)}, key=_natural)
 
