@@ -103,7 +103,7 @@ def test_same_target_read_two_ways_gives_the_same_transfer(trio, tmp_path):
     style = read_lora(trio / "lora.safetensors", basis.layers, strength=0.7)
     style.updates = {k: v for k, v in style.updates.items() if k in LAYERS}
     outs = []
-    for i, dsrc in enumerate((LoRADrift(distill), WeightDifference(source, made))):
+    for i, dsrc in enumerate((LoRADrift(distill, source), WeightDifference(source, made))):
         drift = load_or_build_drift(basis, dsrc, cache, layers=LAYERS)
         out = tmp_path / f"two_ways_{i}.safetensors"
         run_transfer_to_file(style, basis, drift, TransferConfig(output=OutputSpec(mode="exact", rank=None)),
