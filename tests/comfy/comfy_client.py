@@ -256,18 +256,22 @@ class ComfyServer:
             client = ComfyClient(f"http://127.0.0.1:{port}", self.base_dir, self.log_path, self.comfy_root,
                                  comfyui_version(self.comfy_root))
             deadline = t0 + timeout
-            while time.monotonic() < deadline:
-                if self.proc.poll() is not None:
-                    break
-                try:
-                    status, _ = client.request("GET", "/object_info", timeout=30)
-                    if status == 200:
-                        self.port, self.client = port, client
-                        self.startup_seconds = time.monotonic() - t0
-                        return client
-                except (urllib.error.URLError, ConnectionError, socket.timeout, OSError):
-                    pass
-                time.sleep(0.2)
+            try:
+                while time.monotonic() < deadline:
+                    if self.proc.poll() is not None:
+                        break
+                    try:
+                        status, _ = client.request("GET", "/object_info", timeout=30)
+                        if status == 200:
+                            self.port, self.client = port, client
+                            self.startup_seconds = time.monotonic() - t0
+                            return client
+                    except (urllib.error.URLError, ConnectionError, socket.timeout, OSError):
+                        pass
+                    time.sleep(0.2)
+            except BaseException:  # interrupted while it starts: leave no server behind
+                self.stop()
+                raise
             tail = client.log_tail(60)
             if self.proc.poll() is None:
                 self.stop()

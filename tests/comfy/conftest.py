@@ -20,6 +20,7 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import re
+import signal
 import sys
 from pathlib import Path
 
@@ -131,6 +132,14 @@ def pytest_collection_modifyitems(config, items):
 def pytest_configure(config):
     config.addinivalue_line("markers", "casa_comfy_required(reason): internal, ComfyUI required but missing")
     config.addinivalue_line("markers", "comfy_not_needed: a test in tests/comfy that runs without ComfyUI")
+    # a killed run (SIGTERM: CI's timeout, `kill`) still tears its fixtures down, so no ComfyUI server or
+    # Chromium is left running behind it
+    if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
+        signal.signal(signal.SIGTERM, _interrupt)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def _required() -> bool:
