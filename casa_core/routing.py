@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import completion
+from . import completion, linalg
 from .linalg import exact_quantile
 
 ROTATION_EPS = 1e-6  # added to singular-value gaps (reference behaviour)
@@ -225,6 +225,14 @@ def casa_update(
     the statistics count all ``complement_dim`` rows.  Without it every row is an entry of the
     given bases (the reference code's behaviour, exact with its full bases).
     """
+    with linalg.layer_threads(c_l.numel(), c_l.device):
+        return _casa_update(c_l, c_f, s, square, params, complement_dim)
+
+
+def _casa_update(
+    c_l: torch.Tensor, c_f: torch.Tensor, s: torch.Tensor, square: bool, params: CasaParams,
+    complement_dim: int | None,
+) -> tuple[torch.Tensor, Routing]:
     routing = analyse(c_l, c_f, s, square, params)
     k = routing.k
     d = routing.dominance.mask()
