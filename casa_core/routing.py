@@ -235,31 +235,13 @@ def _casa_update(
 ) -> tuple[torch.Tensor, Routing]:
     routing = analyse(c_l, c_f, s, square, params)
     k = routing.k
-    d = routing.dominance.mask()
     generic = complement_dim is not None and not square
 
     if generic:
+        d = routing.dominance.mask()
         c_new, arbitrated = _casa_generic(c_l, c_f, d, routing, params, int(complement_dim))
     else:
-        # Outside D: restoration (C_L - C_F) or, without it, the LoRA unchanged.
-        c_new = c_l - c_f if params.restore else c_l.clone()
-        # Inside D: start from the LoRA unchanged.
-        c_new = torch.where(d, c_l, c_new)
-        arbitrated = torch.zeros_like(d)
-    if params.arbitrate and not generic:
-        candidates = d & (torch.sign(c_l) == torch.sign(c_f))
-        n_cand = int(candidates.sum())
-        routing.candidates = n_cand
-        if n_cand:
-            score = (c_l * c_f).abs_()
-            ctx = routing.cosine[routing.labels[:, None], routing.labels[None, :]]
-            score[:k, :k] *= ctx
-            threshold = exact_quantile(score[candidates], params.q_act)
-            routing.threshold = float(threshold)
-            arbitrated = candidates & (score > threshold)
-            del score
-            stronger = torch.where(c_l.abs() > c_f.abs(), c_l - c_f, torch.zeros_like(c_l))
-            c_new = torch.where(arbitrated, stronger, c_new)
+        c_new, arbitrated = _casa_entrywise(c_l, c_f, routing, params)
     routing.arbitrated_mask = arbitrated
     rows, cols = c_l.shape
     n_arb = int(torch.count_nonzero(arbitrated))
@@ -270,7 +252,8 @@ def _casa_update(
         if routing.complement is not None:
             n_arb += int(routing.complement.arbitrated.sum())
     else:
-        n_d = int(torch.count_nonzero(d))
+        n_dom_rows = int(routing.dominance.rows.sum())
+        n_d = n_dom_rows * cols + (rows - n_dom_rows) * int(routing.dominance.cols.sum())
     routing.stats = {
         "k": k,
         "clusters": routing.n_clusters,
@@ -285,6 +268,71 @@ def _casa_update(
         "arbitration_threshold": routing.threshold,
     }
     return c_new, routing
+
+
+def _dominant_blocks(c: torch.Tensor, blocks) -> list[torch.Tensor]:
+    """The entries of ``c`` in each ``(rows, cols)`` block (``cols`` None: every column)."""
+    return [c[r] if j is None else c[r[:, None], j[None, :]] for r, j in blocks]
+
+
+def _casa_entrywise(
+    c_l: torch.Tensor, c_f: torch.Tensor, routing: Routing, params: CasaParams
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``C_new`` and the arbitrated mask, every entry on its own (the reference's rule, steps 5-6).
+
+    The dominant mask ``D`` (dominant rows, and the dominant columns of every other row) is
+    handled as its two blocks, "dominant rows x every column" and "other rows x dominant
+    columns", so that the arbitration's passes touch only ``D``'s entries: the candidates, their
+    scores and the ``q_act`` threshold (an order statistic, so the blocks' order does not matter)
+    are those of the whole matrix, entry for entry."""
+    k = routing.k
+    dom = routing.dominance
+    dom_rows = torch.nonzero(dom.rows).flatten()
+    other_rows = torch.nonzero(~dom.rows).flatten()
+    dom_cols = torch.nonzero(dom.cols).flatten()
+    blocks = [(dom_rows, None), (other_rows, dom_cols)]
+    # Outside D: restoration (C_L - C_F) or, without it, the LoRA unchanged.
+    c_new = c_l - c_f if params.restore else c_l.clone()
+    arbitrated = torch.zeros(c_l.shape, dtype=torch.bool, device=c_l.device)
+    # Inside D: start from the LoRA unchanged.
+    new_blocks = _dominant_blocks(c_l, blocks)
+    arb_blocks = [torch.zeros(b.shape, dtype=torch.bool, device=b.device) for b in new_blocks]
+    if params.arbitrate:
+        f_blocks = _dominant_blocks(c_f, blocks)
+        cands, scores = [], []
+        for (r, j), bl, bf in zip(blocks, new_blocks, f_blocks):
+            cands.append(torch.sign(bl) == torch.sign(bf))
+            score = (bl * bf).abs_()
+            # context (the clusters' block cosine) where both the row and the column are below k
+            r_top = int(torch.count_nonzero(r < k))  # rows are ascending
+            if r_top:
+                j_top = torch.arange(min(k, score.shape[1]), device=r.device) if j is None else j[j < k]
+                if j_top.numel():
+                    ctx = routing.cosine[routing.labels[r[:r_top]][:, None], routing.labels[j_top][None, :]]
+                    if j is None:
+                        score[:r_top, : j_top.numel()] *= ctx
+                    else:  # the dominant columns are all below k
+                        score[:r_top] *= ctx
+            scores.append(score)
+        n_cand = sum(int(c.sum()) for c in cands)
+        routing.candidates = n_cand
+        if n_cand:
+            threshold = exact_quantile(torch.cat([sc[c] for sc, c in zip(scores, cands)]), params.q_act)
+            routing.threshold = float(threshold)
+            for i, (bl, bf) in enumerate(zip(new_blocks, f_blocks)):
+                arb = cands[i] & (scores[i] > threshold)
+                stronger = torch.where(bl.abs() > bf.abs(), bl - bf, torch.zeros_like(bl))
+                new_blocks[i] = torch.where(arb, stronger, bl)
+                arb_blocks[i] = arb
+        del scores, cands, f_blocks
+    for (r, j), nb, ab in zip(blocks, new_blocks, arb_blocks):
+        if j is None:
+            c_new[r] = nb
+            arbitrated[r] = ab
+        else:
+            c_new[r[:, None], j[None, :]] = nb
+            arbitrated[r[:, None], j[None, :]] = ab
+    return c_new, arbitrated
 
 
 def _casa_generic(
