@@ -27,6 +27,7 @@ from typing import Protocol
 import torch
 
 from . import layer as L
+from . import linalg
 from .basis import SourceBasis, WeightProvider
 from .cache import LayerCache, Progress, decode, encode, settings_key
 from .errors import CasaError
@@ -305,6 +306,10 @@ def load_or_build_drift(
 
     def compute(name: str):
         shape = basis.layers[name]
+        with linalg.layer_threads(shape[0] * shape[1], device):
+            return compute_layer(name, shape)
+
+    def compute_layer(name: str, shape):
         if hasattr(drift, "delta_info"):
             delta, noise = drift.delta_info(name, shape, device)
         else:

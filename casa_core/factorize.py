@@ -109,6 +109,12 @@ def _truncate_factored(left: torch.Tensor, right: torch.Tensor, spec: OutputSpec
 
 def realize(coords: Coordinates, upd: CoordUpdate, spec: OutputSpec) -> LayerOutput:
     """Turn a method's coordinate update into the layer's injected update."""
+    m, n = coords.basis.shape
+    with linalg.layer_threads(m * n, coords.basis.V.device):
+        return _realize(coords, upd, spec)
+
+
+def _realize(coords: Coordinates, upd: CoordUpdate, spec: OutputSpec) -> LayerOutput:
     full = upd.dense()
     norm = float(torch.linalg.matrix_norm(full))
     if spec.mode == "exact":

@@ -104,7 +104,8 @@ def tall(w: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
 def compute_basis(name: str, w: torch.Tensor) -> LayerBasis:
     """Thin SVD of a weight given as ``out x in`` float32."""
     shape = (int(w.shape[0]), int(w.shape[1]))
-    u, s, vh = linalg.svd(tall(w, shape))
+    with linalg.layer_threads(w.numel(), w.device):
+        u, s, vh = linalg.svd(tall(w, shape))
     return LayerBasis(name, shape, u, s, vh.T.contiguous())
 
 
@@ -144,6 +145,11 @@ class LayerDrift:
 
 def compute_drift(basis: LayerBasis, d_f: torch.Tensor) -> LayerDrift:
     """``C_F`` from the drift ``dF = W_t - W_s`` given as ``out x in`` float32."""
+    with linalg.layer_threads(d_f.numel(), d_f.device):
+        return _compute_drift(basis, d_f)
+
+
+def _compute_drift(basis: LayerBasis, d_f: torch.Tensor) -> LayerDrift:
     d = tall(d_f, basis.shape)
     dv = basis.right_coords(d)
     c_f = basis.left_coords(dv)
@@ -250,6 +256,14 @@ def coordinates(
     A LoRA passes ``left = up * scale`` (``out x r``) and ``right = down`` (``r x in``); a dense
     update (LoHa, LoKr, a full delta) passes ``left = delta`` and no ``right``.
     """
+    m, n = basis.shape
+    with linalg.layer_threads(m * n, left.device):
+        return _coordinates(basis, drift, left, right)
+
+
+def _coordinates(
+    basis: LayerBasis, drift: LayerDrift, left: torch.Tensor, right: torch.Tensor | None = None
+) -> Coordinates:
     if right is None:
         left = tall(left, basis.shape)
         right_v = basis.V

@@ -6,13 +6,68 @@ for example).  Nothing uses float64 on the device.
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 
 import torch
 
 # A fixed seed for the randomized range finder: the low-rank factorisation must give the same
 # bytes on every run with the same inputs.
 _RANGE_FINDER_SEED = 20260430
+
+
+# LAPACK factorisations (QR, SVD, eigh) on the CPU whose smaller side is below this run on one thread.
+# Thin panels (the range finder's rows x (rank + 16), its Rayleigh-Ritz (rank + 16) x cols) gain
+# nothing from a thread pool and lose to its synchronisation: measured on a 2-core machine, a QR of
+# 1536 x 144 took 3 ms on one thread and 50-2000 ms on two when the cores were shared with other
+# work; the whole per-LoRA transfer is made of such panels.  Larger factorisations (the one-time
+# bases) keep torch's thread count, where a many-core machine does gain from it.
+SINGLE_THREAD_BELOW = 1024
+
+
+@contextlib.contextmanager
+def _lapack_threads(*tensors: torch.Tensor):
+    """One CPU thread for the factorisation of a small or thin matrix (see ``SINGLE_THREAD_BELOW``)."""
+    t = tensors[0]
+    if t.device.type != "cpu" or t.dim() < 2 or min(t.shape[-2:]) >= SINGLE_THREAD_BELOW:
+        yield
+        return
+    before = torch.get_num_threads()
+    if before == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+# Whole per-layer kernels (the transfer of one layer, the drift and basis of one layer) on a small CPU
+# (at most SMALL_CPU cores) run on one thread when the layer has fewer than SMALL_LAYER_ENTRIES
+# entries (Wan2.1-1.3B's layers, the largest 8960 x 1536; 14B's keep the pool).  Their operations take milliseconds each, the
+# thread pool's fork and join as long, and on a small machine shared with other work a 2-thread
+# pool spins against it: measured on 2 shared cores, one 1536-wide CASA layer took 0.30 s on one
+# thread against 0.76 s on two (element-wise passes 2-7x, thin products 4-7x faster).  A pool of two
+# gains at most 2x when the machine is idle.
+SMALL_CPU = 4
+SMALL_LAYER_ENTRIES = 16_000_000
+
+
+@contextlib.contextmanager
+def layer_threads(entries: int, device: torch.device | str = "cpu"):
+    """Run one layer's kernel on one CPU thread on a small machine (see ``SMALL_LAYER_ENTRIES``)."""
+    dev = torch.device(device)
+    before = torch.get_num_threads()
+    if dev.type != "cpu" or before == 1 or entries >= SMALL_LAYER_ENTRIES or (os.cpu_count() or 1) > SMALL_CPU:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _on_cpu_fallback(fn, *tensors: torch.Tensor):
@@ -29,19 +84,32 @@ def _on_cpu_fallback(fn, *tensors: torch.Tensor):
         return out.to(device)
 
 
+def _factorise(fn, a: torch.Tensor):
+    """``fn(a)`` on ``a``'s device (CPU fallback), single-threaded on the CPU for small matrices."""
+    if a.device.type == "cpu":
+        with _lapack_threads(a):
+            return fn(a)
+    try:
+        return fn(a)
+    except (RuntimeError, NotImplementedError):
+        with _lapack_threads(a.cpu()):
+            out = fn(a.cpu())
+        return tuple(o.to(a.device) for o in out)
+
+
 def svd(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Thin SVD ``w = U diag(S) Vh`` in float32, singular values descending."""
-    return _on_cpu_fallback(lambda x: torch.linalg.svd(x, full_matrices=False), w.float())
+    return _factorise(lambda x: torch.linalg.svd(x, full_matrices=False), w.float())
 
 
 def eigh(sym: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Eigen-decomposition of a symmetric matrix, eigenvalues ascending."""
-    return _on_cpu_fallback(torch.linalg.eigh, sym.float())
+    return _factorise(torch.linalg.eigh, sym.float())
 
 
 def qr(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Reduced QR decomposition in float32."""
-    return _on_cpu_fallback(torch.linalg.qr, a.float())
+    return _factorise(torch.linalg.qr, a.float())
 
 
 def exact_quantile(values: torch.Tensor, q: float) -> torch.Tensor:

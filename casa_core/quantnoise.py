@@ -37,6 +37,8 @@ from dataclasses import dataclass
 
 import torch
 
+from . import linalg
+
 __all__ = ["GGUF_GRIDS", "StorageGrid", "drift_snr", "grid_of", "noise_energy", "separate_drift"]
 
 # fp8 formats: (mantissa bits, smallest normal exponent)
@@ -217,10 +219,10 @@ def _top_right(x: torch.Tensor, k: int, gen: torch.Generator, iters: int = 4) ->
     """``(V, s)``: approximately the top-k right singular vectors of ``x`` (``n x k``, ordered) and
     the singular values (randomised subspace iteration)."""
     y = torch.randn(x.shape[1], k, generator=gen).to(x.device)
-    q, _ = torch.linalg.qr(x.T @ (x @ y))
+    q, _ = linalg.qr(x.T @ (x @ y))
     for _ in range(iters):
-        q, _ = torch.linalg.qr(x.T @ (x @ q))
-    _, s, vh = torch.linalg.svd(x @ q, full_matrices=False)
+        q, _ = linalg.qr(x.T @ (x @ q))
+    _, s, vh = linalg.svd(x @ q)
     return q @ vh.T, s
 
 
@@ -236,10 +238,10 @@ def _pocs(d0, lo_b, hi_b, v, iters, x=None, free=None):
             xb = x + RELAX * (torch.minimum(torch.maximum(x, lo_b), hi_b) - x)
             if free is not None:
                 xb = torch.where(free, x, xb)
-        q, _ = torch.linalg.qr(xb @ v)
+        q, _ = linalg.qr(xb @ v)
         z = q.T @ xb
         x = q @ z
-        v, _ = torch.linalg.qr(z.T)
+        v, _ = linalg.qr(z.T)
     return x, v
 
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import completion
+from . import completion, linalg
 from .linalg import exact_quantile
 
 ROTATION_EPS = 1e-6  # added to singular-value gaps (reference behaviour)
@@ -225,44 +225,36 @@ def casa_update(
     the statistics count all ``complement_dim`` rows.  Without it every row is an entry of the
     given bases (the reference code's behaviour, exact with its full bases).
     """
+    with linalg.layer_threads(c_l.numel(), c_l.device):
+        return _casa_update(c_l, c_f, s, square, params, complement_dim)
+
+
+def _casa_update(
+    c_l: torch.Tensor, c_f: torch.Tensor, s: torch.Tensor, square: bool, params: CasaParams,
+    complement_dim: int | None,
+) -> tuple[torch.Tensor, Routing]:
     routing = analyse(c_l, c_f, s, square, params)
     k = routing.k
-    d = routing.dominance.mask()
     generic = complement_dim is not None and not square
 
     if generic:
-        c_new, arbitrated = _casa_generic(c_l, c_f, d, routing, params, int(complement_dim))
+        c_new, arbitrated = _casa_generic(c_l, c_f, routing, params, int(complement_dim))
     else:
-        # Outside D: restoration (C_L - C_F) or, without it, the LoRA unchanged.
-        c_new = c_l - c_f if params.restore else c_l.clone()
-        # Inside D: start from the LoRA unchanged.
-        c_new = torch.where(d, c_l, c_new)
-        arbitrated = torch.zeros_like(d)
-    if params.arbitrate and not generic:
-        candidates = d & (torch.sign(c_l) == torch.sign(c_f))
-        n_cand = int(candidates.sum())
-        routing.candidates = n_cand
-        if n_cand:
-            score = (c_l * c_f).abs_()
-            ctx = routing.cosine[routing.labels[:, None], routing.labels[None, :]]
-            score[:k, :k] *= ctx
-            threshold = exact_quantile(score[candidates], params.q_act)
-            routing.threshold = float(threshold)
-            arbitrated = candidates & (score > threshold)
-            del score
-            stronger = torch.where(c_l.abs() > c_f.abs(), c_l - c_f, torch.zeros_like(c_l))
-            c_new = torch.where(arbitrated, stronger, c_new)
+        c_new, arbitrated = _casa_entrywise(c_l, c_f, routing, params)
     routing.arbitrated_mask = arbitrated
     rows, cols = c_l.shape
     n_arb = int(torch.count_nonzero(arbitrated))
     if generic:  # count every complement row, as a full completion has them
         comp_rows = int(complement_dim)
         rows = k + comp_rows
-        n_d = int(torch.count_nonzero(d[:k])) + comp_rows * int(torch.count_nonzero(routing.dominance.cols))
+        n_dom_rows = int(routing.dominance.rows[:k].sum())
+        n_dom_cols = int(routing.dominance.cols.sum())
+        n_d = n_dom_rows * cols + (k - n_dom_rows) * n_dom_cols + comp_rows * n_dom_cols
         if routing.complement is not None:
             n_arb += int(routing.complement.arbitrated.sum())
     else:
-        n_d = int(torch.count_nonzero(d))
+        n_dom_rows = int(routing.dominance.rows.sum())
+        n_d = n_dom_rows * cols + (rows - n_dom_rows) * int(routing.dominance.cols.sum())
     routing.stats = {
         "k": k,
         "clusters": routing.n_clusters,
@@ -279,17 +271,105 @@ def casa_update(
     return c_new, routing
 
 
-def _casa_generic(
-    c_l: torch.Tensor, c_f: torch.Tensor, d: torch.Tensor, routing: Routing, params: CasaParams, dim: int
+def _dominant_blocks(c: torch.Tensor, blocks) -> list[torch.Tensor]:
+    """The entries of ``c`` in each ``(rows, cols)`` block (``cols`` None: every column)."""
+    return [c[r] if j is None else c[r[:, None], j[None, :]] for r, j in blocks]
+
+
+def _dominant_index(routing: Routing, n_rows: int) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    """The dominant mask ``D`` restricted to the first ``n_rows`` rows, as two blocks of indices:
+    ``(dominant rows, None = every column)`` and ``(the other rows, the dominant columns)``
+    (rows ascending)."""
+    dom = routing.dominance
+    rows = dom.rows[:n_rows]
+    return [(torch.nonzero(rows).flatten(), None),
+            (torch.nonzero(~rows).flatten(), torch.nonzero(dom.cols).flatten())]
+
+
+def _block_scores(blocks, l_blocks, f_blocks, routing: Routing) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per block: the candidates (aligned signs) and their scores ``|C_L C_F|`` times the clusters'
+    block cosine where both the row and the column are below ``k`` (algorithm.md step 6)."""
+    k = routing.k
+    cands, scores = [], []
+    for (r, j), bl, bf in zip(blocks, l_blocks, f_blocks):
+        cands.append(torch.sign(bl) == torch.sign(bf))
+        score = (bl * bf).abs_()
+        r_top = int(torch.count_nonzero(r < k))  # rows are ascending
+        if r_top:
+            j_top = torch.arange(min(k, score.shape[1]), device=r.device) if j is None else j[j < k]
+            if j_top.numel():
+                ctx = routing.cosine[routing.labels[r[:r_top]][:, None], routing.labels[j_top][None, :]]
+                if j is None:
+                    score[:r_top, : j_top.numel()] *= ctx
+                else:  # the dominant columns are all below k
+                    score[:r_top] *= ctx
+        scores.append(score)
+    return cands, scores
+
+
+def _put_blocks(target: torch.Tensor, blocks, values) -> None:
+    for (r, j), v in zip(blocks, values):
+        if j is None:
+            target[r] = v
+        else:
+            target[r[:, None], j[None, :]] = v
+
+
+def _arbitrate_blocks(l_blocks, f_blocks, cands, scores, threshold) -> tuple[list, list]:
+    """Arbitrated entries (candidates scoring above ``threshold``) keep only the stronger of the
+    two contributions (``C_L - C_F`` where ``|C_L| > |C_F|``, else 0); the rest keep ``C_L``."""
+    new, arbs = [], []
+    for bl, bf, cand, score in zip(l_blocks, f_blocks, cands, scores):
+        arb = cand & (score > threshold)
+        stronger = torch.where(bl.abs() > bf.abs(), bl - bf, torch.zeros_like(bl))
+        new.append(torch.where(arb, stronger, bl))
+        arbs.append(arb)
+    return new, arbs
+
+
+def _casa_entrywise(
+    c_l: torch.Tensor, c_f: torch.Tensor, routing: Routing, params: CasaParams
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``C_new`` of a non-square layer: entry by entry in the top ``k`` rows, and on the complement
-    rows the expectation over random completions (see :func:`casa_update`)."""
+    """``C_new`` and the arbitrated mask, every entry on its own (the reference's rule, steps 5-6).
+
+    The dominant mask ``D`` (dominant rows, and the dominant columns of every other row) is
+    handled as its two blocks, "dominant rows x every column" and "other rows x dominant
+    columns", so that the arbitration's passes touch only ``D``'s entries: the candidates, their
+    scores and the ``q_act`` threshold (an order statistic, so the blocks' order does not matter)
+    are those of the whole matrix, entry for entry."""
+    blocks = _dominant_index(routing, c_l.shape[0])
+    # Outside D: restoration (C_L - C_F) or, without it, the LoRA unchanged.
+    c_new = c_l - c_f if params.restore else c_l.clone()
+    arbitrated = torch.zeros(c_l.shape, dtype=torch.bool, device=c_l.device)
+    # Inside D: start from the LoRA unchanged.
+    l_blocks = _dominant_blocks(c_l, blocks)
+    if params.arbitrate:
+        f_blocks = _dominant_blocks(c_f, blocks)
+        cands, scores = _block_scores(blocks, l_blocks, f_blocks, routing)
+        n_cand = sum(int(c.sum()) for c in cands)
+        routing.candidates = n_cand
+        if n_cand:
+            threshold = exact_quantile(torch.cat([sc[c] for sc, c in zip(scores, cands)]), params.q_act)
+            routing.threshold = float(threshold)
+            l_blocks, arbs = _arbitrate_blocks(l_blocks, f_blocks, cands, scores, threshold)
+            _put_blocks(arbitrated, blocks, arbs)
+        del scores, cands, f_blocks
+    _put_blocks(c_new, blocks, l_blocks)
+    return c_new, arbitrated
+
+
+def _casa_generic(
+    c_l: torch.Tensor, c_f: torch.Tensor, routing: Routing, params: CasaParams, dim: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``C_new`` of a non-square layer: entry by entry in the top ``k`` rows (on the dominant mask's
+    blocks, as :func:`_casa_entrywise`), and on the complement rows the expectation over random
+    completions (see :func:`casa_update`)."""
     k = routing.k
     top_l, top_f = c_l[:k], c_f[:k]
-    d_top = d[:k]
+    blocks = _dominant_index(routing, k)
     new_top = top_l - top_f if params.restore else top_l.clone()
-    new_top = torch.where(d_top, top_l, new_top)
-    arbitrated = torch.zeros_like(d)
+    l_blocks = _dominant_blocks(top_l, blocks)  # inside D: the LoRA unchanged, unless arbitrated
+    arbitrated = torch.zeros(c_l.shape, dtype=torch.bool, device=c_l.device)
     comp_l, comp_f = c_l[k:], c_f[k:]
     dom_cols = routing.dominance.cols
     # complement column j of C_new = beta_j C_L + alpha_j C_F: restoration outside the dominant
@@ -300,17 +380,20 @@ def _casa_generic(
     comp = ComplementArbitration(dim, torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64),
                                  alpha, beta)
     if params.arbitrate:
-        found = _arbitrate_generic(top_l, top_f, d_top, comp_l, comp_f, routing, params, dim)
+        f_blocks = _dominant_blocks(top_f, blocks)
+        found = _arbitrate_generic(blocks, l_blocks, f_blocks, comp_l, comp_f, routing, params, dim)
         if found is not None:
-            arb_top, cols, exp_cand = found
-            sel_l, sel_f = top_l[arb_top], top_f[arb_top]
-            new_top[arb_top] = torch.where(sel_l.abs() > sel_f.abs(), sel_l - sel_f, torch.zeros_like(sel_l))
-            arbitrated[:k] = arb_top
+            cands, scores, cols, exp_cand = found
+            threshold = torch.tensor(routing.threshold, dtype=torch.float64).to(top_l.dtype)
+            l_blocks, arbs = _arbitrate_blocks(l_blocks, f_blocks, cands, scores, threshold)
+            _put_blocks(arbitrated, blocks, arbs)
             a_arb, b_arb, exp_arb = cols.expected_update(routing.threshold)
             act = torch.from_numpy(cols.active)
             comp = ComplementArbitration(dim, _whole_counts(exp_cand), _whole_counts(exp_arb),
                                          torch.where(act, torch.from_numpy(a_arb), alpha),
                                          torch.where(act, torch.from_numpy(b_arb), beta))
+        del f_blocks
+    _put_blocks(new_top, blocks, l_blocks)
     routing.complement = comp
     alpha, beta = comp.alpha, comp.beta
     if comp_l.shape[0] == 0:
@@ -332,18 +415,15 @@ def _whole_counts(expected) -> torch.Tensor:
 
 
 def _arbitrate_generic(
-    top_l: torch.Tensor, top_f: torch.Tensor, d_top: torch.Tensor, comp_l: torch.Tensor, comp_f: torch.Tensor,
+    blocks, l_blocks, f_blocks, comp_l: torch.Tensor, comp_f: torch.Tensor,
     routing: Routing, params: CasaParams, dim: int,
-) -> tuple[torch.Tensor, completion.ComplementColumns, object] | None:
+) -> tuple[list, list, completion.ComplementColumns, object] | None:
     """The arbitration threshold of a non-square layer, the ``q_act`` quantile of the top block's
-    candidates and the complement's expected ones (set on ``routing``), and ``(arbitrated top
-    entries, the complement's columns, their expected candidates)``; None without candidates."""
-    k = routing.k
-    candidates = d_top & (torch.sign(top_l) == torch.sign(top_f))
-    score = (top_l * top_f).abs_()
-    ctx = routing.cosine[routing.labels[:, None], routing.labels[None, :]]
-    score[:, :k] *= ctx
-    top_scores = score[candidates]
+    candidates and the complement's expected ones (set on ``routing``), and ``(the top blocks'
+    candidates, their scores, the complement's columns, their expected candidates)``; None
+    without candidates."""
+    cands, scores = _block_scores(blocks, l_blocks, f_blocks, routing)
+    top_scores = torch.cat([sc[c] for sc, c in zip(scores, cands)])
     # per-column |e|^2, |l|^2, e.l of the complement parts: the same in any basis of it
     cols = completion.ComplementColumns.from_column_stats(
         (comp_f * comp_f).sum(0).double().cpu().numpy(),
@@ -353,7 +433,7 @@ def _arbitrate_generic(
     )
     exp_cand = cols.expected_candidates()
     n_comp = float(exp_cand.sum())
-    routing.candidates = int(torch.count_nonzero(candidates)) + int(_whole_counts(exp_cand).sum())
+    routing.candidates = int(top_scores.numel()) + int(_whole_counts(exp_cand).sum())
     if top_scores.numel() == 0 and n_comp == 0.0:
         return None
     if n_comp == 0.0:
@@ -361,5 +441,4 @@ def _arbitrate_generic(
     else:
         threshold = completion.mixture_threshold(top_scores.double().cpu().numpy(), cols, params.q_act)
     routing.threshold = threshold
-    arb_top = candidates & (score > torch.tensor(threshold, dtype=torch.float64).to(score.dtype))
-    return arb_top, cols, exp_cand
+    return cands, scores, cols, exp_cand
