@@ -102,3 +102,18 @@ def test_pure_noise_gives_almost_nothing_and_a_clear_drift_is_kept():
 
 def test_snr_is_an_amplitude_ratio():
     assert drift_snr(5.0, 1.0) == 2.0 and drift_snr(0.5, 1.0) == 0.0 and drift_snr(1.0, 0.0) == math.inf
+
+
+def test_a_clean_target_is_used_as_stored():
+    """bf16 rounding of a 1.5 % low-rank drift: amplitude SNR about 9, above RAW_SNR: no separation."""
+    from casa_core.quantnoise import RAW_SNR
+
+    ws = _weights(256, 256, seed=6)
+    wt = (ws + _low_rank_drift(ws)).bfloat16().float()
+    grid = StorageGrid.of_dtype(torch.bfloat16)
+    lo, hi = grid.cells(wt)
+    d0 = wt - ws
+    est, info = separate_drift(d0, lo, hi, grid.noise_variance(wt))
+    noise = float(((wt - ws) - _low_rank_drift(ws)).norm())  # the bf16 rounding itself
+    assert info["snr"] >= RAW_SNR and math.isclose(info["snr"], float(_low_rank_drift(ws).norm()) / noise, rel_tol=0.3)
+    assert info["method"].startswith("raw") and torch.equal(est, d0)
