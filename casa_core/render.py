@@ -39,6 +39,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .draw import GREY_TEXT, INK, MISSING, ORANGES, RDBU, VIRIDIS, WHITE, Canvas, colormap, text_h, text_w
+from .report import layer_totals
 
 REGION_COLOURS = {
     "restored": (66, 133, 214),
@@ -699,14 +700,11 @@ def auto_layer(layers: dict[str, dict], candidates=None) -> str | None:
 
 
 def _totals(layers: dict[str, dict]) -> dict:
-    reps = list(layers.values())
-    sq = sum((r.get("update_norm") or 0.0) ** 2 for r in reps)
-    lost = sum(((r.get("update_norm") or 0.0) * (r.get("rel_error") or 0.0)) ** 2 for r in reps)
-    out = {"layers": len(reps), "kept": 1.0 - lost / sq if sq > 0 else None}
-    ent = sum(r.get("entries", 0) or 0 for r in reps if r.get("dominant_entries") is not None)
-    if ent:
-        out["dominant"] = sum(r.get("dominant_entries", 0) for r in reps) / ent
-        out["arbitrated"] = sum(r.get("arbitrated_entries", 0) for r in reps) / ent
+    t = layer_totals(layers)
+    out = {"layers": t.layers, "kept": t.kept_energy}
+    if t.dominant_share is not None:
+        out["dominant"] = t.dominant_share
+        out["arbitrated"] = t.arbitrated_share
     return out
 
 
