@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Mapping
 
 from . import __version__
+from .drift import DriftEntry
 from .errors import CasaError
 from .methods import METHOD_LABELS
 
@@ -129,7 +130,7 @@ def check_coverage(lora, drift: TargetDrift | None, *, source: str, target: str,
     if target_layers is not None:
         missing = [n for n in layers if n not in target_layers]
     else:
-        missing = [n for n in layers if drift is not None and drift.info.get(n, {}).get("missing")]
+        missing = [n for n in layers if drift is not None and n in drift.info and DriftEntry.of(drift.info[n]).missing]
     lost = sorted(set(missing) | set(not_landed or []))
     total = len(layers) + len(unmatched)
     bad = len(unmatched) + len(lost)

@@ -51,13 +51,6 @@ class LayerResult:
     summary: dict | None = None
 
 
-def _lora_factors(upd) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``(left, right)`` of an update: a LoRA's ``(up * scale, down)``, a dense delta and None."""
-    if hasattr(upd, "up"):
-        return upd.up.float() * float(upd.scale), upd.down.float()
-    return upd.delta.float(), None
-
-
 def iter_transfer(
     lora,  # casa_core.formats.lora.LoRAFile
     basis: SourceBasis | None,
@@ -83,7 +76,7 @@ def iter_transfer(
     total = len(names)
     for i, name in enumerate(names):
         upd = lora.updates[name]
-        left, right = _lora_factors(upd)
+        left, right = upd.factors()
         rep: dict = {"shape": list(left.shape[:1]) + [int((right if right is not None else left).shape[1])]}
         rep["lora_rank"] = int(left.shape[1]) if right is not None else None
         summary = None
@@ -92,14 +85,14 @@ def iter_transfer(
         else:
             b = basis.layer(name, dev)
             d = drift.layer(name, b, dev)
-            info = drift.info[name]
-            if info.get("missing"):
+            entry = drift.entry(name)
+            if entry.missing:
                 report.missing_in_target.append(name)
-            elif info["mode"] == "zero":
+            elif entry.zero:
                 report.no_drift.append(name)
-            if "noise" in info:
-                rep["drift_snr"] = info["noise"]["snr"]
-                rep["target_storage"] = info["noise"].get("storage")
+            if entry.noise is not None:
+                rep["drift_snr"] = entry.noise["snr"]
+                rep["target_storage"] = entry.noise.get("storage")
             coords = L.coordinates(b, d, left.to(dev), right.to(dev) if right is not None else None)
             if method == "prolora":
                 cu = prolora_layer(coords, cfg.params)
@@ -108,7 +101,7 @@ def iter_transfer(
                 summary = cu.summary
             rep.update(cu.stats)
             out = realize(coords, cu, cfg.output)
-            rep["drift_norm"] = float(drift.info[name].get("norm", 0.0))
+            rep["drift_norm"] = entry.norm
         rep["lora_norm"] = float(
             torch.linalg.matrix_norm(left @ right if right is not None else left)
         )
@@ -161,7 +154,7 @@ def run_transfer_to_file(
     passthrough = lora.passthrough_at_strength()
     if cfg.output.mode == "exact":
         # shapes are known up front: stream one dense layer at a time
-        entries = [(name, "diff", (_shape(lora.updates[name]),)) for name in transfer_order(lora)]
+        entries = [(name, "diff", (lora.updates[name].shape,)) for name in transfer_order(lora)]
         # a full .diff the LoRA also carries for a transferred layer is added to its update
         extra = {n: passthrough.pop(comfy_key(n, "diff")) for n, _, _ in entries if comfy_key(n, "diff") in passthrough}
         tensors = ((r.output.tensors[0] + extra[r.layer].float(),) if r.layer in extra else r.output.tensors
@@ -209,9 +202,3 @@ class _Spill:
 
 def transfer_order(lora) -> list[str]:
     return sorted(lora.updates, key=natural_key)
-
-
-def _shape(upd) -> tuple[int, int]:
-    if hasattr(upd, "up"):
-        return (int(upd.up.shape[0]), int(upd.down.shape[1]))
-    return tuple(int(x) for x in upd.delta.shape)
