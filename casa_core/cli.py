@@ -97,8 +97,7 @@ def _write_heatmaps(out_dir: Path, summaries: dict, report=None, scale: float = 
     ``report`` (a TransferReport or its JSON) gives the per-layer stats (shape, k, shares); without
     it the CASA report the demo has just written to ``out_dir/report.json`` is read.
     """
-    from .png import write_png
-    from .render import auto_layer, interesting_layers, layer_figure, overview_figure
+    from .pictures import auto_layer, interesting_layers, layer_figure, overview_figure, write_png
 
     if not summaries:
         return []

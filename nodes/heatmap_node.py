@@ -15,7 +15,7 @@ import torch
 from comfy_api.latest import io, ui
 
 from ..casa_core.formats.keys import layer_of_model_key
-from ..casa_core.render import auto_layer, fmt_share, layer_figure, layer_index, overview_figure
+from ..casa_core.pictures import auto_layer, fmt_share, layer_figure, layer_index, overview_figure
 from .common import CATEGORY, ReportType, summary_ui
 
 VIEWS = ["layer", "overview"]

@@ -15,7 +15,7 @@ from ..casa_core.drift import noise_summary
 from ..casa_core.formats.keys import patch_key, strip_patch_prefix
 from ..casa_core.formats.lora import read_lora
 from ..casa_core.formats.safetensors_io import file_digest
-from ..casa_core.render import fmt_share, verdict_kind
+from ..casa_core.pictures import fmt_share, verdict_kind
 from ..casa_core.transfer import check_coverage
 from .common import (
     CATEGORY,
