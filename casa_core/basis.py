@@ -7,24 +7,14 @@ layout and its atomicity, :mod:`casa_core.layer` for the orientation and what is
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterable, Protocol
+from typing import Iterable
 
 import torch
 
 from . import layer as L
 from .cache import STORAGE_DTYPES, LayerCache, Progress, decode, encode, settings_key
-from .formats.checkpoint import check_finite
-
-
-class WeightProvider(Protocol):
-    """Anything that hands out a model's 2-D weights one at a time (a checkpoint file, a
-    model loaded in ComfyUI, a base model plus a LoRA ...)."""
-
-    layers: dict[str, tuple[int, int]]
-
-    def get(self, layer: str) -> torch.Tensor: ...  # float32, out x in
-
-    def identity(self) -> str: ...
+from .formats.checkpoint import WeightProvider, check_finite
+from .formats.keys import natural_key as _natural_key
 
 
 class SourceBasis:
@@ -98,7 +88,3 @@ def load_or_build_basis(
 
     cache.build(names, compute, {"source": source.identity(), "storage": storage}, progress)
     return SourceBasis(cache)
-
-
-def _natural_key(name: str):
-    return [int(p) if p.isdigit() else p for p in name.replace("_", ".").split(".")]

@@ -8,15 +8,14 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 from . import __version__
 from .basis import load_or_build_basis
 from .drift import LoRADrift, WeightDifference, load_or_build_drift
 from .errors import CasaError
-from .factorize import INJECTIONS, OutputSpec
+from .factorize import INJECTIONS
 from .methods import METHOD_LABELS, METHODS
-from .routing import CasaParams
+from .request import CASA_DEFAULTS as D
+from .request import DTYPES, OUTPUT_DEFAULTS, from_inputs
 from .transfer import TransferConfig, run_transfer_to_file
 
 DEFAULT_CACHE = os.environ.get("CASA_CACHE_DIR") or str(Path.home() / ".cache" / "casa-lora")
@@ -48,30 +47,26 @@ class Bar:
         self.stream.flush()
 
 
-def _params(a) -> CasaParams:
-    return CasaParams(tau=a.tau, q_dom=a.q_dom, q_act=a.q_act, energy=a.energy)
-
-
-def _output(a) -> OutputSpec:
-    if a.injection == "exact":
-        return OutputSpec(mode="exact", rank=None)
-    if a.kept_energy is not None:
-        return OutputSpec(mode="lowrank", rank=None, energy=a.kept_energy, max_rank=a.max_rank)
-    return OutputSpec(mode="lowrank", rank=a.rank)
+def request(a, method: str) -> TransferConfig:
+    """The transfer request for ``method`` with the command line's options (:func:`casa_core.from_inputs`)."""
+    return from_inputs(method, tau=a.tau, q_dom=a.q_dom, q_act=a.q_act, energy=a.energy, injection=a.injection,
+                       rank=a.rank, kept_energy=a.kept_energy, max_rank=a.max_rank, device=a.device)
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("CASA parameters")
-    g.add_argument("--tau", type=float, default=0.5, help="rotation-strength threshold for clusters (default 0.5)")
-    g.add_argument("--q-dom", type=float, default=0.5, help="quantile for dominant clusters (default 0.5)")
-    g.add_argument("--q-act", type=float, default=0.85, help="quantile for arbitration (default 0.85)")
-    g.add_argument("--energy", type=float, default=0.9, help="energy defining k on square layers (default 0.9)")
+    g.add_argument("--tau", type=float, default=D.tau, help=f"rotation-strength threshold for clusters (default {D.tau})")
+    g.add_argument("--q-dom", type=float, default=D.q_dom, help=f"quantile for dominant clusters (default {D.q_dom})")
+    g.add_argument("--q-act", type=float, default=D.q_act, help=f"quantile for arbitration (default {D.q_act})")
+    g.add_argument("--energy", type=float, default=D.energy, help=f"energy defining k on square layers (default {D.energy})")
     o = p.add_argument_group("output")
     o.add_argument("--injection", choices=INJECTIONS, default="lowrank", help="low-rank LoRA (default) or exact weight difference")
-    o.add_argument("--rank", type=int, default=128, help="rank of the low-rank output (default 128)")
+    o.add_argument("--rank", type=int, default=OUTPUT_DEFAULTS.rank,
+                   help=f"rank of the low-rank output (default {OUTPUT_DEFAULTS.rank})")
     o.add_argument("--kept-energy", type=float, default=None, help="instead of a rank: share of the update's energy to keep")
-    o.add_argument("--max-rank", type=int, default=512, help="rank cap with --kept-energy (default 512)")
-    o.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default="float16", help="dtype of the written LoRA")
+    o.add_argument("--max-rank", type=int, default=OUTPUT_DEFAULTS.max_rank,
+                   help=f"rank cap with --kept-energy (default {OUTPUT_DEFAULTS.max_rank})")
+    o.add_argument("--dtype", choices=list(DTYPES), default=next(iter(DTYPES)), help="dtype of the written LoRA")
     p.add_argument("--cache-dir", default=DEFAULT_CACHE, help=f"basis/drift cache folder (default {DEFAULT_CACHE})")
     p.add_argument("--device", default="cpu", help="torch device for the computation (default cpu)")
 
@@ -102,8 +97,7 @@ def _write_heatmaps(out_dir: Path, summaries: dict, report=None, scale: float = 
     ``report`` (a TransferReport or its JSON) gives the per-layer stats (shape, k, shares); without
     it the CASA report the demo has just written to ``out_dir/report.json`` is read.
     """
-    from .png import write_png
-    from .render import auto_layer, interesting_layers, layer_figure, overview_figure
+    from .pictures import auto_layer, interesting_layers, layer_figure, overview_figure, write_png
 
     if not summaries:
         return []
@@ -163,7 +157,7 @@ def cmd_demo(a) -> int:
     lora = read_lora(paths["lora"], basis.layers, strength=1.0)
     reports, summaries = {}, {}
     for method in METHODS:
-        cfg = TransferConfig(method=method, params=_params(a), output=_output(a), device=a.device)
+        cfg = request(a, method)
         reports[method] = run_transfer_to_file(
             lora, basis, drift, cfg, 1.0, out / "loras" / f"transferred_{method}.safetensors",
             progress=Bar(method[:10]), summaries=summaries if method == "casa" else None,
@@ -221,8 +215,8 @@ def cmd_transfer(a) -> int:
     if any(m != "direct" for m in methods):
         dsrc = _drift_source(a, source, target, cache)
         _check_target_shapes(source, dsrc)
-    dtype = getattr(torch, a.dtype)
-    cfgs = {m: TransferConfig(method=m, params=_params(a), output=_output(a), device=a.device) for m in methods}
+    dtype = DTYPES[a.dtype]
+    cfgs = {m: request(a, m) for m in methods}
     # every LoRA checked against the base's layers; outputs already made from the same inputs and settings kept
     B.check_and_resume(plan, source.layers, a.strength, cache, lambda job, lora: B.expected_provenance(
         job, lora, cfgs[job.method], a.strength, source, dsrc))

@@ -21,6 +21,7 @@ without rounding noise (float32) and a distillation LoRA (exact by construction)
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -138,7 +139,7 @@ class LoRAApplied:
         w = self.source.get(layer).to(torch.float64)
         upd = self.lora.updates.get(layer)
         if upd is not None:
-            if hasattr(upd, "up"):
+            if upd.low_rank:
                 w = w + upd.scale * (upd.up.to(torch.float64) @ upd.down.to(torch.float64))
             else:
                 w = w + upd.delta.to(torch.float64)
@@ -213,6 +214,32 @@ class TargetDrift:
     def below_noise(self, floor: float = 1.0, layers=None) -> list[str]:
         """Layers whose drift is below the target's rounding noise (amplitude SNR < ``floor``)."""
         return [n for n, r in self.noisy(layers).items() if r.get("snr", float("inf")) < floor]
+
+    def entry(self, name: str) -> "DriftEntry":
+        """What the cache says about one layer (:class:`DriftEntry`)."""
+        return DriftEntry.of(self.info[name])
+
+    def moved(self) -> int:
+        """How many layers have a drift (not identical in both models, not missing from the target)."""
+        return sum(1 for i in self.info.values() if not DriftEntry.of(i).zero)
+
+
+@dataclass(frozen=True)
+class DriftEntry:
+    """One layer's entry in a drift cache's manifest (``TargetDrift.info[layer]``), read in one place:
+    ``missing``: the target has no such layer; ``zero``: nothing stored, the drift is zero (identical
+    weights, or missing); ``norm``: ``||W_t - W_s||_F``; ``noise``: the rounding-noise report of a
+    target stored on a coarse grid, else None."""
+
+    missing: bool
+    zero: bool
+    norm: float
+    noise: dict | None
+
+    @classmethod
+    def of(cls, info: dict) -> "DriftEntry":
+        return cls(bool(info.get("missing")), info.get("mode") == "zero", float(info.get("norm", 0.0)),
+                   info.get("noise"))
 
 
 def noise_summary(drift: TargetDrift, what: str = "the target", layers=None) -> list[str]:

@@ -1,6 +1,6 @@
 """Routing analysis in the source's singular coordinates (CASA paper, section 4).
 
-Vocabulary (see ``docs`` / algorithm.md):
+Vocabulary (see docs/algorithm.md):
 
 * ``C_L = U^T dL V`` and ``C_F = U^T dF V`` are the routing matrices of the LoRA and of the
   distillation drift; entry ``(i, j)`` couples right singular direction ``j`` (sender) to left

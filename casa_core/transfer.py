@@ -5,26 +5,28 @@ ComfyUI's model patcher) never hold more than one dense layer in memory.
 """
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import torch
 
-from . import __version__
 from . import layer as L
 from .basis import SourceBasis
+from .cache import Progress
 from .drift import TargetDrift
 from .errors import CasaError
 from .factorize import LayerOutput, OutputSpec, realize, realize_direct
-from .methods import METHOD_LABELS, casa_layer, check_method, prolora_layer
+from .formats.keys import natural_key
+from .methods import casa_layer, check_method, prolora_layer
+from .report import MOSTLY, TransferReport, check_coverage, config_dict, provenance, start_report
 from .routing import CasaParams
 
-Progress = Callable[[int, int, str], None]
+__all__ = ["MOSTLY", "LayerResult", "Transfer", "TransferConfig", "TransferReport", "check_coverage", "config_dict",
+           "iter_transfer", "provenance", "run_transfer_to_file", "start_report", "transfer_order"]
 
 
 @dataclass(frozen=True)
@@ -47,133 +49,6 @@ class LayerResult:
     output: LayerOutput
     report: dict
     summary: dict | None = None
-
-
-@dataclass
-class TransferReport:
-    method: str
-    config: dict
-    layers: dict[str, dict] = field(default_factory=dict)
-    passthrough: list[str] = field(default_factory=list)
-    unmatched: list[str] = field(default_factory=list)
-    no_drift: list[str] = field(default_factory=list)  # present in both models, identical weights
-    missing_in_target: list[str] = field(default_factory=list)  # the target has no such layer
-    dropped: dict[str, str] = field(default_factory=dict)  # LoRA keys left out of the output, and why
-    warnings: list[str] = field(default_factory=list)
-    seconds: float = 0.0
-
-    def totals(self) -> dict:
-        reps = list(self.layers.values())
-        n = len(reps)
-        sq = sum(r["update_norm"] ** 2 for r in reps)
-        lost = sum((r["update_norm"] * r["rel_error"]) ** 2 for r in reps)
-        out = {
-            "layers": n,
-            "update_norm": sq**0.5,
-            "kept_energy": 1.0 - lost / sq if sq > 0 else 1.0,
-            "passthrough_keys": len(self.passthrough),
-            "unmatched_keys": len(self.unmatched),
-            "layers_without_drift": len(self.no_drift),
-            "layers_missing_in_target": len(self.missing_in_target),
-            "dropped_keys": len(self.dropped),
-        }
-        ent = sum(r.get("entries", 0) for r in reps)
-        if ent:
-            out["dominant_share"] = sum(r.get("dominant_entries", 0) for r in reps) / ent
-            out["arbitrated_share"] = sum(r.get("arbitrated_entries", 0) for r in reps) / ent
-        return out
-
-    def to_json(self) -> dict:
-        return {
-            "casa_lora_version": __version__,
-            "method": self.method,
-            "method_label": METHOD_LABELS[self.method],
-            "config": self.config,
-            "totals": self.totals(),
-            "layers": self.layers,
-            "passthrough": self.passthrough,
-            "unmatched": self.unmatched,
-            "layers_without_drift": self.no_drift,
-            "layers_missing_in_target": self.missing_in_target,
-            "dropped": self.dropped,
-            "warnings": self.warnings,
-        }
-
-
-def start_report(lora, cfg: TransferConfig, strength: float) -> "TransferReport":
-    """An empty report for transferring ``lora``, listing its pass-through and unmatched keys."""
-    report = TransferReport(cfg.method, config_dict(cfg, strength))
-    report.passthrough = sorted(lora.passthrough)
-    report.unmatched = list(lora.unmatched)
-    report.dropped = dict(getattr(lora, "dropped", {}))
-    return report
-
-
-#: more than this share of a LoRA's layers without a place to go fails the transfer
-MOSTLY = 0.5
-
-
-def check_coverage(lora, drift: TargetDrift | None, *, source: str, target: str, source_naming: str = "",
-                   target_naming: str = "", not_landed: list[str] | None = None,
-                   target_layers=None) -> list[str]:
-    """Where the LoRA's layers go: raise a CasaError when most of them have no place (they match no
-    layer of the source, the target lacks them, or their patch lands on no key of the model), return
-    warnings (one sentence each) when a few do.
-
-    ``source``/``target`` name the files (or the model); ``*_naming`` describe their key namings
-    (:func:`casa_core.formats.keys.naming_of`); ``not_landed``: transferred layers whose patch found no
-    weight in the model (the node).
-    """
-    lora_name = Path(str(lora.path)).name
-    unmatched = list(getattr(lora, "unmatched_modules", []))
-    layers = list(lora.updates)
-    if target_layers is not None:
-        missing = [n for n in layers if n not in target_layers]
-    else:
-        missing = [n for n in layers if drift is not None and drift.info.get(n, {}).get("missing")]
-    lost = sorted(set(missing) | set(not_landed or []))
-    total = len(layers) + len(unmatched)
-    bad = len(unmatched) + len(lost)
-    if total == 0 or bad == 0:
-        return []
-    src = f"{source}" + (f" ({source_naming})" if source_naming else "")
-    tgt = f"{target}" + (f" ({target_naming})" if target_naming else "")
-    parts = []
-    if unmatched:
-        parts.append(f"{len(unmatched)} match no layer of the base model {src} (e.g. {unmatched[0]})")
-    if missing:
-        parts.append(f"{len(missing)} are layers of the base that the target {tgt} does not have (e.g. {missing[0]})")
-    extra = sorted(set(not_landed or []) - set(missing))
-    if extra:
-        parts.append(f"{len(extra)} found no weight to patch in the target {tgt} (e.g. {extra[0]})")
-    what = "; ".join(parts)
-    if bad > MOSTLY * total:
-        raise CasaError(f"{lora_name}: {bad} of its {total} layers cannot be transferred — {what}; the files use "
-                        f"namings that do not correspond, or are for different models", file=str(lora.path))
-    return [f"{lora_name}: {bad} of its {total} layers were left out — {what}"]
-
-
-def config_dict(cfg: TransferConfig, strength: float) -> dict:
-    p, o = cfg.params, cfg.output
-    return {
-        "method": cfg.method,
-        "strength": strength,
-        "tau": p.tau,
-        "q_dom": p.q_dom,
-        "q_act": p.q_act,
-        "energy": p.energy,
-        "injection": o.mode,
-        "rank": o.rank,
-        "kept_energy_target": o.energy,
-        "max_rank": o.max_rank,
-    }
-
-
-def _lora_factors(upd) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``(left, right)`` of an update: a LoRA's ``(up * scale, down)``, a dense delta and None."""
-    if hasattr(upd, "up"):
-        return upd.up.float() * float(upd.scale), upd.down.float()
-    return upd.delta.float(), None
 
 
 def iter_transfer(
@@ -201,7 +76,7 @@ def iter_transfer(
     total = len(names)
     for i, name in enumerate(names):
         upd = lora.updates[name]
-        left, right = _lora_factors(upd)
+        left, right = upd.factors()
         rep: dict = {"shape": list(left.shape[:1]) + [int((right if right is not None else left).shape[1])]}
         rep["lora_rank"] = int(left.shape[1]) if right is not None else None
         summary = None
@@ -210,14 +85,14 @@ def iter_transfer(
         else:
             b = basis.layer(name, dev)
             d = drift.layer(name, b, dev)
-            info = drift.info[name]
-            if info.get("missing"):
+            entry = drift.entry(name)
+            if entry.missing:
                 report.missing_in_target.append(name)
-            elif info["mode"] == "zero":
+            elif entry.zero:
                 report.no_drift.append(name)
-            if "noise" in info:
-                rep["drift_snr"] = info["noise"]["snr"]
-                rep["target_storage"] = info["noise"].get("storage")
+            if entry.noise is not None:
+                rep["drift_snr"] = entry.noise["snr"]
+                rep["target_storage"] = entry.noise.get("storage")
             coords = L.coordinates(b, d, left.to(dev), right.to(dev) if right is not None else None)
             if method == "prolora":
                 cu = prolora_layer(coords, cfg.params)
@@ -226,7 +101,7 @@ def iter_transfer(
                 summary = cu.summary
             rep.update(cu.stats)
             out = realize(coords, cu, cfg.output)
-            rep["drift_norm"] = float(drift.info[name].get("norm", 0.0))
+            rep["drift_norm"] = entry.norm
         rep["lora_norm"] = float(
             torch.linalg.matrix_norm(left @ right if right is not None else left)
         )
@@ -237,20 +112,21 @@ def iter_transfer(
         yield LayerResult(name, LayerOutput(out.kind, tuple(t.cpu() for t in out.tensors), out.rank, out.rel_error, out.norm), rep, summary)
 
 
-def provenance(lora, basis: SourceBasis | None, drift: TargetDrift | None, cfg: TransferConfig, strength: float) -> dict[str, str]:
-    """Safetensors metadata describing where a transferred LoRA comes from."""
-    meta = {
-        "casa_lora.version": __version__,
-        "casa_lora.method": cfg.method,
-        "casa_lora.config": json.dumps(config_dict(cfg, strength), sort_keys=True),
-        "casa_lora.lora": f"{Path(str(lora.path)).name} ({lora.identity()})",
-    }
-    if basis is not None:
-        meta["casa_lora.source"] = basis.source_identity
-    if drift is not None:
-        meta["casa_lora.target"] = drift.identity
-        meta["casa_lora.target_description"] = drift.description
-    return meta
+class Transfer:
+    """One LoRA's transfer as the nodes run it: the request, the report it fills and the provenance a file
+    written from it carries; iterate it for the layers (:class:`LayerResult`, one at a time)."""
+
+    def __init__(self, lora, basis: SourceBasis | None, drift: TargetDrift | None, cfg: TransferConfig,
+                 strength: float, progress: Progress | None = None):
+        self.lora, self.basis, self.drift, self.cfg, self.strength = lora, basis, drift, cfg, strength
+        self.progress = progress
+        self.report = start_report(lora, cfg, strength)
+
+    def provenance(self) -> dict[str, str]:
+        return provenance(self.lora, self.basis, self.drift, self.cfg, self.strength)
+
+    def __iter__(self) -> Iterator[LayerResult]:
+        return iter_transfer(self.lora, self.basis, self.drift, self.cfg, self.report, self.progress)
 
 
 def run_transfer_to_file(
@@ -278,7 +154,7 @@ def run_transfer_to_file(
     passthrough = lora.passthrough_at_strength()
     if cfg.output.mode == "exact":
         # shapes are known up front: stream one dense layer at a time
-        entries = [(name, "diff", (_shape(lora.updates[name]),)) for name in transfer_order(lora)]
+        entries = [(name, "diff", (lora.updates[name].shape,)) for name in transfer_order(lora)]
         # a full .diff the LoRA also carries for a transferred layer is added to its update
         extra = {n: passthrough.pop(comfy_key(n, "diff")) for n, _, _ in entries if comfy_key(n, "diff") in passthrough}
         tensors = ((r.output.tensors[0] + extra[r.layer].float(),) if r.layer in extra else r.output.tensors
@@ -325,14 +201,4 @@ class _Spill:
 
 
 def transfer_order(lora) -> list[str]:
-    return sorted(lora.updates, key=_natural_key)
-
-
-def _shape(upd) -> tuple[int, int]:
-    if hasattr(upd, "up"):
-        return (int(upd.up.shape[0]), int(upd.down.shape[1]))
-    return tuple(int(x) for x in upd.delta.shape)
-
-
-def _natural_key(name: str):
-    return [int(p) if p.isdigit() else p for p in name.replace("_", ".").split(".")]
+    return sorted(lora.updates, key=natural_key)

@@ -99,7 +99,7 @@ class DriftHandle:
     seconds: float
 
     def moved(self) -> int:
-        return sum(1 for i in self.drift.info.values() if i.get("mode") != "zero")
+        return self.drift.moved()
 
     def describe(self) -> str:
         how = f"reused from the cache in {self.seconds:.1f} s" if self.reused else f"computed in {self.seconds:.1f} s, cached"

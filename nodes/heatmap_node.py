@@ -14,7 +14,8 @@ import torch
 
 from comfy_api.latest import io, ui
 
-from ..casa_core.render import auto_layer, fmt_share, layer_figure, layer_index, overview_figure
+from ..casa_core.formats.keys import layer_of_model_key
+from ..casa_core.pictures import auto_layer, fmt_share, layer_figure, layer_index, overview_figure
 from .common import CATEGORY, ReportType, summary_ui
 
 VIEWS = ["layer", "overview"]
@@ -38,11 +39,7 @@ def pick_layer(report, layer: str) -> str:
     if layer == "auto":
         return auto_layer(_layer_stats(report), list(summaries)) or next(iter(summaries))
     if layer not in summaries:  # ComfyUI's key form: diffusion_model.<layer>.weight
-        bare = layer[:-len(".weight")] if layer.endswith(".weight") else layer
-        for prefix in ("model.diffusion_model.", "diffusion_model."):
-            if bare.startswith(prefix):
-                bare = bare[len(prefix):]
-                break
+        bare = layer_of_model_key(layer)
         if bare in summaries:
             layer = bare
     if layer not in summaries:

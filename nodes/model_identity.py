@@ -38,6 +38,7 @@ import torch
 from ..casa_core.errors import CasaError
 from ..casa_core.fingerprint import feed
 from ..casa_core.formats.checkpoint import Checkpoint
+from ..casa_core.formats.keys import PATCH_PREFIX
 from ..casa_core.formats.safetensors_io import file_digest
 
 PATH_ARGUMENTS = ("unet_path", "ckpt_path")  # the loaders' names for the file they read
@@ -131,7 +132,7 @@ def patches_digest(patcher, keys) -> str:
     return h.hexdigest()
 
 
-def file_identity(patcher, layers: dict, original: Callable[[str], torch.Tensor], *, prefix: str = "diffusion_model.",
+def file_identity(patcher, layers: dict, original: Callable[[str], torch.Tensor], *, prefix: str = PATCH_PREFIX,
                   memo_dir: str | os.PathLike | None = None) -> str | None:
     """The model's identity from its file's digest, its loading and its patches; None when unknown."""
     found = loaded_from(patcher)

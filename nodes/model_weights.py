@@ -24,7 +24,7 @@ import comfy.model_patcher
 import torch
 
 from ..casa_core.errors import CasaError
-from ..casa_core.formats.keys import naming_of
+from ..casa_core.formats.keys import PATCH_PREFIX, naming_of, patch_key
 from ..casa_core.quantnoise import StorageGrid
 from .model_identity import file_identity
 
@@ -32,8 +32,6 @@ try:  # ComfyUI >= 0.4
     from comfy.quant_ops import QuantizedTensor
 except ImportError:  # pragma: no cover - older ComfyUI
     QuantizedTensor = ()
-
-PREFIX = "diffusion_model."
 
 
 def is_ggml(w) -> bool:
@@ -126,7 +124,7 @@ class ComfyModelWeights:
         self._stored: tuple[str, torch.Tensor] | None = None
 
     def _raw(self, layer: str):
-        key = PREFIX + layer + ".weight"
+        key = patch_key(layer)
         bk = getattr(self.patcher, "backup", {}).get(key)
         return bk.weight if bk is not None else comfy.model_patcher.get_key_weight(self.patcher.model, key)[0]
 
@@ -148,7 +146,7 @@ class ComfyModelWeights:
 
         float64 is what casa_core's ``LoRAApplied`` uses for a distillation LoRA file, so the drift of
         base + distillation LoRA is the same here and in the command line (casa_core.drift)."""
-        key = PREFIX + layer + ".weight"
+        key = patch_key(layer)
         with torch.no_grad():
             w = self.original(layer)
             self._stored = (layer, w.to(torch.float32))
@@ -163,11 +161,11 @@ class ComfyModelWeights:
         file the model came from (``model_identity``: a few layers are read to check it), else a content digest of the
         effective weights (original weights + this patcher's patches)."""
         if self._identity is None:
-            self._identity = file_identity(self.patcher, self.layers, self.original, prefix=PREFIX)
+            self._identity = file_identity(self.patcher, self.layers, self.original, prefix=PATCH_PREFIX)
         if self._identity is None:
             h = hashlib.blake2b(digest_size=20)
             for layer in sorted(self.layers):
-                key = PREFIX + layer + ".weight"
+                key = patch_key(layer)
                 h.update(key.encode())
                 _hash_value(h, self.original(layer))
                 _hash_value(h, self.patcher.patches.get(key, []))

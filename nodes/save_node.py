@@ -3,15 +3,12 @@ from __future__ import annotations
 
 import os
 
-import torch
-
 import folder_paths
 from comfy_api.latest import io
 
+from ..casa_core import DTYPES
 from ..casa_core.formats.lora_write import write_comfy_lora
 from .common import CATEGORY, ReportType, advanced, summary_ui
-
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 def next_path(folder: str, prefix: str) -> tuple[str, str]:
@@ -44,7 +41,7 @@ class CASASaveLoRA(io.ComfyNode):
                                 tooltip="File name inside the loras folder (a subfolder is allowed, e.g. casa/my_style); "
                                 "_00001.safetensors is added, counting up so that no file is overwritten. The node "
                                 "shows the path it wrote."),
-                io.Combo.Input("dtype", options=list(DTYPES), default="float16",
+                io.Combo.Input("dtype", options=list(DTYPES), default=next(iter(DTYPES)),
                                tooltip="Precision of the saved file. Leave at float16 (what LoRAs usually are) "
                                "unless you need bfloat16 or float32 for another tool.", **advanced()),
             ],

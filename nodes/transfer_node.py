@@ -10,14 +10,13 @@ import torch
 from comfy.weight_adapter import LoRAAdapter
 from comfy_api.latest import io
 
+from ..casa_core import CASA_DEFAULTS, INJECTION_MENU, METHOD_MENU, OUTPUT_DEFAULTS, CasaError, Transfer, from_inputs
 from ..casa_core.drift import noise_summary
-from ..casa_core.errors import CasaError
-from ..casa_core.factorize import OutputSpec
+from ..casa_core.formats.keys import patch_key, strip_patch_prefix
 from ..casa_core.formats.lora import read_lora
 from ..casa_core.formats.safetensors_io import file_digest
-from ..casa_core.render import fmt_share, verdict_kind
-from ..casa_core.routing import CasaParams
-from ..casa_core.transfer import TransferConfig, check_coverage, iter_transfer, provenance, start_report
+from ..casa_core.pictures import fmt_share, verdict_kind
+from ..casa_core.transfer import check_coverage
 from .common import (
     CATEGORY,
     DriftType,
@@ -31,27 +30,19 @@ from .common import (
 )
 
 log = logging.getLogger(__name__)
-PREFIX = "diffusion_model."
+D = CASA_DEFAULTS
 
 
 def model_key_map(model) -> tuple[dict[str, str], frozenset[str]]:
     """The model's own naming: ComfyUI's LoRA key map as ``{LoRA module name: canonical layer}`` and the
     model's parameter names without the ``diffusion_model.`` prefix."""
-    keys = frozenset(k[len(PREFIX):] for k in model.model.state_dict() if k.startswith(PREFIX))
+    keys = frozenset(k for k in map(strip_patch_prefix, model.model.state_dict()) if k is not None)
     aliases = {}
     for lora_key, model_key in comfy.lora.model_lora_keys_unet(model.model, {}).items():
-        if isinstance(model_key, str) and model_key.startswith(PREFIX) and model_key.endswith(".weight"):
-            aliases[lora_key] = model_key[len(PREFIX):-len(".weight")]
+        bare = strip_patch_prefix(model_key) if isinstance(model_key, str) else None
+        if bare is not None and bare.endswith(".weight"):
+            aliases[lora_key] = bare[:-len(".weight")]
     return aliases, keys
-
-METHOD_CHOICES = {
-    "CASA": "casa",
-    "CASA restoration only": "restoration_only",
-    "CASA arbitration only": "arbitration_only",
-    "ProLoRA": "prolora",
-    "direct reuse": "direct",
-}
-INJECTION_CHOICES = {"low-rank": "lowrank", "exact": "exact"}
 
 
 def _exact_dtype(model) -> torch.dtype:
@@ -85,37 +76,37 @@ class CASATransferLoRA(io.ComfyNode):
                                tooltip="LoRA strength, as on a normal LoRA loader. It is applied before the "
                                "transfer (CASA decides what to keep at this strength), so set it here rather "
                                "than on a later loader."),
-                io.Combo.Input("method", options=list(METHOD_CHOICES), default="CASA",
+                io.Combo.Input("method", options=list(METHOD_MENU), default="CASA",
                                tooltip="CASA: keep the LoRA where distillation changed little, protect the "
                                "distilled model's strong directions, and where both push the same way keep only "
                                "the stronger. Leave at CASA unless you want to compare: the two 'CASA ... only' "
                                "ablations, ProLoRA (an earlier method) and 'direct reuse' (what a normal LoRA "
                                "loader does)."),
-                io.Float.Input("tau", default=0.5, min=0.0001, max=100.0, step=0.05,
+                io.Float.Input("tau", default=D.tau, min=0.0001, max=100.0, step=0.05,
                                tooltip="How easily the LoRA's directions are grouped into clusters: lower makes "
                                "fewer, bigger clusters. Leave at 0.5 (the CASA authors' default) unless the "
                                "heatmap shows a single huge cluster (raise it) or only tiny ones (lower it).",
                                **advanced()),
-                io.Float.Input("q_dom", default=0.5, min=0.0, max=1.0, step=0.01,
+                io.Float.Input("q_dom", default=D.q_dom, min=0.0, max=1.0, step=0.01,
                                tooltip="How much of the distilled model counts as its strong directions, which "
                                "CASA protects: clusters whose drift is above this quantile. Lower protects more. "
                                "Leave at 0.5 (the paper recommends 0.45-0.55) unless the transferred LoRA breaks "
                                "the fast model's pictures: then lower it a little.", **advanced()),
-                io.Float.Input("q_act", default=0.85, min=0.0, max=1.0, step=0.01,
+                io.Float.Input("q_act", default=D.q_act, min=0.0, max=1.0, step=0.01,
                                tooltip="Inside the protected directions, where the LoRA and the distillation push "
                                "the same way, the entries above this quantile keep only the stronger of the two "
                                "(arbitration): 0.85 arbitrates the top 15 %. Leave at 0.85 unless the LoRA's effect "
                                "looks doubled or burnt (lower it).", **advanced()),
-                io.Float.Input("energy", default=0.9, min=0.01, max=1.0, step=0.01,
+                io.Float.Input("energy", default=D.energy, min=0.01, max=1.0, step=0.01,
                                tooltip="On square layers, the share of the weight's energy whose directions form "
                                "its leading part (k). Leave at 0.9 (the CASA authors' default) unless you are "
                                "reproducing another setting.", **advanced()),
-                io.Combo.Input("injection", options=list(INJECTION_CHOICES), default="low-rank",
+                io.Combo.Input("injection", options=list(INJECTION_MENU), default="low-rank",
                                tooltip="low-rank: a LoRA-sized patch (little memory; the summary says how much of "
                                "the update it keeps). exact: the full update as a weight difference, as much "
                                "memory as the model's linear weights. Leave at low-rank unless the summary "
                                "reports that the patch keeps too little and raising rank does not help."),
-                io.Int.Input("rank", default=128, min=1, max=4096, step=1,
+                io.Int.Input("rank", default=OUTPUT_DEFAULTS.rank, min=1, max=4096, step=1,
                              tooltip="Rank of the low-rank patch (not used by exact). Leave at 128 unless the "
                              "summary says the patch keeps less than about 90 % of the update (raise it) or "
                              "memory is short (lower it)."),
@@ -155,29 +146,22 @@ class CASATransferLoRA(io.ComfyNode):
         warnings = check_coverage(lora, drift.drift, source=drift.basis.name, target="the connected MODEL",
                                   source_naming=getattr(drift.basis.source, "naming", ""),
                                   not_landed=not_landed)
-        mode = INJECTION_CHOICES[injection]
-        if mode == "exact":
-            spec = OutputSpec(mode="exact", rank=None)
-        elif kept_energy > 0:
-            spec = OutputSpec(mode="lowrank", rank=None, energy=kept_energy)
-        else:
-            spec = OutputSpec(mode="lowrank", rank=rank)
-        cfg = TransferConfig(method=METHOD_CHOICES[method], params=CasaParams(tau=tau, q_dom=q_dom, q_act=q_act,
-                             energy=energy), output=spec, device=str(compute_device()))
-        report = start_report(lora, cfg, strength)
+        cfg = from_inputs(method, tau=tau, q_dom=q_dom, q_act=q_act, energy=energy, injection=injection, rank=rank,
+                          kept_energy=kept_energy, device=compute_device())
+        transfer = Transfer(lora, basis, drift.drift, cfg, strength, progress_callback(len(lora.updates)))
+        report = transfer.report
         passthrough = lora.passthrough_at_strength()
-        handle = ReportHandle(report, lora_name, strength, provenance(lora, basis, drift.drift, cfg, strength),
-                              passthrough=passthrough)
+        handle = ReportHandle(report, lora_name, strength, transfer.provenance(), passthrough=passthrough)
         dtype = _exact_dtype(model)
         patches = {}
-        for res in iter_transfer(lora, basis, drift.drift, cfg, report, progress_callback(len(lora.updates))):
+        for res in transfer:
             out = res.output
             if out.kind == "diff":
                 out.tensors = (out.tensors[0].to(dtype),)
-                patches[f"diffusion_model.{res.layer}.weight"] = ("diff", out.tensors)
+                patches[patch_key(res.layer)] = ("diff", out.tensors)
             else:
                 up, down = out.tensors
-                patches[f"diffusion_model.{res.layer}.weight"] = LoRAAdapter(set(), (up, down, None, None, None, None))
+                patches[patch_key(res.layer)] = LoRAAdapter(set(), (up, down, None, None, None, None))
             handle.outputs[res.layer] = out
             if res.summary is not None:
                 handle.summaries[res.layer] = res.summary

@@ -17,7 +17,7 @@
 // casa_common.js), and a picture older than the node's current inputs, or from before a run that
 // failed, is greyed with an "out of date" banner.
 //
-// Size: the pictures are drawn with no text under 12 px (casa_core/render.py), about 920 x 980 px for
+// Size: the pictures are drawn with no text under 12 px (casa_core/pictures/), about 920 x 980 px for
 // a layer; at the node's default size (DEFAULT_SIZE) the widget shows them at >= 0.83x, so no text is
 // under 10 px on screen (tests/comfy/test_web_heatmap.py measures it in the real frontend).
 import { app, api, fitTitle, onRecord, restore, restoreAll, staleText } from "./casa_common.js";
@@ -65,7 +65,7 @@ function el(tag, cls, text) {
   return e;
 }
 
-// the same formatting as casa_core.render.fmt_share
+// the same formatting as casa_core.pictures.fmt_share
 const pct = (x) => {
   if (x == null || !isFinite(x)) return "n/a";
   const p = 100 * x;

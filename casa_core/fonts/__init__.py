@@ -53,10 +53,6 @@ def line_height(px: float) -> int:
     return int(np.ceil((_atlas.ASCENT + _atlas.DESCENT) * px / MASTER))
 
 
-def ascent(px: float) -> float:
-    return _atlas.ASCENT * px / MASTER
-
-
 def text_width(text: str, px: float, bold: bool = False) -> int:
     """Width in pixels of ``text`` at size ``px`` (what :func:`text_mask` returns)."""
     text = normalize(text)

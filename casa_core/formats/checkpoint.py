@@ -65,7 +65,25 @@ def check_finite(tensor: torch.Tensor, *, file: str, layer: str | None, what: st
         raise CasaError(f"{where}: {what} contains NaN/Inf values", file=file, layer=layer)
 
 
-class Checkpoint:
+class FileIdentity:
+    """The identity of a model file: ``"file:" + blake2b digest of its content``, memoised in ``_memo_dir``
+    (a class using it sets ``path``, ``_memo_dir`` and ``_digest = None``)."""
+
+    path: str
+    _memo_dir: str | os.PathLike[str] | None
+    _digest: str | None
+
+    def digest(self) -> str:
+        """blake2b digest of the file content (memoised in ``memo_dir`` when one was given)."""
+        if self._digest is None:
+            self._digest = file_digest(self.path, self._memo_dir)
+        return self._digest
+
+    def identity(self) -> str:
+        return "file:" + self.digest()
+
+
+class Checkpoint(FileIdentity):
     """A safetensors model file as a :class:`WeightProvider`; tensors are read only when asked for."""
 
     def __init__(self, path: str | os.PathLike[str], memo_dir: str | os.PathLike[str] | None = None):
@@ -192,15 +210,6 @@ class Checkpoint:
                                 file=self.path, layer=layer)
         check_finite(w, file=self.path, layer=layer, what="weight")
         return w
-
-    def digest(self) -> str:
-        """blake2b digest of the file content (memoised in ``memo_dir`` when one was given)."""
-        if self._digest is None:
-            self._digest = file_digest(self.path, self._memo_dir)
-        return self._digest
-
-    def identity(self) -> str:
-        return "file:" + self.digest()
 
     @property
     def metadata(self) -> dict[str, str]:

@@ -22,9 +22,8 @@ import numpy as np
 import torch
 
 from ..errors import CasaError
-from .checkpoint import check_finite
+from .checkpoint import FileIdentity, check_finite
 from .keys import canonical_names, naming_of
-from .safetensors_io import file_digest
 
 __all__ = ["GGUFCheckpoint", "is_gguf"]
 
@@ -49,7 +48,7 @@ def _gguf_module(path: str):
     return gguf
 
 
-class GGUFCheckpoint:
+class GGUFCheckpoint(FileIdentity):
     """A GGUF model file as a :class:`~casa_core.formats.checkpoint.WeightProvider`."""
 
     def __init__(self, path: str | os.PathLike[str], memo_dir: str | os.PathLike[str] | None = None):
@@ -126,14 +125,6 @@ class GGUFCheckpoint:
         if qtype == "BF16":
             return StorageGrid.of_dtype(torch.bfloat16)
         return StorageGrid.gguf(qtype)
-
-    def digest(self) -> str:
-        if self._digest is None:
-            self._digest = file_digest(self.path, self._memo_dir)
-        return self._digest
-
-    def identity(self) -> str:
-        return "file:" + self.digest()
 
     @property
     def metadata(self) -> dict[str, str]:

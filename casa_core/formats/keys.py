@@ -41,6 +41,11 @@ __all__ = [
     "original_to_diffusers",
     "is_diffusers_wan",
     "comfy_key",
+    "PATCH_PREFIX",
+    "patch_key",
+    "strip_patch_prefix",
+    "layer_of_model_key",
+    "natural_key",
     "kohya_name",
     "LayerMatcher",
     "hunyuan_to_comfy",
@@ -322,9 +327,41 @@ def is_diffusers_wan(keys: Iterable[str]) -> bool:
     return False
 
 
+#: ComfyUI's prefix of the diffusion model's keys: its parameters inside a ModelPatcher
+#: (``model.model.state_dict()``), its patch keys and the keys of the LoRA files it loads.
+PATCH_PREFIX = "diffusion_model."
+
+
 def comfy_key(module: str, suffix: str) -> str:
     """The ComfyUI-loadable LoRA key of ``suffix`` (``lora_up.weight``, ``diff``, …) on ``module``."""
-    return f"diffusion_model.{module}.{suffix}"
+    return f"{PATCH_PREFIX}{module}.{suffix}"
+
+
+def patch_key(layer: str) -> str:
+    """The key of a layer's weight inside a ComfyUI ModelPatcher (what ``add_patches`` takes)."""
+    return f"{PATCH_PREFIX}{layer}.weight"
+
+
+def strip_patch_prefix(key: str) -> str | None:
+    """A ModelPatcher key without :data:`PATCH_PREFIX` (``diffusion_model.blocks.0.x.weight`` ->
+    ``blocks.0.x.weight``); None for keys outside the diffusion model."""
+    return key[len(PATCH_PREFIX):] if key.startswith(PATCH_PREFIX) else None
+
+
+def layer_of_model_key(name: str) -> str:
+    """A layer name as a person may copy it from ComfyUI (``diffusion_model.<layer>.weight``,
+    ``model.diffusion_model.<layer>.weight``, ``<layer>.weight``) as the canonical ``<layer>``; other
+    names unchanged."""
+    bare = name[:-len(".weight")] if name.endswith(".weight") else name
+    for prefix in ("model." + PATCH_PREFIX, PATCH_PREFIX):
+        if bare.startswith(prefix):
+            return bare[len(prefix):]
+    return bare
+
+
+def natural_key(name: str) -> list:
+    """Sort key putting layer names in the model's order (``blocks.2`` before ``blocks.10``)."""
+    return [int(p) if p.isdigit() else p for p in name.replace("_", ".").split(".")]
 
 
 def kohya_name(module: str) -> str:

@@ -45,6 +45,7 @@ import os
 import re
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 
@@ -76,12 +77,24 @@ class LowRankUpdate:
     alpha: float | None
     alpha_rule: str
 
+    #: a LoRA pair (``up``, ``down``, ``scale``); a :class:`DenseUpdate` is not
+    low_rank: ClassVar[bool] = True
+
     @property
     def rank(self) -> int:
         return int(self.down.shape[0])
 
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(out, in)`` of the layer's weight."""
+        return (int(self.up.shape[0]), int(self.down.shape[1]))
+
     def dense(self) -> torch.Tensor:
         return self.scale * (self.up @ self.down)
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(up * scale, down)`` in float32: the update is their product."""
+        return self.up.float() * float(self.scale), self.down.float()
 
 
 @dataclass
@@ -92,6 +105,16 @@ class DenseUpdate:
     delta: torch.Tensor
     keys: list[str]
     kind: str
+
+    low_rank: ClassVar[bool] = False
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(int(x) for x in self.delta.shape)
+
+    def factors(self) -> tuple[torch.Tensor, None]:
+        """``(delta, None)`` in float32: the update itself, no second factor."""
+        return self.delta.float(), None
 
 
 #: Pass-through suffixes that are additive differences, scaled by strength when applied.

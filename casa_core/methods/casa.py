@@ -1,4 +1,4 @@
-"""CASA and its ablations on one layer (algorithm.md, "CASA, step by step")."""
+"""CASA and its ablations on one layer (docs/algorithm.md, "CASA, step by step")."""
 from __future__ import annotations
 
 from dataclasses import replace

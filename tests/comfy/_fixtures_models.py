@@ -261,7 +261,7 @@ def casa_expected(source_path, lora_path, cache_dir, *, method: str = "casa", in
                   distill_strength: float = 1.0, target_grids: dict | None = None) -> Expected:
     """The transfer the node contract specifies, computed with casa_core alone in this process:
 
-    ``iter_transfer(read_lora(lora, layer_shapes, strength), basis, drift, TransferConfig(...))`` with the
+    ``iter_transfer(read_lora(lora, layer_shapes, strength), basis, drift, from_inputs(...))`` with the
     basis of the ``source_path`` file and the drift ``W_t - W_s``, ``W_t`` from ``target_path`` (a
     Checkpoint, dequantised), ``target_weights`` (tensors, e.g. what ComfyUI's model really uses) or
     ``distill_lora_path`` (LoRADrift of a distillation LoRA at ``distill_strength``). ``method`` and
@@ -269,19 +269,13 @@ def casa_expected(source_path, lora_path, cache_dir, *, method: str = "casa", in
     """
     from casa_core.basis import load_or_build_basis
     from casa_core.drift import LoRADrift, WeightDifference, load_or_build_drift
-    from casa_core.factorize import OutputSpec
+    from casa_core import from_inputs
     from casa_core.formats.checkpoint import Checkpoint, open_model
     from casa_core.formats.lora import read_lora
-    from casa_core.routing import CasaParams
-    from casa_core.transfer import TransferConfig, TransferReport, config_dict, iter_transfer
+    from casa_core.transfer import TransferReport, config_dict, iter_transfer
 
-    if injection == "exact":
-        out = OutputSpec(mode="exact", rank=None)
-    elif kept_energy > 0:
-        out = OutputSpec(mode="lowrank", rank=None, energy=kept_energy)
-    else:
-        out = OutputSpec(mode="lowrank", rank=rank)
-    cfg = TransferConfig(method=method, params=CasaParams(tau=tau, q_dom=q_dom, q_act=q_act, energy=energy), output=out)
+    cfg = from_inputs(method, tau=tau, q_dom=q_dom, q_act=q_act, energy=energy, injection=injection, rank=rank,
+                      kept_energy=kept_energy)
     source = Checkpoint(source_path, memo_dir=cache_dir)
     basis = drift = None
     if method != "direct":

@@ -243,7 +243,7 @@ def cell_client_point(page, panel_id: str, row: int, col: int) -> dict:
 
 def test_widget_picks_layers_redraws_and_reads_out_cells(server, page, artifacts):
     comfy_server = server
-    from casa_core.render import fmt_share
+    from casa_core.pictures import fmt_share
 
     names = write_tiny_models(comfy_server.base_dir)
     wf, source = example_workflow()

@@ -4,7 +4,7 @@ The frontend shows a custom node pack's template with the file's name as its tit
 as its thumbnail; it has no field for a description (comfyui-frontend 1.49.6; an ``index.json`` for
 packs is only proposed, Comfy-Org/ComfyUI_frontend#9284). So the thumbnail carries the one-line
 description: the title, the description, and the workflow's CASA chain as boxes, drawn with the
-project's own raster code (casa_core.draw) and saved as JPEG (Pillow, one of ComfyUI's requirements).
+project's own raster code (casa_core.pictures.canvas) and saved as JPEG (Pillow, one of ComfyUI's requirements).
 
 ``render(name)`` gives the RGB picture; ``write(name, folder)`` the file; the workflow test checks
 that each file in ``workflows/`` decodes to ``render(name)`` (JPEG noise aside), so a changed title or
@@ -18,7 +18,7 @@ import _tiny  # noqa: F401  (puts the repository root on sys.path, for casa_core
 import numpy as np
 from graphs import WORKFLOWS
 
-from casa_core.draw import Canvas, text_h, text_w
+from casa_core.pictures.canvas import Canvas, text_h, text_w
 
 SIZE = 512
 BG = (24, 28, 36)

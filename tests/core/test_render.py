@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from casa_core import fonts, synth
-from casa_core.draw import ORANGES, RDBU, VIRIDIS, Canvas, colormap, invert_colormap
-from casa_core.png import decode_png, encode_png, read_png
-from casa_core.render import (
+from casa_core.pictures import ORANGES, RDBU, VIRIDIS, Canvas, colormap, invert_colormap
+from casa_core.pictures import decode_png, encode_png, read_png
+from casa_core.pictures import (
     REGION_COLOURS, auto_layer, fmt_share, interesting_layers, layer_figure, layer_index,
     log_range, overview_figure, split_layer_name,
 )
@@ -639,7 +639,7 @@ def test_png_round_trip_and_filtered_rows():
 
 
 def test_write_png_files(tmp_path):
-    from casa_core.png import write_png
+    from casa_core.pictures import write_png
 
     img = np.zeros((4, 5, 3), dtype=np.uint8)
     img[1, 2] = (255, 10, 20)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import fonts
+from .. import fonts
 
 # Colour map anchors (evenly spaced).  viridis: perceptually uniform, colour-blind safe,
 # lightness rising with the value; RdBu (reversed): blue -1, white 0, red +1; Oranges.
@@ -25,7 +25,6 @@ ORANGES = np.array([
 ], dtype=np.float64)
 
 WHITE = (255, 255, 255)
-BLACK = (0, 0, 0)
 INK = (25, 25, 25)
 GREY_TEXT = (90, 90, 90)
 MISSING = (215, 215, 215)
