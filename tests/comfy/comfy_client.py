@@ -175,6 +175,19 @@ class ComfyClient:
     def free(self, unload_models: bool = True, free_memory: bool = True) -> None:
         self.post("/free", {"unload_models": unload_models, "free_memory": free_memory})
 
+    def reset_cache(self) -> None:
+        """Empty ComfyUI's node cache before the next prompt. /free only sets flags, which the prompt worker
+        acts on after its current or NEXT item; so one cheap prompt (the harness's test nodes, a latent
+        of a size of its own) runs first, and the reset has certainly happened when this returns."""
+        import uuid
+
+        self.free(unload_models=True, free_memory=True)
+        g = {"latent": {"class_type": "EmptyHunyuanLatentVideo",
+                        "inputs": {"width": 32 + 16 * (uuid.uuid4().int % 50), "height": 32, "length": 5,
+                                   "batch_size": 1}},
+             "stats": {"class_type": "CasaTestLatentStats", "inputs": {"samples": ["latent", 0]}}}
+        self.run(g, timeout=60)
+
     def view(self, filename: str, type: str = "output", subfolder: str = "") -> bytes:
         q = urllib.parse.urlencode({"filename": filename, "type": type, "subfolder": subfolder})
         status, body = self.request("GET", "/view?" + q)

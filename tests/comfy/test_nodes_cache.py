@@ -48,10 +48,7 @@ def prompt_seconds(entry: dict) -> float:
 def wait_for_free(client) -> None:
     """/free only sets flags; the prompt worker acts on them after its current or next item. Run one cheap
     prompt so the reset has certainly happened before the real one is queued."""
-    g = {"latent": {"class_type": "EmptyHunyuanLatentVideo",
-                    "inputs": {"width": 32 + 16 * (uuid.uuid4().int % 50), "height": 32, "length": 5, "batch_size": 1}},
-         "stats": {"class_type": "CasaTestLatentStats", "inputs": {"samples": ["latent", 0]}}}
-    client.run(g, timeout=60)
+    client.reset_cache()
 
 
 @pytest.fixture(scope="module")

@@ -163,7 +163,7 @@ def test_every_casa_node_shows_its_summary_after_a_run(server, page, models):
         const hm = LG.createNode("CASARoutingHeatmap"); hm.pos = [t.pos[0] + 380, t.pos[1] + 360]; app.graph.add(hm);
         t.connect(1, hm, 0); app.canvas.setDirty(true, true); return true; })()""")
     # every node runs (another module's run of the same models would leave them in ComfyUI's cache)
-    server.free()
+    server.reset_cache()
     before = page.eval(SHOWN)
     assert set(before) == set(CASA), before
     for t in CASA[:-1]:
