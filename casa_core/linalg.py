@@ -33,6 +33,13 @@ def _lapack_threads(*tensors: torch.Tensor):
     if t.device.type != "cpu" or t.dim() < 2 or min(t.shape[-2:]) >= SINGLE_THREAD_BELOW:
         yield
         return
+    with _one_thread():
+        yield
+
+
+@contextlib.contextmanager
+def _one_thread():
+    """torch on one CPU thread inside the block; the thread count is restored after it."""
     before = torch.get_num_threads()
     if before == 1:
         yield
@@ -59,15 +66,11 @@ SMALL_LAYER_ENTRIES = 16_000_000
 def layer_threads(entries: int, device: torch.device | str = "cpu"):
     """Run one layer's kernel on one CPU thread on a small machine (see ``SMALL_LAYER_ENTRIES``)."""
     dev = torch.device(device)
-    before = torch.get_num_threads()
-    if dev.type != "cpu" or before == 1 or entries >= SMALL_LAYER_ENTRIES or (os.cpu_count() or 1) > SMALL_CPU:
+    if dev.type != "cpu" or entries >= SMALL_LAYER_ENTRIES or (os.cpu_count() or 1) > SMALL_CPU:
         yield
         return
-    torch.set_num_threads(1)
-    try:
+    with _one_thread():
         yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _on_cpu_fallback(fn, *tensors: torch.Tensor):
