@@ -59,6 +59,16 @@ def require_chromium(what: str) -> str:
     return exe
 
 
+def quiet_frontend_settings(base_dir) -> None:
+    """The frontend's user settings in a ComfyUI base dir: no first-run tutorial dialog, no minimap over
+    the canvas, the right side panel closed (other settings there are kept)."""
+    settings = Path(base_dir) / "user" / "default" / "comfy.settings.json"
+    settings.parent.mkdir(parents=True, exist_ok=True)
+    current = json.loads(settings.read_text()) if settings.exists() else {}
+    current.update({"Comfy.TutorialCompleted": True, "Comfy.Minimap.Visible": False, "Comfy.RightSidePanel.IsOpen": False})
+    settings.write_text(json.dumps(current))
+
+
 class Chromium:
     """Headless Chromium (flags of comfyui-notes §7) and one page of ``window`` CSS pixels, over CDP."""
 

@@ -45,12 +45,6 @@ def prompt_seconds(entry: dict) -> float:
     return (stamps["execution_success"] - stamps["execution_start"]) / 1000.0
 
 
-def wait_for_free(client) -> None:
-    """/free only sets flags; the prompt worker acts on them after its current or next item. Run one cheap
-    prompt so the reset has certainly happened before the real one is queued."""
-    client.reset_cache()
-
-
 @pytest.fixture(scope="module")
 def reuse_set(comfy_server):
     # content of its own (seed 7), so no earlier test can have cached it; dim 256 for measurable timings
@@ -66,8 +60,7 @@ def test_second_run_reuses_basis_and_drift(comfy_server, reuse_set, request, rec
     runs = []
     for i in range(2):
         if i:
-            comfy_server.free(unload_models=True, free_memory=True)
-            wait_for_free(comfy_server)
+            comfy_server.reset_cache()
         t0 = time.monotonic()
         entry = comfy_server.run(g, timeout=600)
         wall = time.monotonic() - t0
@@ -133,8 +126,7 @@ def test_files_changed_under_the_same_name_are_not_served_from_the_cache(comfy_s
     add_save(g, "save", f"casa_tests/inval_{uuid.uuid4().hex[:6]}", dtype="float32")
 
     def run_fresh():
-        comfy_server.free(unload_models=True, free_memory=True)
-        wait_for_free(comfy_server)  # ComfyUI's own cache would otherwise keep the old UNETLoader output
+        comfy_server.reset_cache()  # ComfyUI's own cache would otherwise keep the old UNETLoader output
         entry = comfy_server.run(g, timeout=600)
         return entry, ui_text(entry, "basis"), ui_text(entry, "drift")
 

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from chromium_cdp import Chromium, require_chromium
+from chromium_cdp import Chromium, quiet_frontend_settings, require_chromium
 from graphs import wf_title
 from test_heatmap_payload import write_tiny_models
 
@@ -85,13 +85,7 @@ def artifacts(server):
 
 @pytest.fixture(scope="module")
 def page(server, chromium_exe, artifacts):
-    base = server.base_dir
-    # no first-run template dialog, no minimap over the canvas
-    settings = base / "user" / "default" / "comfy.settings.json"
-    settings.parent.mkdir(parents=True, exist_ok=True)
-    current = json.loads(settings.read_text()) if settings.exists() else {}
-    current.update({"Comfy.TutorialCompleted": True, "Comfy.Minimap.Visible": False, "Comfy.RightSidePanel.IsOpen": False})
-    settings.write_text(json.dumps(current))
+    quiet_frontend_settings(server.base_dir)
     browser = Chromium(chromium_exe, window=VIEWPORT)
     try:
         browser.open_comfy(server.url, (NODE,))

@@ -23,7 +23,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from chromium_cdp import Chromium, require_chromium
+from chromium_cdp import Chromium, quiet_frontend_settings, require_chromium
 from graphs import WF_NAMES, WORKFLOWS, ui_text, wf_title
 from test_heatmap_payload import write_tiny_models
 
@@ -63,12 +63,7 @@ def server(comfy_server, comfy_root, tmp_path_factory):
 @pytest.fixture(scope="module")
 def page(server):
     exe = require_chromium("the frontend tests")
-    base = server.base_dir
-    settings = base / "user" / "default" / "comfy.settings.json"
-    settings.parent.mkdir(parents=True, exist_ok=True)
-    current = json.loads(settings.read_text()) if settings.exists() else {}
-    current.update({"Comfy.TutorialCompleted": True, "Comfy.Minimap.Visible": False, "Comfy.RightSidePanel.IsOpen": False})
-    settings.write_text(json.dumps(current))
+    quiet_frontend_settings(server.base_dir)
     browser = Chromium(exe, window=VIEWPORT)
     try:
         browser.open_comfy(server.url, CASA)
