@@ -233,21 +233,25 @@ def _top_right(x: torch.Tensor, k: int, gen: torch.Generator, iters: int = 4) ->
     return q @ vh.T, s
 
 
-def _pocs(d0, lo_b, hi_b, v, iters, x=None, free=None):
+def _pocs(d0, lo_b, hi_b, v, iters):
     """Alternating projections onto {rank <= k} (one warm-started subspace step each) and the cells.
 
-    ``free``: a boolean mask of entries without a cell constraint (held out for cross-validation)."""
+    An entry without a cell constraint (held out for cross-validation) has the cell ``(-inf, inf)``.
+    Every iteration makes two fused passes over the ``m x n`` entries (the cell projection, and the
+    rank-k product written into a buffer of its own)."""
+    x = None
+    xb = torch.empty_like(d0)
     for _ in range(iters):
         if x is None:
-            xb = d0
+            src = d0
         else:
             # over-relaxed projection onto the cells (x + RELAX (P(x) - x)): same fixed points, faster
-            xb = x + RELAX * (torch.minimum(torch.maximum(x, lo_b), hi_b) - x)
-            if free is not None:
-                xb = torch.where(free, x, xb)
-        q, _ = linalg.qr(xb @ v)
-        z = q.T @ xb
-        x = q @ z
+            torch.clamp(x, lo_b, hi_b, out=xb)
+            xb.sub_(x).mul_(RELAX).add_(x)
+            src = xb
+        q, _ = linalg.qr(src @ v)
+        z = q.T @ src
+        x = torch.mm(q, z, out=x) if x is not None else q @ z
         v, _ = linalg.qr(z.T)
     return x, v
 
@@ -317,6 +321,8 @@ def separate_drift(d0: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, var: to
         held = torch.rand(d0.shape, generator=gen).to(d0.device) < HOLD_OUT
         held_noise = float(var[held].sum())
         d_fit = torch.where(held, torch.zeros_like(d0), d0) / (1.0 - HOLD_OUT)
+        lo_f = torch.where(held, -math.inf, lo_b)  # the held-out entries: no cell to keep to
+        hi_f = torch.where(held, math.inf, hi_b)
         v_fit, _ = _top_right(d_fit, min(n, 2 * k + 8), gen)
         trace = info["trace"] = []
         best = None
@@ -324,7 +330,7 @@ def separate_drift(d0: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, var: to
             kc = max(1, min(k_cap, v_fit.shape[1], round(k * factor)))
             if any(kc == t[0] for t in trace):
                 continue
-            x, _ = _pocs(d_fit, lo_b, hi_b, v_fit[:, :kc].contiguous(), POCS_ITERS, free=held)
+            x, _ = _pocs(d_fit, lo_f, hi_f, v_fit[:, :kc].contiguous(), POCS_ITERS)
             sc = float(((x - d0)[held] ** 2).sum()) - held_noise
             trace.append((kc, sc))
             if best is None or sc < best[0]:
