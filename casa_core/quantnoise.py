@@ -15,11 +15,13 @@ the unrounded value lies in (round to nearest), and the noise variance ``(hi - l
 distillation LoRA is low rank by construction; extracted ones show the same shape), while rounding
 noise spreads evenly over all ``min(m, n)`` singular directions. We estimate the drift as the
 low-rank matrix that is *consistent with the cells*: alternating projections between "rank k" and
-"``W_s + drift`` lies in every element's cell" (POCS, over-relaxed). The rank is the number of
+"``W_s + drift`` lies in every element's cell" (POCS, over-relaxed and accelerated by Nesterov's momentum:
+at 1536x1536 the same or a smaller error in a third of the time of plain POCS). The rank is the number of
 singular values of ``W_t^q - W_s`` above the noise's spectral edge (the largest singular value of a
 sample of the noise itself) when the drift clearly stands out (amplitude SNR >= 2); below that,
 consistency recovers components the spectrum cannot show, and the rank is chosen among 0.75-2x that
-count by cross-validation (fit on 90 % of the cells, score the held-out 10 %). For uniform rounding
+count by cross-validation (fit on 90 % of the cells, score the held-out 10 %; ranks are tried upwards and
+the search stops after two worse ones in a row). For uniform rounding
 noise, consistent estimation is known to beat linear estimation and singular-value thresholding:
 its error falls like ``1/oversampling`` instead of ``1/sqrt(oversampling)`` (Thao & Vetterli 1994;
 here the oversampling is ``mn / (k (m + n))``, 10-40 for Wan layers). Whatever the low-rank part
@@ -195,8 +197,8 @@ def drift_snr(drift_energy: float, noise: float) -> float:
 
 #: below this noise share of the observed drift energy the drift is used as it is
 NEGLIGIBLE_NOISE = 1e-3
-POCS_ITERS = 40
-REFINE_ITERS = 100
+POCS_ITERS = 30
+REFINE_ITERS = 60
 RANK_CANDIDATES = (0.75, 1.0, 1.25, 1.5, 2.0)  # times the number of singular values above the noise edge
 CLEAR_SNR = 2.0  # above this drift/noise ratio the rank is the count above the noise edge
 #: at or above this drift/noise amplitude ratio (noise energy <= 1/16 of the drift's: bf16 or fp16 targets
@@ -204,6 +206,7 @@ CLEAR_SNR = 2.0  # above this drift/noise ratio the rank is the count above the 
 #: above the noise edge, without the consistency refinement
 PROJECT_SNR = 4.0
 RELAX = 1.8
+PATIENCE = 2  # the search over ranks stops after this many worse held-out scores in a row
 HOLD_OUT = 0.1  # share of the entries held out to choose the rank
 NOISE_MARGIN = 1.1  # the noise energy is known to a few per cent: only a residual clearly above it is kept
 
@@ -234,24 +237,33 @@ def _top_right(x: torch.Tensor, k: int, gen: torch.Generator, iters: int = 4) ->
 
 
 def _pocs(d0, lo_b, hi_b, v, iters):
-    """Alternating projections onto {rank <= k} (one warm-started subspace step each) and the cells.
+    """Alternating projections onto {rank <= k} (one warm-started subspace step each) and the cells,
+    accelerated by Nesterov's momentum: the cell projection is applied at ``x + (t-1)/(t+2) (x - x_prev)``.
 
     An entry without a cell constraint (held out for cross-validation) has the cell ``(-inf, inf)``.
-    Every iteration makes two fused passes over the ``m x n`` entries (the cell projection, and the
-    rank-k product written into a buffer of its own)."""
-    x = None
+    Every iteration makes a few fused passes over the ``m x n`` entries and three rank-k products;
+    three ``m x n`` buffers in all."""
+    x = xp = None
     xb = torch.empty_like(d0)
-    for _ in range(iters):
+    for t in range(iters):
         if x is None:
             src = d0
         else:
-            # over-relaxed projection onto the cells (x + RELAX (P(x) - x)): same fixed points, faster
-            torch.clamp(x, lo_b, hi_b, out=xb)
-            xb.sub_(x).mul_(RELAX).add_(x)
+            if xp is None:
+                y = x
+            else:  # y = x + beta (x - x_prev), written over x_prev
+                y = xp.sub_(x).mul_(-(t - 1) / (t + 2)).add_(x)
+            # over-relaxed projection onto the cells (y + RELAX (P(y) - y)): same fixed points, faster
+            torch.clamp(y, lo_b, hi_b, out=xb)
+            xb.sub_(y).mul_(RELAX).add_(y)
             src = xb
         q, _ = linalg.qr(src @ v)
         z = q.T @ src
-        x = torch.mm(q, z, out=x) if x is not None else q @ z
+        if x is None:
+            x = q @ z
+        else:
+            buf = xp if xp is not None else torch.empty_like(x)
+            xp, x = x, torch.mm(q, z, out=buf)
         v, _ = linalg.qr(z.T)
     return x, v
 
@@ -324,17 +336,30 @@ def separate_drift(d0: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, var: to
         lo_f = torch.where(held, -math.inf, lo_b)  # the held-out entries: no cell to keep to
         hi_f = torch.where(held, math.inf, hi_b)
         v_fit, _ = _top_right(d_fit, min(n, 2 * k + 8), gen)
+        idx = torch.nonzero(held.flatten()).flatten()
+        d_held = d0.flatten()[idx]
+        del held
+
+        def held_score(x: torch.Tensor) -> float:
+            return float(((x.flatten()[idx] - d_held) ** 2).sum()) - held_noise
+
         trace = info["trace"] = []
-        best = None
-        for factor in RANK_CANDIDATES:
+        best, worse = None, 0
+        for factor in RANK_CANDIDATES:  # ascending; stop once two ranks in a row predict worse
             kc = max(1, min(k_cap, v_fit.shape[1], round(k * factor)))
             if any(kc == t[0] for t in trace):
                 continue
             x, _ = _pocs(d_fit, lo_f, hi_f, v_fit[:, :kc].contiguous(), POCS_ITERS)
-            sc = float(((x - d0)[held] ** 2).sum()) - held_noise
+            sc = held_score(x)
+            del x
             trace.append((kc, sc))
             if best is None or sc < best[0]:
-                best = (sc, kc)
+                best, worse = (sc, kc), 0
+            else:
+                worse += 1
+                if worse >= PATIENCE:
+                    break
+        del d_fit, lo_f, hi_f
         k = best[1]
         low, _ = _pocs(d0, lo_b, hi_b, v[:, :k].contiguous() if k <= v.shape[1] else _top_right(d0, k, gen)[0],
                        REFINE_ITERS)
