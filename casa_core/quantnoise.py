@@ -241,29 +241,28 @@ def _pocs(d0, lo_b, hi_b, v, iters):
     accelerated by Nesterov's momentum: the cell projection is applied at ``x + (t-1)/(t+2) (x - x_prev)``.
 
     An entry without a cell constraint (held out for cross-validation) has the cell ``(-inf, inf)``.
-    Every iteration makes a few fused passes over the ``m x n`` entries and three rank-k products;
-    three ``m x n`` buffers in all."""
+    Every iteration makes three passes over the ``m x n`` entries (momentum, cell projection,
+    relaxation) and three rank-k products, in three ``m x n`` buffers."""
     x = xp = None
-    xb = torch.empty_like(d0)
+    spare = torch.empty_like(d0)
     for t in range(iters):
         if x is None:
             src = d0
         else:
             if xp is None:
-                y = x
+                y = torch.clone(x)
             else:  # y = x + beta (x - x_prev), written over x_prev
-                y = xp.sub_(x).mul_(-(t - 1) / (t + 2)).add_(x)
+                y = torch.lerp(x, xp, -(t - 1) / (t + 2), out=xp)
             # over-relaxed projection onto the cells (y + RELAX (P(y) - y)): same fixed points, faster
-            torch.clamp(y, lo_b, hi_b, out=xb)
-            xb.sub_(y).mul_(RELAX).add_(y)
-            src = xb
+            torch.clamp(y, lo_b, hi_b, out=spare)
+            src = y.lerp_(spare, RELAX)
         q, _ = linalg.qr(src @ v)
         z = q.T @ src
         if x is None:
             x = q @ z
-        else:
-            buf = xp if xp is not None else torch.empty_like(x)
-            xp, x = x, torch.mm(q, z, out=buf)
+        else:  # three buffers in turn: the new iterate, the previous one, and a spare
+            new = torch.mm(q, z, out=spare)
+            xp, x, spare = x, new, src
         v, _ = linalg.qr(z.T)
     return x, v
 
