@@ -37,7 +37,7 @@ from .formats.keys import comfy_key
 from .quantnoise import grid_of, separate_drift
 
 #: bumped whenever the drift a target gives changes for the same files (part of the cache key)
-DRIFT_MODEL = "noise-aware-1"
+DRIFT_MODEL = "noise-aware-2"
 
 
 class DriftSource(Protocol):
