@@ -32,6 +32,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
+from .. import linalg
 from ..errors import CasaError
 from .keys import canonical_names, naming_of
 from .safetensors_io import SafeTensorsFile, file_digest
@@ -59,8 +60,12 @@ def check_finite(tensor: torch.Tensor, *, file: str, layer: str | None, what: st
     """Raise a CasaError naming ``file`` (and ``layer``) when a float tensor holds NaN or Inf."""
     if not tensor.is_floating_point():
         return
-    t = tensor.float() if tensor.dtype in _FP8 else tensor
-    if not bool(torch.isfinite(t).all()):
+    # a LoRA factor or a layer: one pass, under the per-layer thread rule (on a small shared CPU a thread
+    # pool's hand-off costs more than the pass over a LoRA factor)
+    with linalg.layer_threads(tensor.numel(), tensor.device):
+        t = tensor.float() if tensor.dtype in _FP8 else tensor
+        finite = bool(torch.isfinite(t).all())
+    if not finite:
         where = f"{file}, layer {layer}" if layer is not None else file
         raise CasaError(f"{where}: {what} contains NaN/Inf values", file=file, layer=layer)
 
