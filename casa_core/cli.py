@@ -95,7 +95,7 @@ def _write_heatmaps(out_dir: Path, summaries: dict[str, RoutingSummary], report=
     """The demo's pictures: the whole-model overview and each interesting layer (the most arbitrated,
     the largest dominant region, the least energy kept), as PNG files at print resolution.
 
-    ``report`` (a TransferReport or its JSON) gives the per-layer stats (shape, k, shares); without
+    ``report`` (a TransferReport or its JSON) gives the per-layer records (shape, k, shares); without
     it the CASA report the demo has just written to ``out_dir/report.json`` is read.
     """
     from .pictures import auto_layer, interesting_layers, layer_figure, overview_figure, write_png

@@ -49,7 +49,7 @@ def casa_full_bases(
     """CASA with the reference code's inputs: full bases ``U (m x m)``, ``S``, ``Vh (n x n)``,
     the drift's routing ``C_F = U^T dF V`` and the LoRA factors (``up`` carrying any scale).
 
-    Returns ``C_new`` (the routing update, ``dCASA = U C_new Vh``) and the layer's statistics.
+    Returns ``C_new`` (the routing update, ``dCASA = U C_new Vh``) and the layer's :class:`RoutingStats`.
     This is the parity path: no completion of our own is involved.
     """
     c_l = (u.T @ up) @ (down @ vh.T)
