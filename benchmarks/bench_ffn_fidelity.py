@@ -116,20 +116,20 @@ def fidelity(shape, completions, seed, params, fixture_kw):
           f"{min(vs_lapack):.4f} .. {max(vs_lapack):.4f}")
     arb = sp_a.arbitrated_refs
     cand = sp_a.candidates_refs
-    thr = [r.stats["arbitration_threshold"] for r in refs]
-    print(f"   arbitrated entries: before {st_b['arbitrated_entries']}  after {st_a['arbitrated_entries']}  "
+    thr = [r.stats.arbitration_threshold for r in refs]
+    print(f"   arbitrated entries: before {st_b.arbitrated_entries}  after {st_a.arbitrated_entries}  "
           f"references {min(arb)} .. {max(arb)} (mean {statistics.mean(arb):.0f}), LAPACK "
-          f"{lapack.stats['arbitrated_entries']}")
-    print(f"   candidates: top block {top_cand} (all paths); complement before {st_b['candidates'] - top_cand} "
+          f"{lapack.stats.arbitrated_entries}")
+    print(f"   candidates: top block {top_cand} (all paths); complement before {st_b.candidates - top_cand} "
           f"(compact C_F complement holds {zeros} exact zeros of {comp_cf.numel()}), after "
-          f"{st_a['candidates'] - top_cand}, references {min(cand) - top_cand} .. {max(cand) - top_cand}")
-    print(f"   threshold: before {st_b['arbitration_threshold']:.4g}  after {st_a['arbitration_threshold']:.4g}  "
+          f"{st_a.candidates - top_cand}, references {min(cand) - top_cand} .. {max(cand) - top_cand}")
+    print(f"   threshold: before {st_b.arbitration_threshold:.4g}  after {st_a.arbitration_threshold:.4g}  "
           f"references {min(thr):.4g} .. {max(thr):.4g}")
-    same_dom = all(r.stats["dominant_entries"] == st_a["dominant_entries"] for r in refs)
-    print(f"   dominant entries: after {st_a['dominant_entries']} of {st_a['entries']} "
-          f"({st_a['dominant_entries'] / st_a['entries']:.2%}); references {refs[0].stats['dominant_entries']} "
-          f"of {refs[0].stats['entries']}; identical for every completion: {same_dom}; "
-          f"before counted {st_b['dominant_entries']} of {st_b['entries']} (compact rows only)")
+    same_dom = all(r.stats.dominant_entries == st_a.dominant_entries for r in refs)
+    print(f"   dominant entries: after {st_a.dominant_entries} of {st_a.entries} "
+          f"({st_a.dominant_entries / st_a.entries:.2%}); references {refs[0].stats.dominant_entries} "
+          f"of {refs[0].stats.entries}; identical for every completion: {same_dom}; "
+          f"before counted {st_b.dominant_entries} of {st_b.entries} (compact rows only)")
     print(f"   CASA time for this layer (median of 3): before {t_before * 1e3:.1f} ms  after {t_after * 1e3:.1f} ms")
 
 

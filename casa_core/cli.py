@@ -16,6 +16,7 @@ from .factorize import INJECTIONS
 from .methods import METHOD_LABELS, METHODS
 from .request import CASA_DEFAULTS as D
 from .request import DTYPES, OUTPUT_DEFAULTS, from_inputs
+from .routing_data import RoutingSummary
 from .transfer import TransferConfig, run_transfer_to_file
 
 DEFAULT_CACHE = os.environ.get("CASA_CACHE_DIR") or str(Path.home() / ".cache" / "casa-lora")
@@ -90,23 +91,26 @@ def _write_report(path: Path, reports: dict, extra: dict) -> None:
     os.replace(tmp, path)
 
 
-def _write_heatmaps(out_dir: Path, summaries: dict, report=None, scale: float = 2.0) -> list[Path]:
+def _write_heatmaps(out_dir: Path, summaries: dict[str, RoutingSummary], report=None, scale: float = 2.0) -> list[Path]:
     """The demo's pictures: the whole-model overview and each interesting layer (the most arbitrated,
     the largest dominant region, the least energy kept), as PNG files at print resolution.
 
-    ``report`` (a TransferReport or its JSON) gives the per-layer stats (shape, k, shares); without
+    ``report`` (a TransferReport or its JSON) gives the per-layer records (shape, k, shares); without
     it the CASA report the demo has just written to ``out_dir/report.json`` is read.
     """
     from .pictures import auto_layer, interesting_layers, layer_figure, overview_figure, write_png
+    from .report import LayerRecord
 
     if not summaries:
         return []
     if report is None and (out_dir / "report.json").exists():
         report = json.loads((out_dir / "report.json").read_text()).get("methods", {}).get("casa")
-    if report is not None and not isinstance(report, dict):
-        report = report.to_json()
-    layers = dict((report or {}).get("layers", {}))
-    config = (report or {}).get("config")
+    if isinstance(report, dict):  # the JSON form
+        layers = {name: LayerRecord.from_json(r) for name, r in report.get("layers", {}).items()}
+        config = report.get("config")
+    else:
+        layers = dict(report.layers) if report is not None else {}
+        config = report.config if report is not None else None
     written = []
     picks = interesting_layers({n: s for n, s in layers.items() if n in summaries}) if layers else {}
     chosen = [auto_layer(layers, summaries) or next(iter(summaries))]

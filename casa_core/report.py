@@ -1,8 +1,10 @@
 """A transfer's report, its totals and its provenance: what the JSON report, the node's summary, the
 pictures and a written LoRA's metadata say about a transfer.
 
-* :class:`TransferReport`: per-layer statistics (``layers``: layer -> its record, see
+* :class:`TransferReport`: per-layer records (``layers``: layer -> its :class:`LayerRecord`, filled by
   :func:`casa_core.transfer.iter_transfer`) and the LoRA's keys that were not transferred;
+* :class:`LayerRecord`: one layer's figures (shapes, norms, the patch's rank and error, the method's
+  statistics), with the JSON form the report files hold;
 * :func:`layer_totals`: the whole-model figures (update norm, energy kept, dominant and arbitrated
   shares), the one rule behind ``TransferReport.totals`` and the overview picture;
 * :func:`config_dict` / :func:`provenance`: the request as the report and the file's metadata record it;
@@ -18,12 +20,66 @@ from typing import TYPE_CHECKING, Iterable, Mapping
 from . import __version__
 from .drift import DriftEntry
 from .errors import CasaError
-from .methods import METHOD_LABELS
+from .methods import METHOD_LABELS, ProLoRAStats
+from .routing import RoutingStats
 
 if TYPE_CHECKING:  # pragma: no cover
     from .basis import SourceBasis
     from .drift import TargetDrift
     from .transfer import TransferConfig
+
+
+@dataclass(frozen=True)
+class LayerRecord:
+    """One transferred layer in a report.
+
+    ``shape``: the layer's ``out x in``; ``lora_rank``: the LoRA's rank there (None: it carries a full
+    difference); ``lora_norm`` / ``update_norm``: Frobenius norms of the LoRA's update and of the
+    transferred one; ``rel_error``: the written patch's relative error against that update, ``out_rank``
+    its rank, ``kind`` ``"lowrank"`` or ``"diff"``; ``drift_norm``: ``||W_t - W_s||_F`` (None for direct
+    reuse, which reads no drift); ``drift_snr`` / ``target_storage``: drift/noise ratio and storage of a
+    target stored on a coarse grid (None otherwise); ``stats``: the method's (CASA's :class:`RoutingStats`,
+    ProLoRA's :class:`ProLoRAStats`, None for direct reuse)."""
+
+    shape: tuple[int, int]
+    lora_rank: int | None
+    lora_norm: float
+    update_norm: float
+    rel_error: float
+    out_rank: int
+    kind: str
+    drift_norm: float | None = None
+    drift_snr: float | None = None
+    target_storage: str | None = None
+    stats: RoutingStats | ProLoRAStats | None = None
+
+    @property
+    def routing(self) -> RoutingStats | None:
+        """CASA's routing counts, None for the other methods."""
+        return self.stats if isinstance(self.stats, RoutingStats) else None
+
+    def to_json(self) -> dict:
+        """The report file's form: keys only where the method has them (no drift keys for direct reuse,
+        no noise keys on a target without storage noise, the method's statistics inline)."""
+        out: dict = {"shape": list(self.shape), "lora_rank": self.lora_rank}
+        if self.drift_snr is not None:
+            out["drift_snr"] = self.drift_snr
+            out["target_storage"] = self.target_storage
+        if self.stats is not None:
+            out.update(self.stats.to_json())
+        if self.drift_norm is not None:
+            out["drift_norm"] = self.drift_norm
+        out.update({"lora_norm": self.lora_norm, "update_norm": self.update_norm, "rel_error": self.rel_error,
+                    "out_rank": self.out_rank, "kind": self.kind})
+        return out
+
+    @classmethod
+    def from_json(cls, data: Mapping) -> "LayerRecord":
+        stats = (RoutingStats.from_json(data) if "clusters" in data
+                 else ProLoRAStats.from_json(data) if "phi_left" in data else None)
+        return cls(tuple(data["shape"]), data["lora_rank"], data["lora_norm"], data["update_norm"],
+                   data["rel_error"], data["out_rank"], data["kind"], data.get("drift_norm"), data.get("drift_snr"),
+                   data.get("target_storage"), stats)
 
 
 @dataclass(frozen=True)
@@ -39,25 +95,27 @@ class LayerTotals:
     arbitrated_share: float | None = None
 
 
-def layer_totals(layers: Mapping[str, dict] | Iterable[dict]) -> LayerTotals:
-    """:class:`LayerTotals` of per-layer records (a report's ``layers``, or their JSON); missing or null
-    fields count as zero, and routing entries count only on layers with routing statistics."""
+def layer_totals(layers: Mapping[str, LayerRecord | dict] | Iterable[LayerRecord | dict]) -> LayerTotals:
+    """:class:`LayerTotals` of per-layer records (a report's ``layers``, or their JSON form); routing
+    entries count only on layers with routing statistics."""
     reps = list(layers.values()) if isinstance(layers, Mapping) else list(layers)
-    sq = sum((r.get("update_norm") or 0.0) ** 2 for r in reps)
-    lost = sum(((r.get("update_norm") or 0.0) * (r.get("rel_error") or 0.0)) ** 2 for r in reps)
+    reps = [r if isinstance(r, LayerRecord) else LayerRecord.from_json(r) for r in reps]
+    sq = sum(r.update_norm ** 2 for r in reps)
+    lost = sum((r.update_norm * r.rel_error) ** 2 for r in reps)
     kept = 1.0 - lost / sq if sq > 0 else None
-    ent = sum(r.get("entries", 0) or 0 for r in reps if r.get("dominant_entries") is not None)
+    routed = [r.routing for r in reps if r.routing is not None]
+    ent = sum(r.entries for r in routed)
     if not ent:
         return LayerTotals(len(reps), sq**0.5, kept)
-    return LayerTotals(len(reps), sq**0.5, kept, sum(r.get("dominant_entries", 0) for r in reps) / ent,
-                       sum(r.get("arbitrated_entries", 0) for r in reps) / ent)
+    return LayerTotals(len(reps), sq**0.5, kept, sum(r.dominant_entries for r in routed) / ent,
+                       sum(r.arbitrated_entries for r in routed) / ent)
 
 
 @dataclass
 class TransferReport:
     method: str
     config: dict
-    layers: dict[str, dict] = field(default_factory=dict)
+    layers: dict[str, LayerRecord] = field(default_factory=dict)
     passthrough: list[str] = field(default_factory=list)
     unmatched: list[str] = field(default_factory=list)
     no_drift: list[str] = field(default_factory=list)  # present in both models, identical weights
@@ -90,7 +148,7 @@ class TransferReport:
             "method_label": METHOD_LABELS[self.method],
             "config": self.config,
             "totals": self.totals(),
-            "layers": self.layers,
+            "layers": {name: rec.to_json() for name, rec in self.layers.items()},
             "passthrough": self.passthrough,
             "unmatched": self.unmatched,
             "layers_without_drift": self.no_drift,

@@ -19,7 +19,7 @@ over uniformly random completions (:mod:`casa_core.completion`) instead of entry
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -183,6 +183,35 @@ class ComplementArbitration:
     beta: torch.Tensor
 
 
+@dataclass(frozen=True)
+class RoutingStats:
+    """CASA's counts on one layer (its report record's routing part). ``entries``: routing entries,
+    rows x cols, a non-square layer counting all its complement rows (``M - N``) as a full completion
+    has them; ``dominant_entries``: those in the dominant mask ``D``; ``candidates``: entries of ``D``
+    where the LoRA and the drift push the same way; ``arbitrated_entries``: those arbitrated (the
+    complement's expected counts included); ``arbitration_threshold``: the ``q_act`` quantile of the
+    candidates' scores, None without candidates."""
+
+    k: int
+    clusters: int
+    dominant_recv_clusters: int
+    dominant_send_clusters: int
+    dominant_rows: int
+    dominant_cols: int
+    entries: int
+    dominant_entries: int
+    candidates: int
+    arbitrated_entries: int
+    arbitration_threshold: float | None
+
+    def to_json(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "RoutingStats":
+        return cls(**{f.name: data[f.name] for f in fields(cls)})
+
+
 @dataclass
 class Routing:
     """Everything CASA decided for one layer, kept for the report and the heatmaps."""
@@ -195,7 +224,7 @@ class Routing:
     candidates: int = 0
     arbitrated_mask: torch.Tensor | None = None
     threshold: float | None = None
-    stats: dict = field(default_factory=dict)
+    stats: RoutingStats | None = None  # set by casa_update
     complement: ComplementArbitration | None = None  # only with ``complement_dim``
 
 
@@ -255,19 +284,19 @@ def _casa_update(
     else:
         n_dom_rows = int(routing.dominance.rows.sum())
         n_d = n_dom_rows * cols + (rows - n_dom_rows) * int(routing.dominance.cols.sum())
-    routing.stats = {
-        "k": k,
-        "clusters": routing.n_clusters,
-        "dominant_recv_clusters": int(routing.dominance.recv_dominant.sum()),
-        "dominant_send_clusters": int(routing.dominance.send_dominant.sum()),
-        "dominant_rows": int(routing.dominance.rows.sum()),
-        "dominant_cols": int(routing.dominance.cols.sum()),
-        "entries": rows * cols,
-        "dominant_entries": n_d,
-        "candidates": routing.candidates,
-        "arbitrated_entries": n_arb,
-        "arbitration_threshold": routing.threshold,
-    }
+    routing.stats = RoutingStats(
+        k=k,
+        clusters=routing.n_clusters,
+        dominant_recv_clusters=int(routing.dominance.recv_dominant.sum()),
+        dominant_send_clusters=int(routing.dominance.send_dominant.sum()),
+        dominant_rows=int(routing.dominance.rows.sum()),
+        dominant_cols=int(routing.dominance.cols.sum()),
+        entries=rows * cols,
+        dominant_entries=n_d,
+        candidates=routing.candidates,
+        arbitrated_entries=n_arb,
+        arbitration_threshold=routing.threshold,
+    )
     return c_new, routing
 
 

@@ -5,8 +5,8 @@ value).  When a layer has more than ``max_groups`` clusters, consecutive cluster
 into groups of roughly equal size, so pictures stay legible for 1536- and 5120-wide layers.
 One more group collects every row/column beyond the leading subspace (index >= k).
 
-Per group pair (a, b) the data hold sums over the block ``rows in a x columns in b``:
-``drift_energy`` (sum C_F^2), ``lora_energy`` (sum C_L^2), ``dot`` (sum C_L * C_F),
+Per group pair (a, b) a :class:`RoutingSummary` holds sums over the block ``rows in a x columns in
+b``: ``drift_energy`` (sum C_F^2), ``lora_energy`` (sum C_L^2), ``dot`` (sum C_L * C_F),
 ``count``, ``restored`` (entries outside D) and ``arbitrated``; ``preserved = count -
 restored - arbitrated``.  Alignment = dot / sqrt(lora_energy * drift_energy).  On a non-square
 layer the group beyond k counts all ``M - N`` complement rows, with the expected arbitrated
@@ -14,11 +14,42 @@ counts of :mod:`casa_core.completion`.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, fields
+
 import torch
 
 from .routing import Routing
 
 MAX_GROUPS = 48
+
+
+@dataclass
+class RoutingSummary:
+    """One layer's routing data at cluster-group level, in the working orientation (rows >= columns; a
+    wide layer's are those of its transpose).  ``G`` = groups + 1 (the last: every direction beyond
+    k); ``k`` directions, ``C`` clusters.  All tensors on the CPU."""
+
+    drift_energy: torch.Tensor  # G x G float32, sum of C_F^2 per block
+    lora_energy: torch.Tensor  # G x G float32, sum of C_L^2
+    dot: torch.Tensor  # G x G float32, sum of C_L * C_F
+    restored: torch.Tensor  # G x G float32, entries outside D
+    arbitrated: torch.Tensor  # G x G float32, arbitrated entries (expected ones on a complement)
+    count: torch.Tensor  # G x G float32, entries
+    labels: torch.Tensor  # k int32, the cluster of each leading direction
+    cluster_group: torch.Tensor  # C int32, the group of each cluster
+    recv_dominant: torch.Tensor  # C uint8, 1: a dominant receiving cluster
+    send_dominant: torch.Tensor  # C uint8, 1: a dominant sending cluster
+    rho_recv: torch.Tensor  # C float32, drift density: mean row norm of C_F's k x k block per cluster
+    rho_send: torch.Tensor  # C float32, the same with column norms
+    cosine_groups: torch.Tensor  # G x G float32, dot / sqrt(lora_energy * drift_energy)
+
+    def as_tensors(self) -> dict[str, torch.Tensor]:
+        """The fields by name, in field order (e.g. for a safetensors file)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> "RoutingSummary":
+        return cls(**{f.name: tensors[f.name] for f in fields(cls)})
 
 
 def _even_split(sizes: torch.Tensor, n_groups: int) -> torch.Tensor:
@@ -71,7 +102,7 @@ def _pair_sums(x: torch.Tensor, row_oh: torch.Tensor, col_oh: torch.Tensor) -> t
     return (row_oh @ x @ col_oh.T).cpu().double()  # float64 only on the CPU
 
 
-def routing_summary(c_l: torch.Tensor, c_f: torch.Tensor, routing: Routing, max_groups: int = MAX_GROUPS) -> dict[str, torch.Tensor]:
+def routing_summary(c_l: torch.Tensor, c_f: torch.Tensor, routing: Routing, max_groups: int = MAX_GROUPS) -> RoutingSummary:
     k = routing.k
     dom = routing.dominance
     kinds = dom.recv_dominant.long().cpu() * 2 + dom.send_dominant.long().cpu()
@@ -113,4 +144,4 @@ def routing_summary(c_l: torch.Tensor, c_f: torch.Tensor, routing: Routing, max_
     out["rho_recv"] = routing.dominance.rho_recv.float().cpu()
     out["rho_send"] = routing.dominance.rho_send.float().cpu()
     out["cosine_groups"] = (out["dot"] / (out["lora_energy"] * out["drift_energy"]).sqrt().clamp_min(1e-30))
-    return out
+    return RoutingSummary(**out)

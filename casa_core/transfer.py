@@ -22,11 +22,12 @@ from .errors import CasaError
 from .factorize import LayerOutput, OutputSpec, realize, realize_direct
 from .formats.keys import natural_key
 from .methods import casa_layer, check_method, prolora_layer
-from .report import MOSTLY, TransferReport, check_coverage, config_dict, provenance, start_report
+from .report import MOSTLY, LayerRecord, TransferReport, check_coverage, config_dict, provenance, start_report
 from .routing import CasaParams
+from .routing_data import RoutingSummary
 
-__all__ = ["MOSTLY", "LayerResult", "Transfer", "TransferConfig", "TransferReport", "check_coverage", "config_dict",
-           "iter_transfer", "provenance", "run_transfer_to_file", "start_report", "transfer_order"]
+__all__ = ["MOSTLY", "LayerRecord", "LayerResult", "Transfer", "TransferConfig", "TransferReport", "check_coverage",
+           "config_dict", "iter_transfer", "provenance", "run_transfer_to_file", "start_report", "transfer_order"]
 
 
 @dataclass(frozen=True)
@@ -45,10 +46,13 @@ class TransferConfig:
 
 @dataclass
 class LayerResult:
+    """One transferred layer: its output (on the CPU), its report record and, for the CASA methods when
+    the request asks for routing data, its routing summary."""
+
     layer: str
     output: LayerOutput
-    report: dict
-    summary: dict | None = None
+    record: LayerRecord
+    summary: RoutingSummary | None = None
 
 
 def iter_transfer(
@@ -77,9 +81,8 @@ def iter_transfer(
     for i, name in enumerate(names):
         upd = lora.updates[name]
         left, right = upd.factors()
-        rep: dict = {"shape": list(left.shape[:1]) + [int((right if right is not None else left).shape[1])]}
-        rep["lora_rank"] = int(left.shape[1]) if right is not None else None
-        summary = None
+        shape = (int(left.shape[0]), int((right if right is not None else left).shape[1]))
+        summary = stats = drift_norm = snr = storage = None
         if method == "direct":
             out = realize_direct(left, right, cfg.output)
         else:
@@ -91,25 +94,23 @@ def iter_transfer(
             elif entry.zero:
                 report.no_drift.append(name)
             if entry.noise is not None:
-                rep["drift_snr"] = entry.noise["snr"]
-                rep["target_storage"] = entry.noise.get("storage")
+                snr, storage = entry.noise["snr"], entry.noise.get("storage")
             coords = L.coordinates(b, d, left.to(dev), right.to(dev) if right is not None else None)
             if method == "prolora":
                 cu = prolora_layer(coords, cfg.params)
             else:
                 cu = casa_layer(coords, cfg.params, method, summary=cfg.routing_data)
                 summary = cu.summary
-            rep.update(cu.stats)
+            stats = cu.stats
             out = realize(coords, cu, cfg.output)
-            rep["drift_norm"] = entry.norm
-        rep["lora_norm"] = float(
-            torch.linalg.matrix_norm(left @ right if right is not None else left)
-        )
-        rep.update({"update_norm": out.norm, "rel_error": out.rel_error, "out_rank": out.rank, "kind": out.kind})
-        report.layers[name] = rep
+            drift_norm = entry.norm
+        lora_norm = float(torch.linalg.matrix_norm(left @ right if right is not None else left))
+        rec = LayerRecord(shape, int(left.shape[1]) if right is not None else None, lora_norm, out.norm,
+                          out.rel_error, out.rank, out.kind, drift_norm, snr, storage, stats)
+        report.layers[name] = rec
         if progress is not None:
             progress(i + 1, total, name)
-        yield LayerResult(name, LayerOutput(out.kind, tuple(t.cpu() for t in out.tensors), out.rank, out.rel_error, out.norm), rep, summary)
+        yield LayerResult(name, LayerOutput(out.kind, tuple(t.cpu() for t in out.tensors), out.rank, out.rel_error, out.norm), rec, summary)
 
 
 class Transfer:
@@ -132,9 +133,10 @@ class Transfer:
 def run_transfer_to_file(
     lora, basis, drift, cfg: TransferConfig, strength: float, out_path: str | Path,
     *, dtype: torch.dtype = torch.float16, progress: Progress | None = None,
-    summaries: dict | None = None,
+    summaries: dict[str, RoutingSummary] | None = None,
 ) -> TransferReport:
-    """Transfer and write a ComfyUI-loadable LoRA file (atomically)."""
+    """Transfer and write a ComfyUI-loadable LoRA file (atomically); ``summaries``, when given, receives
+    each layer's routing summary (CASA methods)."""
     from .formats.keys import comfy_key
     from .formats.lora_write import write_comfy_lora
 

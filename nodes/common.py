@@ -128,5 +128,5 @@ class ReportHandle:
     strength: float
     metadata: dict
     outputs: dict = field(default_factory=dict)  # layer -> LayerOutput
-    summaries: dict = field(default_factory=dict)  # layer -> routing summary
+    summaries: dict = field(default_factory=dict)  # layer -> casa_core RoutingSummary
     passthrough: dict = field(default_factory=dict)

@@ -24,6 +24,7 @@ PAYLOAD_VERSION = 1
 
 
 def _layer_stats(report) -> dict:
+    """The report's layer -> casa_core LayerRecord (empty without a report)."""
     rep = getattr(report, "report", None)
     return dict(getattr(rep, "layers", {}) or {})
 

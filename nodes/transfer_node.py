@@ -195,8 +195,9 @@ def _summary(h: ReportHandle, method: str, injection: str, rank: int, q_act: flo
         lines.append(f"What CASA did with the LoRA's routing entries: restored {fmt_share(1 - t['dominant_share'])}, "
                      f"preserved {fmt_share(t['dominant_share'] - t['arbitrated_share'])}, arbitrated "
                      f"{fmt_share(t['arbitrated_share'])}")
-        ent = sum(r.get("entries", 0) for r in layers)
-        cand = sum(r.get("candidates", 0) for r in layers)
+        routed = [r.routing for r in layers if r.routing is not None]
+        ent = sum(r.entries for r in routed)
+        cand = sum(r.candidates for r in routed)
         if ent and cand:
             lines.append(f"(as q_act {q_act:g} asks: the top {fmt_share(1 - q_act)} of the {fmt_share(cand / ent)} "
                          "where both push the same way in protected directions; expected)")

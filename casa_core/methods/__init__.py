@@ -6,7 +6,7 @@
 """
 from __future__ import annotations
 
-from .base import CoordUpdate
+from .base import CoordUpdate, ProLoRAStats
 from .casa import casa_layer
 from .prolora import prolora_layer
 
@@ -27,4 +27,4 @@ def check_method(name: str) -> str:
     return name
 
 
-__all__ = ["CoordUpdate", "METHODS", "METHOD_LABELS", "casa_layer", "prolora_layer", "check_method"]
+__all__ = ["CoordUpdate", "METHODS", "ProLoRAStats", "METHOD_LABELS", "casa_layer", "prolora_layer", "check_method"]

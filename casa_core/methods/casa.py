@@ -6,7 +6,7 @@ from dataclasses import replace
 import torch
 
 from ..layer import Coordinates
-from ..routing import CasaParams, casa_update
+from ..routing import CasaParams, RoutingStats, casa_update
 from ..routing_data import routing_summary
 from .base import CoordUpdate
 
@@ -30,7 +30,7 @@ def casa_layer(
     b = coords.basis
     comp_dim = None if b.square else b.tall_shape[0] - b.tall_shape[1]
     c_new, routing = casa_update(c_l, c_f, b.S, b.square, p, complement_dim=comp_dim)
-    upd = CoordUpdate(c=c_new, stats=dict(routing.stats), routing=routing)
+    upd = CoordUpdate(c=c_new, stats=routing.stats, routing=routing)
     if summary:
         upd.summary = routing_summary(c_l, c_f, routing)
     return upd
@@ -45,14 +45,14 @@ def casa_full_bases(
     c_f: torch.Tensor,
     params: CasaParams = CasaParams(),  # noqa: B008  (frozen dataclass: an immutable default)
     variant: str = "casa",
-) -> tuple[torch.Tensor, dict]:
+) -> tuple[torch.Tensor, RoutingStats]:
     """CASA with the reference code's inputs: full bases ``U (m x m)``, ``S``, ``Vh (n x n)``,
     the drift's routing ``C_F = U^T dF V`` and the LoRA factors (``up`` carrying any scale).
 
-    Returns ``C_new`` (the routing update, ``dCASA = U C_new Vh``) and the layer's statistics.
+    Returns ``C_new`` (the routing update, ``dCASA = U C_new Vh``) and the layer's :class:`RoutingStats`.
     This is the parity path: no completion of our own is involved.
     """
     c_l = (u.T @ up) @ (down @ vh.T)
     square = c_l.shape[0] == c_l.shape[1]
     c_new, routing = casa_update(c_l, c_f, s, square, replace(params, **VARIANTS[variant]))
-    return c_new, dict(routing.stats)
+    return c_new, routing.stats

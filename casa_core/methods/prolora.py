@@ -16,7 +16,7 @@ import torch
 from .. import linalg
 from ..layer import Coordinates
 from ..routing import CasaParams, leading_k
-from .base import CoordUpdate
+from .base import CoordUpdate, ProLoRAStats
 
 
 def prolora_layer(coords: Coordinates, params: CasaParams) -> CoordUpdate:
@@ -45,5 +45,5 @@ def prolora_layer(coords: Coordinates, params: CasaParams) -> CoordUpdate:
     return CoordUpdate(
         left=torch.cat([new_left_par, new_left_perp], dim=1),
         right=torch.cat([new_right_par, new_right_perp], dim=0),
-        stats={"k": k, "phi_left": phi_u, "phi_right": phi_v},
+        stats=ProLoRAStats(k=k, phi_left=phi_u, phi_right=phi_v),
     )

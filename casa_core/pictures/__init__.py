@@ -4,8 +4,8 @@ Modules: :mod:`.layer_figure` (one layer), :mod:`.overview` (the whole model), :
 :class:`Figure`, sizes, cell grids, colour bars), :mod:`.ticks` (number formats, tick choice),
 :mod:`.canvas` (raster canvas with text, colour maps) and :mod:`.png` (PNG files).
 
-``layer_figure``: one layer at cluster level (from :mod:`casa_core.routing_data`), four panels as in
-the CASA paper's Figures 5b, 6 and 7:
+``layer_figure``: one layer at cluster level (its :class:`~casa_core.routing_data.RoutingSummary`),
+four panels as in the CASA paper's Figures 5b, 6 and 7:
 
 a. routing energy density of the distillation drift ``C_F`` and b. of the LoRA ``C_L`` (the RMS of
    the routing entries of each receiving x sending cluster-group block, one shared log colour scale);
@@ -22,13 +22,13 @@ region saying what it means for the LoRA (:data:`REGION_MEANING`).
 Strips along the axes mark the dominant clusters of the drift (receiving: left, sending: top).
 Rows are receivers (output / left singular directions), columns senders (input / right singular
 directions) of the layer as stored, ``out x in``: the routing data of a wide layer (``out < in``),
-computed on its transpose, are transposed back when the layer's report stats (its ``shape``) are
+computed on its transpose, are transposed back when the layer's report record (its ``shape``) is
 given.  Clusters are numbered from 1 in order of their leading singular value; ``>k`` is the group
 of all directions beyond the leading subspace.
 
 ``overview_figure``: per block x projection, the share of dominant entries, the share of
 arbitrated entries and the energy the injected update keeps (``1 - rel_error^2``), from a
-report's per-layer stats, to find the layers worth a closer look.
+report's per-layer records (:class:`~casa_core.report.LayerRecord`), to find the layers worth a closer look.
 
 Both return a :class:`Figure`: the RGB picture and JSON-able ``meta`` (panel geometry, row and
 column descriptions, the value of every cell, the colour bars, every string drawn) that the

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .canvas import GREY_TEXT, INK, MISSING, RDBU, VIRIDIS, Canvas, colormap, text_h, text_w
 from .layout import Figure, Sizes, colorbar, edges, fit_label, paint_cells, wrap
 from .ticks import fmt_sci, fmt_share, grid_json, log_range, log_t, log_ticks, ticks_shown
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..report import LayerRecord
+    from ..routing_data import RoutingSummary
 
 REGION_COLOURS = {
     "restored": (66, 133, 214),
@@ -34,13 +39,13 @@ def _np(x) -> np.ndarray:
     return np.asarray(x, dtype=np.float64)
 
 
-def _transposed(stats: dict | None) -> bool:
-    shape = (stats or {}).get("shape")
-    return bool(shape) and len(shape) == 2 and shape[0] < shape[1]
+def _transposed(record: LayerRecord | None) -> bool:
+    return record is not None and record.shape[0] < record.shape[1]
 
 
-def layer_data(summary: dict, stats: dict | None = None) -> dict:
-    """Cell values and group descriptions of one layer, in the layer's own orientation.
+def layer_data(summary: RoutingSummary, record: LayerRecord | None = None) -> dict:
+    """Cell values and group descriptions of one layer, in the layer's own orientation (its report
+    ``record`` gives the orientation and the layer's shares; without it the working orientation).
 
     Returns ``rows``/``cols`` (one dict per displayed group: ``label``, ``clusters`` [first, last]
     (1-based, None for ``>k``), ``dirs`` [first, last] singular index, ``n`` directions,
@@ -48,12 +53,13 @@ def layer_data(summary: dict, stats: dict | None = None) -> dict:
     ``restored``, ``preserved``, ``arbitrated`` (shares of the cell's entries), ``entries``, and the
     layer's totals.  Empty groups (the ``>k`` side of a non-square layer) are left out.
     """
-    mats = {key: _np(summary[key]) for key in ("drift_energy", "lora_energy", "dot", "count", "restored", "arbitrated")}
-    labels = _np(summary["labels"]).astype(np.int64)
-    cgroup = _np(summary["cluster_group"]).astype(np.int64)
-    recv = _np(summary["recv_dominant"])
-    send = _np(summary["send_dominant"])
-    transposed = _transposed(stats)
+    mats = {key: _np(getattr(summary, key))
+            for key in ("drift_energy", "lora_energy", "dot", "count", "restored", "arbitrated")}
+    labels = _np(summary.labels).astype(np.int64)
+    cgroup = _np(summary.cluster_group).astype(np.int64)
+    recv = _np(summary.recv_dominant)
+    send = _np(summary.send_dominant)
+    transposed = _transposed(record)
     if transposed:
         mats = {key: v.T.copy() for key, v in mats.items()}
         recv, send = send, recv
@@ -100,12 +106,12 @@ def layer_data(summary: dict, stats: dict | None = None) -> dict:
     total = float(mats["count"].sum())
     tot_rest = float(mats["restored"].sum()) / total if total else 0.0
     tot_arb = float(mats["arbitrated"].sum()) / total if total else 0.0
-    if stats and stats.get("entries") and stats.get("arbitrated_entries") is not None:
+    routed = record.routing if record is not None else None
+    if routed is not None and routed.entries:
         # the report's counts are the layer's figures (a non-square layer's complement is arbitrated in
         # expectation, and the report counts whole entries): the picture states the same shares
-        tot_arb = stats["arbitrated_entries"] / stats["entries"]
-        if stats.get("dominant_entries") is not None:
-            tot_rest = 1.0 - stats["dominant_entries"] / stats["entries"]
+        tot_arb = routed.arbitrated_entries / routed.entries
+        tot_rest = 1.0 - routed.dominant_entries / routed.entries
     return {
         "k": k, "n_clusters": n_clusters, "n_groups": n_in, "merged": n_clusters > n_in,
         "transposed": transposed, "rows": rows, "cols": cols,
@@ -147,12 +153,11 @@ VERDICTS = {
 }
 
 
-def verdict_kind(stats: dict | None) -> str:
+def verdict_kind(record: LayerRecord | None) -> str:
     """``no_lora``, ``unchanged`` (no drift), ``little`` (drift < 0.1 x the LoRA), ``larger`` (drift > 3 x
     the LoRA), ``similar`` or ``unknown``: the size of the distillation's change (``drift_norm``) against
     the LoRA's (``lora_norm``), both Frobenius norms of weight differences."""
-    st = stats or {}
-    drift, lora = st.get("drift_norm"), st.get("lora_norm")
+    drift, lora = (record.drift_norm, record.lora_norm) if record is not None else (None, None)
     if lora is not None and lora <= 0:
         return "no_lora"
     if drift is not None and drift <= 0:
@@ -166,26 +171,25 @@ def verdict_kind(stats: dict | None) -> str:
     return "similar"
 
 
-def layer_verdict(stats: dict | None, totals: dict | None = None, config: dict | None = None) -> str:
+def layer_verdict(record: LayerRecord | None, totals: dict | None = None, config: dict | None = None) -> str:
     """One line in plain words: what CASA made of this layer for the user's LoRA.
 
-    From the layer's report stats: the size of the distillation's change (``drift_norm``) against the
-    LoRA's (``lora_norm``, both Frobenius norms of weight differences), the arbitrated share and the
-    energy the injected patch keeps.
+    From the layer's report record: the size of the distillation's change (``drift_norm``) against the
+    LoRA's (``lora_norm``, both Frobenius norms of weight differences), the arbitrated share (else the
+    picture's ``totals``) and the energy the injected patch keeps.
     """
-    st = stats or {}
-    lora = st.get("lora_norm")
-    line = VERDICTS[verdict_kind(st)]
-    ent = st.get("entries") or (totals or {}).get("entries")
+    lora = record.lora_norm if record is not None else None
+    line = VERDICTS[verdict_kind(record)]
+    routed = record.routing if record is not None else None
     arb = None
-    if ent and st.get("arbitrated_entries") is not None:
-        arb = st["arbitrated_entries"] / ent
+    if routed is not None and routed.entries:
+        arb = routed.arbitrated_entries / routed.entries
     elif totals is not None:
         arb = totals.get("arbitrated")
     if arb is not None and arb >= 0.01 and not (lora is not None and lora <= 0):
         line += f" The stronger of the two was kept on {fmt_share(arb)} of the entries."
-    if st.get("rel_error") is not None:
-        kept = max(0.0, 1.0 - float(st["rel_error"]) ** 2)
+    if record is not None:
+        kept = max(0.0, 1.0 - float(record.rel_error) ** 2)
         if kept < 0.9:
             line += f" The low-rank patch keeps only {fmt_share(kept)} of the update: raise rank."
     return line
@@ -259,10 +263,10 @@ def _grid(d: dict, sz: Sizes) -> _Grid:
                  PW, PH, title_h, col_gap, row_gap, m, FW, FW - 2 * m)
 
 
-def _facts(d: dict, stats: dict | None, config: dict | None) -> list[str]:
+def _facts(d: dict, record: LayerRecord | None, config: dict | None) -> list[str]:
     """The header's facts: shape, leading part, clusters, the routing entries' regions, the patch, the settings."""
     t = d["totals"]
-    shape = (stats or {}).get("shape")
+    shape = record.shape if record is not None else None
     facts = []
     if shape:
         facts.append(f"shape {shape[0]} x {shape[1]} (out x in)")
@@ -276,8 +280,8 @@ def _facts(d: dict, stats: dict | None, config: dict | None) -> list[str]:
     facts.append(cl)
     facts.append(f"{t['entries']:,} routing entries: restored {fmt_share(t['restored'])}, "
                  f"preserved {fmt_share(t['preserved'])}, arbitrated {fmt_share(t['arbitrated'])}")
-    if stats and stats.get("rel_error") is not None:
-        facts.append(f"the low-rank patch keeps {fmt_share(1.0 - float(stats['rel_error']) ** 2)} of the update")
+    if record is not None:
+        facts.append(f"the low-rank patch keeps {fmt_share(1.0 - float(record.rel_error) ** 2)} of the update")
     if config:
         p = [f"{key} {config[key]:g}" for key in ("tau", "q_dom", "q_act", "energy") if isinstance(config.get(key), (int, float))]
         if p:
@@ -384,10 +388,11 @@ def _draw_lines(cv: Canvas, x: int, y: float, lines: list[str], size: float, col
     return y
 
 
-def layer_figure(summary: dict, name: str = "", stats: dict | None = None, config: dict | None = None,
-                 scale: float = 1.0) -> Figure:
-    """The four-panel picture of one layer (see the package doc) and its ``meta``."""
-    d = layer_data(summary, stats)
+def layer_figure(summary: RoutingSummary, name: str = "", record: LayerRecord | None = None,
+                 config: dict | None = None, scale: float = 1.0) -> Figure:
+    """The four-panel picture of one layer (see the package doc) and its ``meta``; ``record``: the layer's
+    report record (its shape, shares and patch), ``config``: the report's settings."""
+    d = layer_data(summary, record)
     sz = Sizes(scale)
     g = _grid(d, sz)
     t = d["totals"]
@@ -395,9 +400,9 @@ def layer_figure(summary: dict, name: str = "", stats: dict | None = None, confi
     m = g.m
 
     # header: the layer, the verdict, the facts; footer: the regions' meanings, then how to read the axes
-    verdict = layer_verdict(stats, t, config)
+    verdict = layer_verdict(record, t, config)
     verdict_lines = wrap(verdict, sz.verdict, g.inner)
-    fact_lines = wrap(" \u00b7 ".join(_facts(d, stats, config)), sz.subtitle, g.inner)
+    fact_lines = wrap(" \u00b7 ".join(_facts(d, record, config)), sz.subtitle, g.inner)
     header_h = (text_h(sz.title) + sz.px(4) + len(verdict_lines) * (text_h(sz.verdict) + sz.px(1)) + sz.px(3)
                 + len(fact_lines) * (text_h(sz.subtitle) + sz.px(1)) + sz.px(10))
     legend, cap_lines = _footer(g, arb_top)
@@ -432,7 +437,7 @@ def layer_figure(summary: dict, name: str = "", stats: dict | None = None, confi
         y = _draw_lines(cv, m + sw + sz.px(6), y, lines, sz.note, INK, note_h, f"meaning:{region}")
     _draw_lines(cv, m, y + sz.px(4), cap_lines, sz.note, GREY_TEXT, note_h, "note")
 
-    shape = (stats or {}).get("shape")
+    shape = record.shape if record is not None else None
     meta = {
         "kind": "layer", "layer": name, "width": g.FW, "height": FH, "scale": scale,
         "shape": list(shape) if shape else None, "k": d["k"], "clusters": d["n_clusters"],

@@ -1,6 +1,7 @@
 """The picture of the whole model: per block x projection, the share of dominant entries, the share of
-arbitrated entries and the energy the injected update keeps, from a report's per-layer stats, to find
-the layers worth a closer look; and the choice of those layers."""
+arbitrated entries and the energy the injected update keeps, from a report's per-layer records
+(:class:`casa_core.report.LayerRecord`), to find the layers worth a closer look; and the choice of
+those layers."""
 from __future__ import annotations
 
 import math
@@ -9,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..report import layer_totals
+from ..report import LayerRecord, layer_totals
 from .canvas import GREY_TEXT, INK, MISSING, ORANGES, VIRIDIS, Canvas, colormap, text_h, text_w
 from .layer_figure import layer_verdict
 from .layout import Figure, Sizes, colorbar, edges, paint_cells, wrap
@@ -46,20 +47,21 @@ def layer_index(names) -> list[dict]:
     return rows
 
 
-def layer_metrics(stats: dict) -> dict:
-    """``dominant``, ``arbitrated`` (shares of entries) and ``kept`` (1 - rel_error^2) of one layer."""
-    ent = stats.get("entries") or 0
+def layer_metrics(record: LayerRecord | None) -> dict:
+    """``dominant``, ``arbitrated`` (shares of entries, CASA methods only) and ``kept`` (1 - rel_error^2)
+    of one layer; None where it has no such figure."""
     out = {"dominant": None, "arbitrated": None, "kept": None}
-    if ent and stats.get("dominant_entries") is not None:
-        out["dominant"] = stats["dominant_entries"] / ent
-    if ent and stats.get("arbitrated_entries") is not None:
-        out["arbitrated"] = stats["arbitrated_entries"] / ent
-    if stats.get("rel_error") is not None:
-        out["kept"] = max(0.0, 1.0 - float(stats["rel_error"]) ** 2)
+    if record is None:
+        return out
+    routed = record.routing
+    if routed is not None and routed.entries:
+        out["dominant"] = routed.dominant_entries / routed.entries
+        out["arbitrated"] = routed.arbitrated_entries / routed.entries
+    out["kept"] = max(0.0, 1.0 - float(record.rel_error) ** 2)
     return out
 
 
-def interesting_layers(layers: dict[str, dict], n: int = 3) -> dict[str, list[tuple[str, float]]]:
+def interesting_layers(layers: dict[str, LayerRecord], n: int = 3) -> dict[str, list[tuple[str, float]]]:
     """Per metric, the ``n`` most telling layers: most arbitrated, largest dominant region, least energy kept."""
     met = {name: layer_metrics(s) for name, s in layers.items()}
     out = {}
@@ -70,20 +72,20 @@ def interesting_layers(layers: dict[str, dict], n: int = 3) -> dict[str, list[tu
     return out
 
 
-def auto_layer(layers: dict[str, dict], candidates=None) -> str | None:
+def auto_layer(layers: dict[str, LayerRecord], candidates=None) -> str | None:
     """The layer a heatmap shows by default: the largest arbitrated share, then dominant share."""
     names = [n for n in (candidates if candidates is not None else layers) if n in layers] if layers else list(candidates or [])
     if not names:
         return None
 
     def key(name):
-        m = layer_metrics(layers.get(name, {}))
+        m = layer_metrics(layers.get(name))
         return (m["arbitrated"] or 0.0, m["dominant"] or 0.0)
 
     return max(names, key=key)
 
 
-def _totals(layers: dict[str, dict]) -> dict:
+def _totals(layers: dict[str, LayerRecord]) -> dict:
     t = layer_totals(layers)
     out = {"layers": t.layers, "kept": t.kept_energy}
     if t.dominant_share is not None:
@@ -99,7 +101,7 @@ OVERVIEW_PANELS = (
 )
 
 
-def _block_grid(layers: dict[str, dict]) -> tuple[list[str], list[str], list[list[str | None]]]:
+def _block_grid(layers: dict[str, LayerRecord]) -> tuple[list[str], list[str], list[list[str | None]]]:
     """Row labels (blocks, then ``other``), column labels (projections) and the layer in each cell."""
     index = layer_index(layers)
     blocks = sorted({r["block"] for r in index if r["block"] is not None})
@@ -114,7 +116,7 @@ def _block_grid(layers: dict[str, dict]) -> tuple[list[str], list[str], list[lis
     return row_labels, projs, names
 
 
-def _grid_metrics(layers: dict[str, dict], names: list[list[str | None]]) -> dict[str, np.ndarray]:
+def _grid_metrics(layers: dict[str, LayerRecord], names: list[list[str | None]]) -> dict[str, np.ndarray]:
     nr, nc = len(names), len(names[0])
     metrics = {key: np.full((nr, nc), np.nan) for key in ("dominant", "arbitrated", "kept")}
     for i in range(nr):
@@ -126,7 +128,7 @@ def _grid_metrics(layers: dict[str, dict], names: list[list[str | None]]) -> dic
     return metrics
 
 
-def _subtitle(layers: dict[str, dict], tot: dict) -> str:
+def _subtitle(layers: dict[str, LayerRecord], tot: dict) -> str:
     sub_bits = [f"{len(layers)} layers"]
     if tot.get("dominant") is not None:
         sub_bits.append(f"protected (dominant) {fmt_share(tot['dominant'])} of the routing entries")
@@ -219,7 +221,7 @@ def _draw_overview_panel(cv: Canvas, g: _OverviewGrid, px0: int, top: int, key: 
     return panel, bar
 
 
-def overview_figure(layers: dict[str, dict], selected: str | None = None, title: str | None = None,
+def overview_figure(layers: dict[str, LayerRecord], selected: str | None = None, title: str | None = None,
                     scale: float = 1.0) -> Figure:
     """Blocks x projections, three panels: dominant share, arbitrated share, energy kept."""
     sz = Sizes(scale)

@@ -23,7 +23,7 @@ def preview_pixels(client, entry, node_id) -> np.ndarray:
 
 
 def most_arbitrated(report) -> str:
-    shares = {n: r["arbitrated_entries"] / r["entries"] for n, r in report.layers.items() if r.get("entries")}
+    shares = {n: r.routing.arbitrated_entries / r.routing.entries for n, r in report.layers.items() if r.routing}
     ranked = sorted(shares.items(), key=lambda kv: -kv[1])
     assert ranked[0][1] > ranked[1][1], f"tie for the most arbitrated layer: {ranked[:2]}"
     return ranked[0][0]

@@ -65,16 +65,16 @@ def test_update_inside_the_reference_spread(case):
 def test_arbitrated_count_within_the_reference_range(case):
     layer, lapack, refs = case
     _, stats = ours(layer)
-    arb = [r.stats["arbitrated_entries"] for r in refs]
-    cand = [r.stats["candidates"] for r in refs]
-    print(f"\narbitrated ours {stats['arbitrated_entries']} references {min(arb)}..{max(arb)}; "
-          f"candidates ours {stats['candidates']} references {min(cand)}..{max(cand)}")
-    assert min(arb) <= stats["arbitrated_entries"] <= max(arb)
-    assert min(cand) <= stats["candidates"] <= max(cand)
+    arb = [r.stats.arbitrated_entries for r in refs]
+    cand = [r.stats.candidates for r in refs]
+    print(f"\narbitrated ours {stats.arbitrated_entries} references {min(arb)}..{max(arb)}; "
+          f"candidates ours {stats.candidates} references {min(cand)}..{max(cand)}")
+    assert min(arb) <= stats.arbitrated_entries <= max(arb)
+    assert min(cand) <= stats.candidates <= max(cand)
     # the dominant region does not depend on the completion: counted over all M x N entries
-    assert stats["entries"] == refs[0].stats["entries"] == layer.ws.numel()
-    assert all(stats["dominant_entries"] == r.stats["dominant_entries"] for r in refs)
-    assert stats["dominant_entries"] == lapack.stats["dominant_entries"]
+    assert stats.entries == refs[0].stats.entries == layer.ws.numel()
+    assert all(stats.dominant_entries == r.stats.dominant_entries for r in refs)
+    assert stats.dominant_entries == lapack.stats.dominant_entries
 
 
 def test_previous_compact_path_is_outside_the_reference_range(case):
@@ -82,8 +82,8 @@ def test_previous_compact_path_is_outside_the_reference_range(case):
     drift block, at most N + r complement rows) arbitrates far fewer entries."""
     layer, _, refs = case
     _, stats = ours(layer, compact_entrywise=True)
-    arb = [r.stats["arbitrated_entries"] for r in refs]
-    assert stats["arbitrated_entries"] < 0.8 * min(arb)
+    arb = [r.stats.arbitrated_entries for r in refs]
+    assert stats.arbitrated_entries < 0.8 * min(arb)
 
 
 def test_reference_harness_agrees_with_plain_code():
@@ -97,7 +97,7 @@ def test_reference_harness_agrees_with_plain_code():
     got = reference_transfer(layer, u_full, s, v)
     expect = u_full.numpy() @ exp @ v.numpy().T
     np.testing.assert_allclose(got.update.numpy(), expect, atol=2e-6 * float(got.update.abs().max()))
-    assert got.stats["arbitrated_entries"] == int(info["arb"].sum())
+    assert got.stats.arbitrated_entries == int(info["arb"].sum())
 
 
 @pytest.mark.parametrize("variant", ["restoration_only", "arbitration_only"])
@@ -110,8 +110,8 @@ def test_ablations_inside_the_reference_spread(variant):
         assert max(sp.refs_to_mean) < 1e-5 and sp.ours_to_mean < 1e-5
     else:
         assert sp.ours_to_mean < min(sp.refs_leave_one_out)
-        arb = [r.stats["arbitrated_entries"] for r in refs]
-        assert min(arb) <= stats["arbitrated_entries"] <= max(arb)
+        arb = [r.stats.arbitrated_entries for r in refs]
+        assert min(arb) <= stats.arbitrated_entries <= max(arb)
 
 
 def test_complement_basis_does_not_matter():
@@ -130,7 +130,7 @@ def test_complement_basis_does_not_matter():
     a, sa = casa_update(c_l.float(), c_f.float(), basis.S, False, CasaParams(), complement_dim=dims)
     b, sb = casa_update((rot @ c_l).float(), (rot @ c_f).float(), basis.S, False, CasaParams(), complement_dim=dims)
     torch.testing.assert_close(rot @ a.double(), b.double(), rtol=0, atol=1e-5 * float(a.abs().max()))
-    assert sa.stats["arbitrated_entries"] == sb.stats["arbitrated_entries"]
+    assert sa.stats.arbitrated_entries == sb.stats.arbitrated_entries
     # while the previous entry-wise rule does depend on it
     a0, _ = casa_update(c_l.float(), c_f.float(), basis.S, False, CasaParams())
     b0, _ = casa_update((rot @ c_l).float(), (rot @ c_f).float(), basis.S, False, CasaParams())

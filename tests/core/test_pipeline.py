@@ -102,7 +102,7 @@ def test_lowrank_keeps_reported_share_and_is_deterministic(trio):
         exact = _dense_delta(trio / "e.safetensors", layer)
         low = _dense_delta(trio / "l1.safetensors", layer)
         err = float((exact - low).norm() / exact.norm())
-        assert abs(err - rep.layers[layer]["rel_error"]) < 2e-3, layer
+        assert abs(err - rep.layers[layer].rel_error) < 2e-3, layer
         # the best rank-16 approximation error, from the singular values of the exact update
         s = torch.linalg.svdvals(exact)
         best = float(s[16:].norm() / s.norm())

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from casa_core import fonts, synth
+from casa_core import LayerRecord, RoutingStats, RoutingSummary, fonts, synth
 from casa_core.pictures import ORANGES, RDBU, VIRIDIS, Canvas, colormap, invert_colormap
 from casa_core.pictures import decode_png, encode_png, read_png
 from casa_core.pictures import (
@@ -90,9 +90,22 @@ def assert_text_drawn(fig, text=None, tag=None, min_ink=20):
     return recs
 
 
+def record(shape, rel_error: float = 0.0, routing: RoutingStats | None = None) -> LayerRecord:
+    """A layer's report record as the pictures read it: its shape, the patch's error and CASA's counts
+    (no drift size: the generic verdict)."""
+    return LayerRecord(tuple(shape), lora_rank=8, lora_norm=1.0, update_norm=1.0, rel_error=rel_error, out_rank=8,
+                       kind="lowrank", stats=routing)
+
+
+def counts(entries: int, dominant: int, arbitrated: int, k: int = 0, clusters: int = 0) -> RoutingStats:
+    return RoutingStats(k=k, clusters=clusters, dominant_recv_clusters=0, dominant_send_clusters=0, dominant_rows=0,
+                        dominant_cols=0, entries=entries, dominant_entries=dominant, candidates=0,
+                        arbitrated_entries=arbitrated, arbitration_threshold=None)
+
+
 def make_summary(rows_sizes, cols_beyond, drift_e, lora_e, dot, restored, arbitrated, clusters_per_group=None,
                  rows_beyond=None, recv_dom=None, send_dom=None):
-    """A routing summary (routing_data layout) from group-level values: square top-k block with
+    """A routing summary's tensors (:class:`RoutingSummary` fields) from group-level values: square top-k block with
     groups of ``rows_sizes`` directions, plus a beyond-k group of ``rows_beyond`` rows and
     ``cols_beyond`` columns (working orientation, rows >= cols)."""
     sizes = list(rows_sizes)
@@ -156,7 +169,7 @@ def constructed():
     s["send_dominant"] = torch.tensor([0, 1, 0, 0], dtype=torch.uint8)
     truth = {"cos": cos, "drift_rms": drift_rms, "lora_rms": lora_rms, "restored": rest / count,
              "arbitrated": arb / count, "count": count}
-    return s, truth
+    return RoutingSummary.from_tensors(s), truth
 
 
 # ------------------------------------------------------------------------------------------------
@@ -216,7 +229,7 @@ def test_share_formatting():
 
 def test_alignment_map_colours_match_the_known_cosines(constructed):
     s, truth = constructed
-    fig = layer_figure(s, "blocks.7.self_attn.q", {"shape": [26, 26]})
+    fig = layer_figure(s, "blocks.7.self_attn.q", record((26, 26)))
     g = truth["cos"].shape[0]
     for r in range(g):
         for c in range(g):
@@ -237,7 +250,7 @@ def test_alignment_map_colours_match_the_known_cosines(constructed):
 
 def test_energy_maps_share_one_log_scale_and_match_the_rms(constructed):
     s, truth = constructed
-    fig = layer_figure(s, "L", {"shape": [26, 26]})
+    fig = layer_figure(s, "L", record((26, 26)))
     bars = {b["panel"]: b for b in fig.meta["colorbars"]}
     assert bars["drift"]["lo"] == bars["lora"]["lo"] and bars["drift"]["hi"] == bars["lora"]["hi"]
     lo, hi = math.log10(bars["drift"]["lo"]), math.log10(bars["drift"]["hi"])
@@ -261,7 +274,7 @@ def test_region_map_colours_each_cell_by_its_region_and_the_legend_gives_the_sha
     """Whole cells, one colour each: blue where most entries are restored, else the dominant region's
     grey deepening to orange with the cell's arbitrated share; the exact shares are in the legend."""
     s, truth = constructed
-    fig = layer_figure(s, "L", {"shape": [26, 26]})
+    fig = layer_figure(s, "L", record((26, 26)))
     g = truth["cos"].shape[0]
     top = arbitrated_full(truth["restored"], truth["arbitrated"])
     assert top > 0 and fig.meta["arbitrated_full"] == pytest.approx(top)
@@ -298,7 +311,7 @@ def test_region_map_colours_each_cell_by_its_region_and_the_legend_gives_the_sha
 
 def test_colour_bars_are_monotonic_and_ticks_sit_at_their_values(constructed):
     s, _ = constructed
-    fig = layer_figure(s, "L", {"shape": [26, 26]})
+    fig = layer_figure(s, "L", record((26, 26)))
     maps = {"viridis": VIRIDIS, "rdbu": RDBU}
     for bar in fig.meta["colorbars"]:
         col = fig.rgb[bar["y"]:bar["y"] + bar["h"], bar["x"] + bar["w"] // 2].astype(np.float64)
@@ -321,14 +334,14 @@ def test_colour_bars_are_monotonic_and_ticks_sit_at_their_values(constructed):
 
 def test_layer_picture_names_the_layer_and_labels_its_axes(constructed):
     s, _ = constructed
-    fig = layer_figure(s, "blocks.7.self_attn.q", {"shape": [26, 26], "rel_error": 0.1},
+    fig = layer_figure(s, "blocks.7.self_attn.q", record((26, 26), rel_error=0.1),
                        {"tau": 0.5, "q_dom": 0.5, "q_act": 0.85, "energy": 0.9})
     assert_text_drawn(fig, "blocks.7.self_attn.q", tag="title")
     ylabels, xlabels = assert_text_drawn(fig, tag="ylabel"), assert_text_drawn(fig, tag="xlabel")
     assert len(ylabels) == len(xlabels) == 4
     assert all(t["text"].startswith("output clusters") for t in ylabels)
     assert all(t["text"].startswith("input clusters") for t in xlabels)
-    # a one-line verdict in plain words (the stats carry no drift/LoRA sizes here: the generic one)
+    # a one-line verdict in plain words (the record carries no drift size here: the generic one)
     verdict = " ".join(t["text"] for t in assert_text_drawn(fig, tag="verdict"))
     assert verdict == fig.meta["verdict"] and "LoRA" in verdict
     for pid in ("drift", "lora", "alignment", "regions"):
@@ -360,8 +373,9 @@ def test_a_wide_layer_is_shown_out_x_in_with_the_beyond_k_group_on_the_senders()
     s["lora_energy"] = torch.tensor(np.ones((g, g)) * count, dtype=torch.float32)
     s["dot"] = torch.zeros(g, g)
     s["recv_dominant"] = torch.tensor([1, 0], dtype=torch.uint8)
-    tall = layer_figure(s, "blocks.0.ffn.0", {"shape": [32, 8]})
-    wide = layer_figure(s, "blocks.0.ffn.2", {"shape": [8, 32]})
+    s = RoutingSummary.from_tensors(s)
+    tall = layer_figure(s, "blocks.0.ffn.0", record((32, 8)))
+    wide = layer_figure(s, "blocks.0.ffn.2", record((8, 32)))
     assert [r["label"] for r in tall.meta["rows"]] == ["1", "2", ">k"]
     assert [c["label"] for c in tall.meta["cols"]] == ["1", "2"]
     assert [r["label"] for r in wide.meta["rows"]] == ["1", "2"]
@@ -395,8 +409,10 @@ def test_pictures_stay_legible_for_full_size_wan_layers(width, k):
         "labels": torch.tensor(labels, dtype=torch.int32), "cluster_group": torch.tensor(cg, dtype=torch.int32),
         "recv_dominant": torch.tensor(rng.integers(0, 2, n_clusters), dtype=torch.uint8),
         "send_dominant": torch.tensor(rng.integers(0, 2, n_clusters), dtype=torch.uint8),
+        "rho_recv": torch.zeros(n_clusters), "rho_send": torch.zeros(n_clusters), "cosine_groups": torch.zeros(count.shape),
     }
-    fig = layer_figure(s, "blocks.39.self_attn.o", {"shape": [width, width]})
+    s = RoutingSummary.from_tensors(s)
+    fig = layer_figure(s, "blocks.39.self_attn.o", record((width, width)))
     h, w, _ = fig.rgb.shape
     assert w <= 1300 and h <= 1100, "the picture must fit a node preview"
     p = panel(fig, "regions")
@@ -414,7 +430,7 @@ def test_pictures_stay_legible_for_full_size_wan_layers(width, k):
         assert all(a[1] <= b[0] for a, b in zip(boxes, boxes[1:])), f"{tag} labels overlap: {boxes}"
     assert min(t["size"] for t in fig.meta["texts"]) >= 11
     # print resolution for the CLI
-    big = layer_figure(s, "blocks.39.self_attn.o", {"shape": [width, width]}, scale=2)
+    big = layer_figure(s, "blocks.39.self_attn.o", record((width, width)), scale=2)
     assert big.rgb.shape[1] >= 2 * w - 4
 
 
@@ -433,12 +449,11 @@ def model_stats():
     for b in range(30):
         for p in PROJS:
             ent = 1536 * 1536
-            layers[f"blocks.{b}.{p}"] = {
-                "shape": [1536, 1536], "entries": ent, "dominant_entries": int(rng.uniform(0.3, 0.7) * ent),
-                "arbitrated_entries": int(rng.uniform(0.0, 0.04) * ent), "rel_error": float(rng.uniform(0.0, 0.8)),
-                "update_norm": 1.0, "k": 700, "clusters": 500,
-            }
-    layers["blocks.17.cross_attn.v"]["arbitrated_entries"] = int(0.09 * 1536 * 1536)
+            dom, arb = int(rng.uniform(0.3, 0.7) * ent), int(rng.uniform(0.0, 0.04) * ent)
+            rel_error = float(rng.uniform(0.0, 0.8))
+            if (b, p) == (17, "cross_attn.v"):
+                arb = int(0.09 * ent)
+            layers[f"blocks.{b}.{p}"] = record((1536, 1536), rel_error, counts(ent, dom, arb, k=700, clusters=500))
     return layers
 
 
@@ -454,11 +469,11 @@ def test_overview_cells_show_each_layers_shares(model_stats):
         s = model_stats[name]
         assert fig.meta["names"][r][c] == name
         dom = invert_colormap(VIRIDIS, centre(fig, "dominant", r, c))
-        assert dom == pytest.approx(s["dominant_entries"] / s["entries"], abs=0.02)
+        assert dom == pytest.approx(s.stats.dominant_entries / s.stats.entries, abs=0.02)
         arb = invert_colormap(ORANGES, centre(fig, "arbitrated", r, c)) * arb_bar["hi"]
-        assert arb == pytest.approx(s["arbitrated_entries"] / s["entries"], abs=0.003)
+        assert arb == pytest.approx(s.stats.arbitrated_entries / s.stats.entries, abs=0.003)
         kept = invert_colormap(VIRIDIS, centre(fig, "kept", r, c))
-        assert kept == pytest.approx(1 - s["rel_error"] ** 2, abs=0.02)
+        assert kept == pytest.approx(1 - s.rel_error ** 2, abs=0.02)
     # the selected layer is outlined in black in every panel
     for pid in ("dominant", "arbitrated", "kept"):
         p = panel(fig, pid)
@@ -472,7 +487,7 @@ def test_overview_cells_show_each_layers_shares(model_stats):
 
 
 def test_overview_marks_layers_without_routing_statistics(model_stats):
-    stats = {n: {"entries": 10, "rel_error": 0.5, "update_norm": 1.0} for n in list(model_stats)[:20]}
+    stats = {n: record((1536, 1536), rel_error=0.5) for n in list(model_stats)[:20]}
     fig = overview_figure(stats)
     assert np.allclose(centre(fig, "dominant", 0, 0), (215, 215, 215))
     assert invert_colormap(VIRIDIS, centre(fig, "kept", 0, 0)) == pytest.approx(0.75, abs=0.02)
@@ -483,7 +498,7 @@ def test_picking_layers(model_stats):
     assert auto_layer(model_stats) == "blocks.17.cross_attn.v"
     picks = interesting_layers(model_stats)
     assert picks["arbitrated"][0][0] == "blocks.17.cross_attn.v"
-    assert picks["kept"][0][1] == min(1 - s["rel_error"] ** 2 for s in model_stats.values())
+    assert picks["kept"][0][1] == min(1 - s.rel_error ** 2 for s in model_stats.values())
     idx = layer_index(["blocks.10.ffn.2", "blocks.2.self_attn.q", "head.head", "blocks.2.ffn.0", "blocks.10.cross_attn.k_img"])
     assert [r["name"] for r in idx] == ["blocks.2.self_attn.q", "blocks.2.ffn.0", "blocks.10.cross_attn.k_img",
                                         "blocks.10.ffn.2", "head.head"]
@@ -527,11 +542,11 @@ def test_region_map_of_a_real_transfer_matches_the_report(real_run, layer):
     _, report, summaries = real_run
     st = report.layers[layer]
     fig = layer_figure(summaries[layer], layer, st, report.config)
-    dominant = st["dominant_entries"] / st["entries"]
-    arbitrated = st["arbitrated_entries"] / st["entries"]
+    dominant = st.routing.dominant_entries / st.routing.entries
+    arbitrated = st.routing.arbitrated_entries / st.routing.entries
     assert fig.meta["totals"]["dominant"] == pytest.approx(dominant, abs=1e-6)
     assert fig.meta["totals"]["arbitrated"] == pytest.approx(arbitrated, abs=1e-6)
-    assert fig.meta["totals"]["entries"] == st["entries"]
+    assert fig.meta["totals"]["entries"] == st.routing.entries
     # the regions are whole cells, each in its majority region (blue: mostly restored): the blue cells
     # hold the restored entries up to the minority entries of mixed cells (groups of clusters of
     # different dominance, e.g. on FFN layers with more dominance runs than groups)
@@ -554,11 +569,11 @@ def test_region_map_of_a_real_transfer_matches_the_report(real_run, layer):
     assert_text_drawn(fig, fmt_share(arbitrated), tag="share:arbitrated")
     assert_text_drawn(fig, fmt_share(1 - dominant), tag="share:restored")
     # out x in orientation: the beyond-k group sits where the layer has more directions
-    out_dim, in_dim = st["shape"]
-    assert (rows[-1]["label"] == ">k") == (out_dim > st["k"])
-    assert (cols[-1]["label"] == ">k") == (in_dim > st["k"])
+    out_dim, in_dim = st.shape
+    assert (rows[-1]["label"] == ">k") == (out_dim > st.routing.k)
+    assert (cols[-1]["label"] == ">k") == (in_dim > st.routing.k)
     # (beyond k, a non-square layer keeps only the complement directions its drift or LoRA reach)
-    assert sum(r["n"] for r in rows) * sum(c["n"] for c in cols) == st["entries"]
+    assert sum(r["n"] for r in rows) * sum(c["n"] for c in cols) == st.routing.entries
     assert min(out_dim, in_dim) == (sum(r["n"] for r in rows) if out_dim < in_dim else sum(c["n"] for c in cols))
 
 

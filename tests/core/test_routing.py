@@ -201,7 +201,7 @@ def test_prolora_against_explicit_projectors(shape):
     got = co.to_dense(upd.dense()).double().numpy()
     np.testing.assert_allclose(got, expect, atol=2e-5)
     phi = np.linalg.norm(us[:, :k].T @ ut[:, :k]) ** 2 / k
-    assert abs(upd.stats["phi_left"] - phi) < 1e-4
+    assert abs(upd.stats.phi_left - phi) < 1e-4
 
 
 def test_routing_summary_group_sums_match_plain_sums():
@@ -213,15 +213,15 @@ def test_routing_summary_group_sums_match_plain_sums():
     cl, cf = ((u.T @ b) @ (a @ v)).float(), (u.T @ df @ v).float()
     _, routing = casa_update(cl, cf, s.float(), True, CasaParams())
     summ = routing_summary(cl, cf, routing, max_groups=4)
-    g = summ["count"].shape[0]
+    g = summ.count.shape[0]
     assert g <= 5  # at most 4 groups + the one beyond k
-    assert float(summ["count"].sum()) == m * n
-    assert abs(float(summ["drift_energy"].sum()) - float((cf.double() ** 2).sum())) < 1e-6 * float((cf.double() ** 2).sum())
-    assert float(summ["restored"].sum()) == float((~routing.dominance.mask()).sum())
-    assert float(summ["arbitrated"].sum()) == float(routing.arbitrated_mask.sum())
+    assert float(summ.count.sum()) == m * n
+    assert abs(float(summ.drift_energy.sum()) - float((cf.double() ** 2).sum())) < 1e-6 * float((cf.double() ** 2).sum())
+    assert float(summ.restored.sum()) == float((~routing.dominance.mask()).sum())
+    assert float(summ.arbitrated.sum()) == float(routing.arbitrated_mask.sum())
     # the beyond-k group holds exactly the rows and columns at or after k
     k = routing.k
-    assert float(summ["count"][-1, -1]) == (m - k) * (n - k)
+    assert float(summ.count[-1, -1]) == (m - k) * (n - k)
 
 
 @pytest.mark.parametrize("shape", [(30, 30), (36, 12)])
@@ -235,5 +235,5 @@ def test_parity_entry_point_with_reference_inputs(shape):
     cf = u.T @ df @ v
     got, stats = casa_full_bases(b.float(), a.float(), u.float(), s.float(), v.T.float(), cf.float())
     exp, info = plain_casa((u.T @ b) @ (a @ v), cf, s, m == n, 0.5, 0.5, 0.85, 0.9)
-    assert stats["k"] == info["k"] and stats["arbitrated_entries"] == int(info["arb"].sum())
+    assert stats.k == info["k"] and stats.arbitrated_entries == int(info["arb"].sum())
     np.testing.assert_allclose(got.double().numpy(), exp, rtol=1e-4, atol=1e-6)

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from casa_core.methods.casa import casa_full_bases
-from casa_core.routing import CasaParams
+from casa_core.routing import CasaParams, RoutingStats
 
 DEFAULTS = CasaParams()
 
@@ -81,7 +81,7 @@ def random_completion(u_thin: torch.Tensor, gen: torch.Generator) -> torch.Tenso
 @dataclass
 class Transfer:
     update: torch.Tensor  # dCASA, out x in, float64
-    stats: dict
+    stats: RoutingStats
 
 
 def reference_transfer(layer: FFNLayer, u_full: torch.Tensor, s: torch.Tensor, v: torch.Tensor,
@@ -131,6 +131,6 @@ def spread(ours: torch.Tensor, refs: list[Transfer]) -> Spread:
         float((ours - mean).norm()) / norm,
         [float((r.update - mean).norm()) / norm for r in refs],
         loo,
-        [int(r.stats["arbitrated_entries"]) for r in refs],
-        [int(r.stats["candidates"]) for r in refs],
+        [int(r.stats.arbitrated_entries) for r in refs],
+        [int(r.stats.candidates) for r in refs],
     )
