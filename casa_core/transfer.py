@@ -5,6 +5,7 @@ ComfyUI's model patcher) never hold more than one dense layer in memory.
 """
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 import time
@@ -15,6 +16,7 @@ from typing import Iterator
 import torch
 
 from . import layer as L
+from . import linalg
 from .basis import SourceBasis
 from .cache import Progress
 from .drift import TargetDrift
@@ -79,38 +81,49 @@ def iter_transfer(
     dev = torch.device(cfg.device)
     total = len(names)
     for i, name in enumerate(names):
-        upd = lora.updates[name]
-        left, right = upd.factors()
-        shape = (int(left.shape[0]), int((right if right is not None else left).shape[1]))
-        summary = stats = drift_norm = snr = storage = None
-        if method == "direct":
-            out = realize_direct(left, right, cfg.output)
-        else:
-            b = basis.layer(name, dev)
-            d = drift.layer(name, b, dev)
-            entry = drift.entry(name)
-            if entry.missing:
-                report.missing_in_target.append(name)
-            elif entry.zero:
-                report.no_drift.append(name)
-            if entry.noise is not None:
-                snr, storage = entry.noise["snr"], entry.noise.get("storage")
-            coords = L.coordinates(b, d, left.to(dev), right.to(dev) if right is not None else None)
-            if method == "prolora":
-                cu = prolora_layer(coords, cfg.params)
-            else:
-                cu = casa_layer(coords, cfg.params, method, summary=cfg.routing_data)
-                summary = cu.summary
-            stats = cu.stats
-            out = realize(coords, cu, cfg.output)
-            drift_norm = entry.norm
-        lora_norm = float(torch.linalg.matrix_norm(left @ right if right is not None else left))
-        rec = LayerRecord(shape, int(left.shape[1]) if right is not None else None, lora_norm, out.norm,
-                          out.rel_error, out.rank, out.kind, drift_norm, snr, storage, stats)
-        report.layers[name] = rec
+        # the whole layer (cache reads, coordinates, method, output) under the per-layer thread rule
+        with linalg.layer_threads(math.prod(lora.updates[name].shape), dev):
+            result = _transfer_layer(lora, name, basis, drift, cfg, report, dev)
         if progress is not None:
             progress(i + 1, total, name)
-        yield LayerResult(name, LayerOutput(out.kind, tuple(t.cpu() for t in out.tensors), out.rank, out.rel_error, out.norm), rec, summary)
+        yield result
+
+
+def _transfer_layer(lora, name: str, basis: SourceBasis | None, drift: TargetDrift | None, cfg: TransferConfig,
+                    report: TransferReport, dev: torch.device) -> LayerResult:
+    """One layer of :func:`iter_transfer`: its output and record (the record also goes into ``report``)."""
+    method = cfg.method
+    upd = lora.updates[name]
+    left, right = upd.factors()
+    shape = (int(left.shape[0]), int((right if right is not None else left).shape[1]))
+    summary = stats = drift_norm = snr = storage = None
+    if method == "direct":
+        out = realize_direct(left, right, cfg.output)
+    else:
+        b = basis.layer(name, dev)
+        d = drift.layer(name, b, dev)
+        entry = drift.entry(name)
+        if entry.missing:
+            report.missing_in_target.append(name)
+        elif entry.zero:
+            report.no_drift.append(name)
+        if entry.noise is not None:
+            snr, storage = entry.noise["snr"], entry.noise.get("storage")
+        coords = L.coordinates(b, d, left.to(dev), right.to(dev) if right is not None else None)
+        if method == "prolora":
+            cu = prolora_layer(coords, cfg.params)
+        else:
+            cu = casa_layer(coords, cfg.params, method, summary=cfg.routing_data)
+            summary = cu.summary
+        stats = cu.stats
+        out = realize(coords, cu, cfg.output)
+        drift_norm = entry.norm
+    lora_norm = float(torch.linalg.matrix_norm(left @ right if right is not None else left))
+    rec = LayerRecord(shape, int(left.shape[1]) if right is not None else None, lora_norm, out.norm,
+                      out.rel_error, out.rank, out.kind, drift_norm, snr, storage, stats)
+    report.layers[name] = rec
+    return LayerResult(name, LayerOutput(out.kind, tuple(t.cpu() for t in out.tensors), out.rank, out.rel_error,
+                                         out.norm), rec, summary)
 
 
 class Transfer:
