@@ -238,26 +238,34 @@ def _top_right(x: torch.Tensor, k: int, gen: torch.Generator, iters: int = 4) ->
 
 def _pocs(d0, lo_b, hi_b, v, iters):
     """Alternating projections onto {rank <= k} (one warm-started subspace step each) and the cells,
-    accelerated by Nesterov's momentum: the cell projection is applied at ``x + (t-1)/(t+2) (x - x_prev)``.
+    accelerated by Nesterov's momentum with adaptive restart: the cell projection is applied at
+    ``x + beta (x - x_prev)``, ``beta = (j - 1) / (j + 2)`` ``j`` steps after the last restart, and the
+    momentum restarts whenever the distance between the cell-projected point and its rank-k projection
+    (``||src||^2 - ||q^T src||^2``, Pythagoras: no extra pass) grows, so the iteration never runs away.
 
     An entry without a cell constraint (held out for cross-validation) has the cell ``(-inf, inf)``.
-    Every iteration makes three passes over the ``m x n`` entries (momentum, cell projection,
-    relaxation) and three rank-k products, in three ``m x n`` buffers."""
+    Every iteration makes four passes over the ``m x n`` entries (momentum, cell projection, relaxation,
+    a norm) and three rank-k products, in three ``m x n`` buffers."""
     x = xp = None
     spare = torch.empty_like(d0)
-    for t in range(iters):
+    j, last = 0, math.inf
+    for _ in range(iters):
         if x is None:
             src = d0
         else:
-            if xp is None:
-                y = torch.clone(x)
+            if xp is None or j < 2:
+                y = torch.clone(x) if xp is None else xp.copy_(x)
             else:  # y = x + beta (x - x_prev), written over x_prev
-                y = torch.lerp(x, xp, -(t - 1) / (t + 2), out=xp)
+                y = torch.lerp(x, xp, -(j - 1) / (j + 2), out=xp)
             # over-relaxed projection onto the cells (y + RELAX (P(y) - y)): same fixed points, faster
             torch.clamp(y, lo_b, hi_b, out=spare)
             src = y.lerp_(spare, RELAX)
         q, _ = linalg.qr(src @ v)
         z = q.T @ src
+        dist = float(torch.linalg.vector_norm(src, dtype=torch.float64)) ** 2 - float(
+            torch.linalg.vector_norm(z, dtype=torch.float64)) ** 2
+        j = j + 1 if dist <= last else 0  # restart the momentum when the iteration moves away
+        last = dist
         if x is None:
             x = q @ z
         else:  # three buffers in turn: the new iterate, the previous one, and a spare
