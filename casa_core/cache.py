@@ -21,7 +21,6 @@ from typing import Callable, Iterable
 
 import torch
 
-from . import linalg
 from .errors import CasaError
 from .formats.safetensors_io import SafeTensorsFile, write_file
 
@@ -64,12 +63,11 @@ def encode(t: torch.Tensor, storage: str, scaled: bool) -> dict[str, torch.Tenso
 def decode(f, name: str, device: torch.device | str = "cpu") -> torch.Tensor:
     """Inverse of :func:`encode`; ``f`` is an open shard or a dict of its tensors."""
     stored = f.get(name)
-    with linalg.layer_threads(stored.numel(), device):  # a conversion pass: the per-layer thread rule
-        t = stored.to(device=device, dtype=torch.float32)
-        if f"{name}.scale" in f:
-            scale = float(f.get(f"{name}.scale")[0])
-            # in place when the conversion made a copy (never scale the caller's own tensor)
-            t = t.mul_(scale) if t.data_ptr() != stored.data_ptr() else t * scale
+    t = stored.to(device=device, dtype=torch.float32)
+    if f"{name}.scale" in f:
+        scale = float(f.get(f"{name}.scale")[0])
+        # in place when the conversion made a copy (never scale the caller's own tensor)
+        t = t.mul_(scale) if t.data_ptr() != stored.data_ptr() else t * scale
     return t
 
 
