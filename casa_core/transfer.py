@@ -95,7 +95,6 @@ def _transfer_layer(lora, name: str, basis: SourceBasis | None, drift: TargetDri
     method = cfg.method
     upd = lora.updates[name]
     left, right = upd.factors()
-    shape = (int(left.shape[0]), int((right if right is not None else left).shape[1]))
     summary = stats = drift_norm = snr = storage = None
     if method == "direct":
         out = realize_direct(left, right, cfg.output)
@@ -119,7 +118,7 @@ def _transfer_layer(lora, name: str, basis: SourceBasis | None, drift: TargetDri
         out = realize(coords, cu, cfg.output)
         drift_norm = entry.norm
     lora_norm = _product_norm(left, right)
-    rec = LayerRecord(shape, int(left.shape[1]) if right is not None else None, lora_norm, out.norm,
+    rec = LayerRecord(upd.shape, int(left.shape[1]) if right is not None else None, lora_norm, out.norm,
                       out.rel_error, out.rank, out.kind, drift_norm, snr, storage, stats)
     report.layers[name] = rec
     return LayerResult(name, LayerOutput(out.kind, tuple(t.cpu() for t in out.tensors), out.rank, out.rel_error,
