@@ -16,9 +16,10 @@ distillation LoRA is low rank by construction; extracted ones show the same shap
 noise spreads evenly over all ``min(m, n)`` singular directions. We estimate the drift as the
 low-rank matrix that is *consistent with the cells*: alternating projections between "rank k" and
 "``W_s + drift`` lies in every element's cell" (POCS, over-relaxed; Nesterov's momentum was tried:
-faster, and better on some layers, but 3x worse on a 13824x5120 scaled-fp8 one, so it is not used). The
-rank is the number of singular values of ``W_t^q - W_s`` above the noise's spectral edge (the largest singular value of a
-sample of the noise itself) when the drift clearly stands out (amplitude SNR >= 2); below that,
+faster, and better on some layers, but 3x worse on a 13824x5120 scaled-fp8 one, so it is not used).
+The rank is the number of singular values of ``W_t^q - W_s`` above the noise's spectral edge (the
+largest singular value of a sample of the noise itself) when the drift clearly stands out (amplitude
+SNR >= 2); below that,
 consistency recovers components the spectrum cannot show, and the rank is chosen among 0.75-2x that
 count by cross-validation (fit on 90 % of the cells, score the held-out 10 %; ranks are tried upwards and
 the search stops after two worse ones in a row). For uniform rounding
@@ -240,8 +241,8 @@ def _pocs(d0, lo_b, hi_b, v, iters):
     """Alternating projections onto {rank <= k} (one warm-started subspace step each) and the cells.
 
     An entry without a cell constraint (held out for cross-validation) has the cell ``(-inf, inf)``.
-    Every iteration makes two fused passes over the ``m x n`` entries (the cell projection, and the
-    rank-k product written into a buffer of its own)."""
+    The cell projection and its relaxation are computed in place in one buffer, and the rank-k product is
+    written into the iterate's own: no ``m x n`` temporaries per iteration."""
     x = None
     xb = torch.empty_like(d0)
     for _ in range(iters):
