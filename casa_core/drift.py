@@ -37,7 +37,7 @@ from .formats.keys import comfy_key
 from .quantnoise import grid_of, separate_drift
 
 #: bumped whenever the drift a target gives changes for the same files (part of the cache key)
-DRIFT_MODEL = "noise-aware-2"
+DRIFT_MODEL = "noise-aware-3"
 
 
 class DriftSource(Protocol):
@@ -88,8 +88,8 @@ class WeightDifference:
             return d0, None
         dev = torch.device(device)
         stored = stored.to(dev)
-        lo, hi = grid.cells(stored)
-        est, info = separate_drift(d0.to(dev), lo, hi, grid.noise_variance(stored))
+        lo, hi, var = grid.cells_and_variance(stored)
+        est, info = separate_drift(d0.to(dev), lo, hi, var, rank_search=grid.coarse)
         info = {k: v for k, v in info.items() if k != "trace"}
         info["storage"] = grid.describe()
         return est.float().cpu(), info

@@ -42,6 +42,23 @@ def test_float_cells_hold_the_unrounded_value(case):
     assert 0.85 < ratio < 1.15, ratio
 
 
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2, torch.bfloat16, torch.float16])
+def test_float_cells_are_the_midpoints_to_the_neighbouring_values_everywhere(dtype):
+    """Every finite value of the format (all bit patterns: zeros, subnormals, exact powers of two, the
+    largest binades), its cell against the midpoints to its neighbours in the sorted list of all values."""
+    bits = torch.arange(2 ** (8 * torch.empty((), dtype=dtype).element_size()), dtype=torch.int32)
+    if dtype.itemsize == 1:
+        vals = bits.to(torch.uint8).view(dtype).float()
+    else:
+        vals = bits.to(torch.int16).view(dtype).float()
+    vals = torch.unique(vals[torch.isfinite(vals)])  # sorted, one zero
+    mid = vals[1:-1]  # the two extremes have no neighbour on one side
+    want_lo = (vals[:-2] - mid) / 2
+    want_hi = (vals[2:] - mid) / 2
+    lo, hi = StorageGrid.of_dtype(dtype).cells(mid[None, :])
+    assert torch.equal(lo[0], want_lo) and torch.equal(hi[0], want_hi)
+
+
 def test_grid_of_recognises_upcast_weights():
     w = _weights()
     assert grid_of(w) is None
@@ -162,3 +179,26 @@ def test_the_consistency_refinement_converges_on_a_tall_scaled_fp8_layer():
     assert info["method"] == "consistent low-rank"
     assert info["consistency"] < 0.25, info  # nearly in every cell (a run-away iteration ends at 1.0)
     assert err < 0.3 * raw_err, (err, raw_err, info)
+
+
+def test_a_fine_grid_keeps_the_edge_rank_below_the_clear_snr():
+    """bf16 rounding of a 0.2 % drift (SNR near 1, below CLEAR_SNR): no rank search on a fine grid, the rank
+    is the count above the noise edge, and the estimate is still far closer to the drift than the stored
+    difference; the coarse grids (fp8, GGUF) search."""
+    from casa_core.quantnoise import CLEAR_SNR
+
+    assert not StorageGrid.of_dtype(torch.bfloat16).coarse and not StorageGrid.of_dtype(torch.float16).coarse
+    assert StorageGrid.fp8(torch.float8_e4m3fn).coarse and StorageGrid.gguf("Q8_0").coarse
+    ws = _weights(384, 384, seed=8)
+    drift = _low_rank_drift(ws, rel=0.002)
+    wt = (ws + drift).bfloat16().float()
+    grid = StorageGrid.of_dtype(torch.bfloat16)
+    lo, hi, var = grid.cells_and_variance(wt)
+    assert torch.equal(lo, grid.cells(wt)[0]) and torch.equal(var, grid.noise_variance(wt))
+    d0 = wt - ws
+    searched = separate_drift(d0, lo, hi, var)[1]
+    est, info = separate_drift(d0, lo, hi, var, rank_search=False)
+    assert info["snr"] < CLEAR_SNR and "trace" in searched and "trace" not in info
+    assert info["method"] == "consistent low-rank" and info["rank"] == info["edge_rank"] > 0, info
+    raw_err, err = float((d0 - drift).norm()), float((est - drift).norm())
+    assert err < 0.25 * raw_err, (err, raw_err, info)
