@@ -34,7 +34,7 @@ from .cache import LayerCache, Progress, decode, encode, settings_key
 from .errors import CasaError
 from .formats.checkpoint import check_finite
 from .formats.keys import comfy_key
-from .quantnoise import grid_of, separate_drift
+from .quantnoise import DriftEstimate, grid_of, separate_drift_parts
 
 #: bumped whenever the drift a target gives changes for the same files (part of the cache key)
 DRIFT_MODEL = "noise-aware-3"
@@ -76,10 +76,11 @@ class WeightDifference:
     def delta(self, layer: str, shape: tuple[int, int]) -> torch.Tensor | None:
         return self.delta_info(layer, shape)[0]
 
-    def delta_info(self, layer: str, shape: tuple[int, int],
-                   device: torch.device | str = "cpu") -> tuple[torch.Tensor | None, dict | None]:
+    def delta_info(self, layer: str, shape: tuple[int, int], device: torch.device | str = "cpu",
+                   factored: bool = False) -> tuple[torch.Tensor | DriftEstimate | None, dict | None]:
         """The drift (separated from the target's rounding noise where it has one) and the noise report
-        (None for a target without rounding noise)."""
+        (None for a target without rounding noise). ``factored``: a separated drift that is exactly low
+        rank comes as its factors (:class:`~casa_core.quantnoise.DriftEstimate`, on ``device``)."""
         raw = self._raw(layer, shape)
         if raw is None:
             return None, None
@@ -89,10 +90,14 @@ class WeightDifference:
         dev = torch.device(device)
         stored = stored.to(dev)
         lo, hi, var = grid.cells_and_variance(stored)
-        est, info = separate_drift(d0.to(dev), lo, hi, var, rank_search=grid.coarse)
+        del stored
+        est, info = separate_drift_parts(d0.to(dev), lo, hi, var, rank_search=grid.coarse)
+        del lo, hi, var
         info = {k: v for k, v in info.items() if k != "trace"}
         info["storage"] = grid.describe()
-        return est.float().cpu(), info
+        if factored and est.residual is None:
+            return est, info
+        return est.dense().float().cpu(), info
 
     def _raw(self, layer: str, shape: tuple[int, int]):
         tshape = self.target.layers.get(layer)
@@ -338,18 +343,25 @@ def load_or_build_drift(
 
     def compute_layer(name: str, shape):
         if hasattr(drift, "delta_info"):
-            delta, noise = drift.delta_info(name, shape, device)
+            delta, noise = drift.delta_info(name, shape, device, factored=True)
         else:
             delta, noise = drift.delta(name, shape), None
-        if delta is None or not bool(delta.any()):
+        if isinstance(delta, DriftEstimate):
+            norm = linalg.product_norm(delta.left, delta.right)
+        else:
+            norm = 0.0 if delta is None else float(torch.linalg.matrix_norm(delta.float()))
+        if delta is None or norm == 0.0:
             info = {"mode": "zero", "norm": 0.0, "missing": delta is None}
             if noise is not None:
                 info["noise"] = noise
             return {}, info
         b = basis.layer(name, device)
-        d = L.compute_drift(b, delta.to(device=device, dtype=torch.float32))
+        if isinstance(delta, DriftEstimate):  # exactly low rank: its coordinates from the factors
+            d = L.compute_drift_factored(b, delta.left.to(device), delta.right.to(device))
+        else:
+            d = L.compute_drift(b, delta.to(device=device, dtype=torch.float32))
         tensors, info = encode_drift(d, basis.storage)
-        info["norm"] = float(torch.linalg.matrix_norm(delta.float()))
+        info["norm"] = norm
         info["missing"] = False
         if noise is not None:
             info["noise"] = noise

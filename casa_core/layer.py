@@ -159,6 +159,35 @@ def _compute_drift(basis: LayerBasis, d_f: torch.Tensor) -> LayerDrift:
     return LayerDrift(basis.name, c_f, complement_of(e))
 
 
+def compute_drift_factored(basis: LayerBasis, left: torch.Tensor, right: torch.Tensor) -> LayerDrift:
+    """:func:`compute_drift` of a drift given as ``left @ right`` (``out x k``, ``k x in``), in ``O(mnk)``:
+    the coordinates are linear, so ``C_F = (U^T A)(B V)`` in tall orientation (``dF = A B``), each factor
+    refined as the dense path refines the product; the complement is that of ``(A - U U^T A)(B V)``, from a
+    QR of its ``M x k`` factor and an SVD of a ``k x N`` matrix (rank-revealing as
+    :func:`casa_core.linalg.orthonormal_columns`)."""
+    with linalg.layer_threads(left.shape[0] * right.shape[1], left.device):
+        a, b = (right.T, left.T) if basis.transposed else (left, right)
+        bv = basis.right_coords(b.float())  # k x N
+        ua = basis.left_coords(a.float())  # N x k
+        c_f = ua @ bv
+        if basis.square:
+            return LayerDrift(basis.name, c_f)
+        ea = a.float() - basis.U @ ua  # M x k, the drift's rows outside span(U), as a factor
+        q1, r1 = linalg.qr(ea)
+        return LayerDrift(basis.name, c_f, _complement_of_product(q1, r1 @ bv))
+
+
+def _complement_of_product(q1: torch.Tensor, small: torch.Tensor) -> Complement | None:
+    """The complement of ``E = q1 @ small`` (``q1`` orthonormal ``M x k``, ``small``: ``k x N``)."""
+    if small.numel() == 0 or float(torch.linalg.matrix_norm(small)) == 0.0:
+        return None
+    y, sig, zh = linalg.svd(small)  # E = (q1 y) diag(sig) zh
+    keep = sig > linalg.ORTHONORMAL_RTOL * float(sig[0])
+    if not bool(keep.any()):
+        return None
+    return Complement(c_f=sig[keep, None] * zh[keep], q=(q1 @ y[:, keep]).contiguous())
+
+
 def drift_dense(basis: LayerBasis, drift: LayerDrift) -> torch.Tensor:
     """``dF`` rebuilt from its coordinates, ``out x in`` (for checks and benchmarks)."""
     w = basis.U @ drift.c_f

@@ -115,6 +115,15 @@ def qr(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return _factorise(torch.linalg.qr, a.float())
 
 
+def product_norm(left: torch.Tensor, right: torch.Tensor | None) -> float:
+    """``||left @ right||_F`` without forming the product: ``sqrt(trace((L^T L)(R R^T)))``, in float64
+    (``right`` None: ``||left||_F``)."""
+    if right is None:
+        return float(torch.linalg.matrix_norm(left))
+    lt, rt = left.double(), right.double()
+    return float(((lt.T @ lt) * (rt @ rt.T)).sum().clamp_min(0.0).sqrt())
+
+
 def exact_quantile(values: torch.Tensor, q: float) -> torch.Tensor:
     """``torch.quantile(values, q)`` (linear interpolation) without its size limit or sorting.
 
@@ -215,8 +224,12 @@ def top_singular(
     return left, s[:rank], vh[:rank]
 
 
+#: singular values below this share of the largest are rounding noise (:func:`orthonormal_columns`)
+ORTHONORMAL_RTOL = 1e-5
+
+
 def orthonormal_columns(
-    x: torch.Tensor, rel_tol: float = 1e-5, ref_norm: float | None = None
+    x: torch.Tensor, rel_tol: float = ORTHONORMAL_RTOL, ref_norm: float | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """An orthonormal basis ``Q`` of the column space of ``x`` and ``R = Q^T x``.
 

@@ -45,7 +45,8 @@ import torch
 
 from . import linalg
 
-__all__ = ["GGUF_GRIDS", "StorageGrid", "drift_snr", "grid_of", "noise_energy", "separate_drift"]
+__all__ = ["GGUF_GRIDS", "DriftEstimate", "StorageGrid", "drift_snr", "grid_of", "noise_energy", "separate_drift",
+           "separate_drift_parts"]
 
 # fp8 formats: (mantissa bits, smallest normal exponent)
 _FLOAT_GRIDS = {
@@ -256,8 +257,9 @@ def _pocs(d0, lo_b, hi_b, v, iters):
     """Alternating projections onto {rank <= k} (one warm-started subspace step each) and the cells.
 
     An entry without a cell constraint (held out for cross-validation) has the cell ``(-inf, inf)``.
-    The cell projection and its relaxation are computed in place in one buffer, and the rank-k product is
-    written into the iterate's own: no ``m x n`` temporaries per iteration."""
+    The cell projection and its relaxation are two in-place passes over one buffer, and the rank-k product
+    is written into the iterate's own: no ``m x n`` temporaries per iteration. Returns the iterate, its
+    factors ``(q, z)`` (``x = q z``) and the subspace."""
     x = None
     xb = torch.empty_like(d0)
     for _ in range(iters):
@@ -266,27 +268,56 @@ def _pocs(d0, lo_b, hi_b, v, iters):
         else:
             # over-relaxed projection onto the cells (x + RELAX (P(x) - x)): same fixed points, faster
             torch.clamp(x, lo_b, hi_b, out=xb)
-            xb.sub_(x).mul_(RELAX).add_(x)
+            torch.lerp(x, xb, RELAX, out=xb)  # x + RELAX (xb - x), one pass
             src = xb
         q, _ = linalg.qr(src @ v)
         z = q.T @ src
         x = torch.mm(q, z, out=x) if x is not None else q @ z
         v, _ = linalg.qr(z.T)
-    return x, v
+    return x, (q, z)
 
 
 def _box_residual(x, lo_b, hi_b) -> float:
     return float((x - torch.minimum(torch.maximum(x, lo_b), hi_b)).norm() / x.norm().clamp_min(1e-30))
 
 
+@dataclass
+class DriftEstimate:
+    """A separated drift, ``left @ right + residual`` (``out x in``): the low-rank part as its factors
+    (``left``: ``out x k``, ``right``: ``k x in``; ``k`` may be 0) and what is kept of the rest (dense, or
+    None when nothing is, the usual case: then the drift is exactly rank ``k`` and the drift's coordinates
+    cost ``O(mnk)``, not ``O(mn min(m, n))``)."""
+
+    left: torch.Tensor
+    right: torch.Tensor
+    residual: torch.Tensor | None = None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return int(self.left.shape[0]), int(self.right.shape[1])
+
+    def dense(self) -> torch.Tensor:
+        low = self.left @ self.right
+        return low if self.residual is None else low + self.residual
+
+
 def separate_drift(d0: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, var: torch.Tensor | None = None, *,
                    max_rank: int = 256, seed: int = 0, rank_search: bool = True) -> tuple[torch.Tensor, dict]:
+    """The drift ``W_t - W_s`` estimated from ``d0 = W_t^q - W_s`` and the cells of ``W_t^q``, dense
+    (:func:`separate_drift_parts` gives it factored, with the same arguments and report)."""
+    est, info = separate_drift_parts(d0, lo, hi, var, max_rank=max_rank, seed=seed, rank_search=rank_search)
+    return est.dense(), info
+
+
+def separate_drift_parts(d0: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, var: torch.Tensor | None = None, *,
+                         max_rank: int = 256, seed: int = 0,
+                         rank_search: bool = True) -> tuple[DriftEstimate, dict]:
     """The drift ``W_t - W_s`` estimated from ``d0 = W_t^q - W_s`` and the cells of ``W_t^q``.
 
     ``lo``/``hi``: the cells (see :meth:`StorageGrid.cells`), ``var`` the noise variances
     (:meth:`StorageGrid.noise_variance`; default: uniform in the cells); ``rank_search`` False (a fine
     grid, :attr:`StorageGrid.coarse`) keeps the rank at the count above the noise edge below
-    ``CLEAR_SNR`` too. Returns the estimate (float32, same shape and device) and a report: ``noise_norm`` (expected ``||E||_F``), ``drift_norm`` (``||d0||``),
+    ``CLEAR_SNR`` too. Returns the estimate (:class:`DriftEstimate`, float32, on ``d0``'s device) and a report: ``noise_norm`` (expected ``||E||_F``), ``drift_norm`` (``||d0||``),
     ``snr`` (amplitude, :func:`drift_snr`), ``rank`` (of the consistent low-rank part), ``edge_rank``
     (singular values above the noise edge), ``residual_kept`` (the Wiener factor), ``method``.
     """
@@ -302,11 +333,13 @@ def separate_drift(d0: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, var: to
     info = {"noise_norm": math.sqrt(noise), "drift_norm": math.sqrt(energy), "snr": drift_snr(energy, noise),
             "rank": None, "edge_rank": None, "residual_kept": 1.0, "method": "raw"}
 
-    def out(x: torch.Tensor):
-        return (x.T if transposed else x).contiguous(), info
+    def out(a: torch.Tensor, b: torch.Tensor, resid: torch.Tensor | None):
+        if transposed:  # the work was on d0^T = a b
+            a, b, resid = b.T, a.T, None if resid is None else resid.T
+        return DriftEstimate(a.contiguous(), b.contiguous(), None if resid is None else resid.contiguous()), info
 
     if energy == 0.0 or noise <= NEGLIGIBLE_NOISE * energy:
-        return out(d0)
+        return out(d0.new_zeros(m, 0), d0.new_zeros(0, n), d0)
     gen = torch.Generator().manual_seed(seed)
     edge = _noise_edge(var, gen)
     k_cap = max(1, min(max_rank, n // 2))
@@ -322,18 +355,20 @@ def separate_drift(d0: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, var: to
     k = min(k_edge, k_cap)
     if k == 0:
         low = torch.zeros_like(d0)
+        factors = (d0.new_zeros(m, 0), d0.new_zeros(0, n))
     elif info["snr"] >= PROJECT_SNR:
         # a clean target (bf16 / fp16 storage of a usual distillation): the components above the noise
         # edge are the drift's, and projecting onto them already removes most of the rounding; the
         # consistency refinement would cost minutes per 14B layer for little more
-        low = (d0 @ v[:, :k]) @ v[:, :k].T
+        factors = (d0 @ v[:, :k], v[:, :k].T)
+        low = factors[0] @ factors[1]
         info["method"] = "low-rank projection"
     elif info["snr"] >= CLEAR_SNR or not rank_search:
         # a clear drift: the spectrum shows every component above the noise, consistency refines them.
         # On a fine grid (bf16 / fp16) the rank search below does not pay at any SNR: measured at Wan-1.3B
         # shapes with a rank-64 drift of 0.1-0.3 % (SNR 0-1.6), its transfer was within 0.1 percentage point
         # of this one's (1.4 vs 1.5 %, 0.8 vs 0.9 %, 2.6 vs 2.6 %) and took 5x the time
-        low, _ = _pocs(d0, lo_b, hi_b, v[:, :k].contiguous(), POCS_ITERS)
+        low, factors = _pocs(d0, lo_b, hi_b, v[:, :k].contiguous(), POCS_ITERS)
         info["method"] = "consistent low-rank"
         info["consistency"] = _box_residual(low, lo_b, hi_b)
     else:
@@ -372,8 +407,8 @@ def separate_drift(d0: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, var: to
                     break
         del d_fit, lo_f, hi_f
         k = best[1]
-        low, _ = _pocs(d0, lo_b, hi_b, v[:, :k].contiguous() if k <= v.shape[1] else _top_right(d0, k, gen)[0],
-                       REFINE_ITERS)
+        low, factors = _pocs(d0, lo_b, hi_b,
+                             v[:, :k].contiguous() if k <= v.shape[1] else _top_right(d0, k, gen)[0], REFINE_ITERS)
         info["method"] = "consistent low-rank"
         info["consistency"] = _box_residual(low, lo_b, hi_b)
     # what the low-rank part leaves: kept in proportion to how much of it is not noise
@@ -384,4 +419,5 @@ def separate_drift(d0: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, var: to
     info.update(rank=k, residual_kept=keep)
     if info["method"] == "raw":
         info["method"] = "wiener"
-    return out(low + keep * resid)
+    del low
+    return out(*factors, resid.mul_(keep) if keep > 0 else None)

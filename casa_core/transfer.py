@@ -117,21 +117,12 @@ def _transfer_layer(lora, name: str, basis: SourceBasis | None, drift: TargetDri
         stats = cu.stats
         out = realize(coords, cu, cfg.output)
         drift_norm = entry.norm
-    lora_norm = _product_norm(left, right)
+    lora_norm = linalg.product_norm(left, right)
     rec = LayerRecord(upd.shape, int(left.shape[1]) if right is not None else None, lora_norm, out.norm,
                       out.rel_error, out.rank, out.kind, drift_norm, snr, storage, stats)
     report.layers[name] = rec
     return LayerResult(name, LayerOutput(out.kind, tuple(t.cpu() for t in out.tensors), out.rank, out.rel_error,
                                          out.norm), rec, summary)
-
-
-def _product_norm(left: torch.Tensor, right: torch.Tensor | None) -> float:
-    """``||left @ right||_F`` without forming the product: ``sqrt(trace((L^T L)(R R^T)))``, in float64
-    (``right`` None: ``||left||_F``)."""
-    if right is None:
-        return float(torch.linalg.matrix_norm(left))
-    lt, rt = left.double(), right.double()
-    return float(((lt.T @ lt) * (rt @ rt.T)).sum().clamp_min(0.0).sqrt())
 
 
 class Transfer:
