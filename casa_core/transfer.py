@@ -24,6 +24,7 @@ from .errors import CasaError
 from .factorize import LayerOutput, OutputSpec, realize, realize_direct
 from .formats.keys import natural_key
 from .methods import casa_layer, check_method, prolora_layer
+from .parallel import map_layers
 from .report import MOSTLY, LayerRecord, TransferReport, check_coverage, config_dict, provenance, start_report
 from .routing import CasaParams
 from .routing_data import RoutingSummary
@@ -80,19 +81,33 @@ def iter_transfer(
             )
     dev = torch.device(cfg.device)
     total = len(names)
-    for i, name in enumerate(names):
+
+    def size(name: str) -> int:
+        return math.prod(lora.updates[name].shape)
+
+    def one(name: str):
         # the whole layer (cache reads, coordinates, method, output) under the per-layer thread rule
-        with linalg.layer_threads(math.prod(lora.updates[name].shape), dev):
-            result = _transfer_layer(lora, name, basis, drift, cfg, report, dev)
+        with linalg.layer_threads(size(name), dev):
+            return _transfer_layer(lora, name, basis, drift, cfg, dev)
+
+    # small layers side by side on a small CPU (casa_core.parallel); the report is filled here, in order
+    for i, (result, target_has) in enumerate(map_layers(one, names, size, dev)):
+        if target_has == "missing":
+            report.missing_in_target.append(result.layer)
+        elif target_has == "no drift":
+            report.no_drift.append(result.layer)
+        report.layers[result.layer] = result.record
         if progress is not None:
-            progress(i + 1, total, name)
+            progress(i + 1, total, result.layer)
         yield result
 
 
 def _transfer_layer(lora, name: str, basis: SourceBasis | None, drift: TargetDrift | None, cfg: TransferConfig,
-                    report: TransferReport, dev: torch.device) -> LayerResult:
-    """One layer of :func:`iter_transfer`: its output and record (the record also goes into ``report``)."""
+                    dev: torch.device) -> tuple[LayerResult, str | None]:
+    """One layer of :func:`iter_transfer`: its result, and what the drift cache says of it ("missing" from
+    the target, "no drift", or None). Touches no shared state: layers may run side by side."""
     method = cfg.method
+    target_has = None
     upd = lora.updates[name]
     left, right = upd.factors()
     summary = stats = drift_norm = snr = storage = None
@@ -103,9 +118,9 @@ def _transfer_layer(lora, name: str, basis: SourceBasis | None, drift: TargetDri
         d = drift.layer(name, b, dev)
         entry = drift.entry(name)
         if entry.missing:
-            report.missing_in_target.append(name)
+            target_has = "missing"
         elif entry.zero:
-            report.no_drift.append(name)
+            target_has = "no drift"
         if entry.noise is not None:
             snr, storage = entry.noise["snr"], entry.noise.get("storage")
         coords = L.coordinates(b, d, left.to(dev), right.to(dev) if right is not None else None)
@@ -120,9 +135,8 @@ def _transfer_layer(lora, name: str, basis: SourceBasis | None, drift: TargetDri
     lora_norm = linalg.product_norm(left, right)
     rec = LayerRecord(upd.shape, int(left.shape[1]) if right is not None else None, lora_norm, out.norm,
                       out.rel_error, out.rank, out.kind, drift_norm, snr, storage, stats)
-    report.layers[name] = rec
     return LayerResult(name, LayerOutput(out.kind, tuple(t.cpu() for t in out.tensors), out.rank, out.rel_error,
-                                         out.norm), rec, summary)
+                                         out.norm), rec, summary), target_has
 
 
 class Transfer:

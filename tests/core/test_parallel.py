@@ -1,0 +1,120 @@
+"""Layers side by side (casa_core.parallel): the same results in the same order, threads restored, errors
+stop the rest; a transfer gives the same bytes one layer at a time and two at a time."""
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+
+import pytest
+import torch
+
+from casa_core import linalg, parallel, synth
+from casa_core.basis import load_or_build_basis
+from casa_core.drift import WeightDifference, load_or_build_drift
+from casa_core.factorize import OutputSpec
+from casa_core.formats.checkpoint import Checkpoint
+from casa_core.formats.lora import read_lora
+from casa_core.formats.safetensors_io import write_file
+from casa_core.transfer import TransferConfig, run_transfer_to_file
+
+BIG = linalg.SMALL_LAYER_ENTRIES
+
+
+@pytest.fixture(autouse=True)
+def _threads_back():
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def test_results_in_order_small_ones_side_by_side_large_ones_alone():
+    torch.set_num_threads(2)
+    seen = {}
+    running, peak = [0], [0]
+    lock = threading.Lock()
+
+    def fn(item):
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        seen[item] = (torch.get_num_threads(), threading.current_thread().name)
+        time.sleep(0.05 if item % 2 else 0.01)  # the odd ones finish after the next one
+        with lock:
+            running[0] -= 1
+        return item * item
+
+    items = list(range(8))
+    sizes = {i: (BIG if i == 5 else 10) for i in items}
+    out = list(parallel.map_layers(fn, items, sizes.__getitem__, "cpu", workers=2))
+    assert out == [i * i for i in items]
+    assert peak[0] == 2  # two at a time, never more
+    assert all(seen[i][0] == 1 and seen[i][1].startswith("casa-layer") for i in items if i != 5)
+    assert seen[5] == (2, threading.main_thread().name)  # the large layer: alone, torch's own pool
+    assert torch.get_num_threads() == 2
+
+
+def test_an_error_stops_the_rest_and_restores_the_threads():
+    torch.set_num_threads(2)
+    started = []
+
+    def fn(item):
+        started.append(item)
+        if item == 2:
+            raise ValueError("layer 2 is broken")
+        time.sleep(0.01)
+        return item
+
+    gen = parallel.map_layers(fn, range(50), lambda i: 1, "cpu", workers=2)
+    got = []
+    with pytest.raises(ValueError, match="layer 2"):
+        for r in gen:
+            got.append(r)
+    assert got == [0, 1] and max(started) <= 4  # nothing far beyond the failed layer was started
+    assert torch.get_num_threads() == 2
+    # a consumer that stops early (an interruption): the rest is not computed, threads restored
+    started.clear()
+    gen = parallel.map_layers(lambda i: started.append(i) or i, range(50), lambda i: 1, "cpu", workers=2)
+    assert next(gen) == 0
+    gen.close()
+    assert max(started) <= 3 and torch.get_num_threads() == 2
+
+
+def test_workers_follow_the_device_the_machine_and_the_environment(monkeypatch):
+    monkeypatch.delenv(parallel.WORKERS_ENV, raising=False)
+    assert parallel.layer_workers("meta") == 1  # not a CPU
+    monkeypatch.setattr(parallel.os, "cpu_count", lambda: 2)
+    assert parallel.layer_workers("cpu") == 2
+    monkeypatch.setattr(parallel.os, "cpu_count", lambda: 64)
+    assert parallel.layer_workers("cpu") == 1  # torch's own pool within a layer
+    monkeypatch.setenv(parallel.WORKERS_ENV, "3")
+    assert parallel.layer_workers("cpu") == 3
+    monkeypatch.setenv(parallel.WORKERS_ENV, "many")
+    with pytest.raises(ValueError, match=parallel.WORKERS_ENV):
+        parallel.layer_workers("cpu")
+
+
+@pytest.mark.parametrize("mode", ["lowrank", "exact"])
+def test_a_transfer_gives_the_same_bytes_and_report_with_one_or_two_workers(tmp_path, monkeypatch, mode):
+    shape = synth.WanShape(dim=96, ffn_dim=192, blocks=2)
+    base, svd = synth.wan_state_dict(shape, seed=1, dtype=torch.float32)
+    write_file(str(tmp_path / "base.safetensors"), base)
+    write_file(str(tmp_path / "distilled.safetensors"), synth.distill(base, svd, rel_drift=5e-3, dtype=torch.float32))
+    write_file(str(tmp_path / "lora.safetensors"), synth.style_lora(svd, rank=8, alpha=4.0))
+    src, tgt = Checkpoint(tmp_path / "base.safetensors"), Checkpoint(tmp_path / "distilled.safetensors")
+    basis = load_or_build_basis(src, tmp_path / "cache")
+    drift = load_or_build_drift(basis, WeightDifference(src, tgt), tmp_path / "cache")
+    lora = read_lora(tmp_path / "lora.safetensors", basis.layers)
+    cfg = TransferConfig(output=OutputSpec(mode=mode, rank=16 if mode == "lowrank" else None))
+    digests, reports, order = [], [], []
+    for workers in ("1", "2"):
+        monkeypatch.setenv(parallel.WORKERS_ENV, workers)
+        seen: list[str] = []
+        out = tmp_path / f"t{workers}.safetensors"
+        rep = run_transfer_to_file(lora, basis, drift, cfg, 1.0, out,
+                                   progress=lambda i, n, name, seen=seen: seen.append(name))
+        digests.append(hashlib.sha256(out.read_bytes()).hexdigest())
+        reports.append({k: v.to_json() for k, v in rep.layers.items()})
+        order.append(seen)
+    assert digests[0] == digests[1]
+    assert reports[0] == reports[1] and order[0] == order[1] and len(order[0]) == len(lora.updates)
