@@ -5,6 +5,7 @@ ComfyUI's model patcher) never hold more than one dense layer in memory.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import tempfile
@@ -90,16 +91,19 @@ def iter_transfer(
         with linalg.layer_threads(size(name), dev):
             return _transfer_layer(lora, name, basis, drift, cfg, dev)
 
-    # small layers side by side on a small CPU (casa_core.parallel); the report is filled here, in order
-    for i, (result, target_has) in enumerate(map_layers(one, names, size, dev)):
-        if target_has == "missing":
-            report.missing_in_target.append(result.layer)
-        elif target_has == "no drift":
-            report.no_drift.append(result.layer)
-        report.layers[result.layer] = result.record
-        if progress is not None:
-            progress(i + 1, total, result.layer)
-        yield result
+    # small layers side by side on a small CPU (casa_core.parallel); the report is filled here, in order.
+    # Closed on any exit (an interruption raised by ``progress``, an error, a consumer that stops), so the
+    # layers still running are waited for and torch's thread count is restored at once
+    with contextlib.closing(map_layers(one, names, size, dev)) as results:
+        for i, (result, target_has) in enumerate(results):
+            if target_has == "missing":
+                report.missing_in_target.append(result.layer)
+            elif target_has == "no drift":
+                report.no_drift.append(result.layer)
+            report.layers[result.layer] = result.record
+            if progress is not None:
+                progress(i + 1, total, result.layer)
+            yield result
 
 
 def _transfer_layer(lora, name: str, basis: SourceBasis | None, drift: TargetDrift | None, cfg: TransferConfig,
@@ -163,15 +167,22 @@ def run_transfer_to_file(
 ) -> TransferReport:
     """Transfer and write a ComfyUI-loadable LoRA file (atomically); ``summaries``, when given, receives
     each layer's routing summary (CASA methods)."""
-    from .formats.keys import comfy_key
-    from .formats.lora_write import write_comfy_lora
-
     t0 = time.perf_counter()
     report = start_report(lora, cfg, strength)
     if summaries is None and cfg.routing_data:
         # the heatmaps' routing data would be thrown away: not computing it changes nothing written
         cfg = replace(cfg, routing_data=False)
-    results = iter_transfer(lora, basis, drift, cfg, report, progress)
+    with contextlib.closing(iter_transfer(lora, basis, drift, cfg, report, progress)) as layers:
+        _write_transfer(lora, basis, drift, cfg, strength, out_path, dtype, summaries, layers)
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def _write_transfer(lora, basis, drift, cfg: TransferConfig, strength: float, out_path, dtype: torch.dtype,
+                    summaries: dict | None, results: Iterator[LayerResult]) -> None:
+    from .formats.keys import comfy_key
+    from .formats.lora_write import write_comfy_lora
+
     if summaries is not None:
         def keep(it):
             for r in it:
@@ -199,8 +210,6 @@ def run_transfer_to_file(
             tensors = (tuple(spill.get(ref) for ref in refs) for _, _, refs in kept)
             write_comfy_lora(str(out_path), entries, tensors, passthrough=passthrough,
                              metadata=provenance(lora, basis, drift, cfg, strength), dtype=dtype)
-    report.seconds = time.perf_counter() - t0
-    return report
 
 
 class _Spill:

@@ -1,6 +1,8 @@
 """CASATransferLoRA: transfer a base-model LoRA onto the distilled MODEL through the model patcher."""
 from __future__ import annotations
 
+import contextlib
+
 import logging
 import time
 
@@ -154,17 +156,18 @@ class CASATransferLoRA(io.ComfyNode):
         handle = ReportHandle(report, lora_name, strength, transfer.provenance(), passthrough=passthrough)
         dtype = _exact_dtype(model)
         patches = {}
-        for res in transfer:
-            out = res.output
-            if out.kind == "diff":
-                out.tensors = (out.tensors[0].to(dtype),)
-                patches[patch_key(res.layer)] = ("diff", out.tensors)
-            else:
-                up, down = out.tensors
-                patches[patch_key(res.layer)] = LoRAAdapter(set(), (up, down, None, None, None, None))
-            handle.outputs[res.layer] = out
-            if res.summary is not None:
-                handle.summaries[res.layer] = res.summary
+        with contextlib.closing(iter(transfer)) as layers:  # layers still running are waited for on any exit
+            for res in layers:
+                out = res.output
+                if out.kind == "diff":
+                    out.tensors = (out.tensors[0].to(dtype),)
+                    patches[patch_key(res.layer)] = ("diff", out.tensors)
+                else:
+                    up, down = out.tensors
+                    patches[patch_key(res.layer)] = LoRAAdapter(set(), (up, down, None, None, None, None))
+                handle.outputs[res.layer] = out
+                if res.summary is not None:
+                    handle.summaries[res.layer] = res.summary
         patched = model.clone()
         added = set(patched.add_patches(patches, 1.0))
         missing = sorted(set(patches) - added)

@@ -118,3 +118,34 @@ def test_a_transfer_gives_the_same_bytes_and_report_with_one_or_two_workers(tmp_
         order.append(seen)
     assert digests[0] == digests[1]
     assert reports[0] == reports[1] and order[0] == order[1] and len(order[0]) == len(lora.updates)
+
+
+def test_an_interrupted_transfer_restores_the_threads_at_once_and_writes_nothing(tmp_path, monkeypatch):
+    """An interruption raised by the progress callback (ComfyUI's), two layers at a time: the layers running
+    are waited for and torch's thread count is back before the exception reaches the caller (whose
+    traceback still holds the generators), and no output file is left."""
+    shape = synth.WanShape(dim=96, ffn_dim=192, blocks=2)
+    base, svd = synth.wan_state_dict(shape, seed=2, dtype=torch.float32)
+    write_file(str(tmp_path / "base.safetensors"), base)
+    write_file(str(tmp_path / "distilled.safetensors"), synth.distill(base, svd, rel_drift=5e-3, dtype=torch.float32))
+    write_file(str(tmp_path / "lora.safetensors"), synth.style_lora(svd, rank=8, alpha=4.0))
+    src, tgt = Checkpoint(tmp_path / "base.safetensors"), Checkpoint(tmp_path / "distilled.safetensors")
+    basis = load_or_build_basis(src, tmp_path / "cache")
+    drift = load_or_build_drift(basis, WeightDifference(src, tgt), tmp_path / "cache")
+    lora = read_lora(tmp_path / "lora.safetensors", basis.layers)
+    monkeypatch.setenv(parallel.WORKERS_ENV, "2")
+    torch.set_num_threads(2)
+
+    class Stop(Exception):
+        pass
+
+    def progress(i, n, name):
+        assert torch.get_num_threads() == 1  # inside: the workers' setting
+        if i == 3:
+            raise Stop(name)
+
+    out = tmp_path / "t.safetensors"
+    with pytest.raises(Stop) as exc:
+        run_transfer_to_file(lora, basis, drift, TransferConfig(), 1.0, out, progress=progress)
+    assert exc.traceback is not None and torch.get_num_threads() == 2
+    assert not out.exists() and not list(tmp_path.glob("*.tmp*")) and not list(tmp_path.glob(".casa-spill-*"))
