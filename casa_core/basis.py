@@ -6,6 +6,7 @@ layout and its atomicity, :mod:`casa_core.layer` for the orientation and what is
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Iterable
 
@@ -15,6 +16,7 @@ from . import layer as L
 from .cache import STORAGE_DTYPES, LayerCache, Progress, decode, encode, settings_key
 from .formats.checkpoint import WeightProvider, check_finite
 from .formats.keys import natural_key as _natural_key
+from .parallel import concurrent
 
 
 class SourceBasis:
@@ -86,5 +88,7 @@ def load_or_build_basis(
                 tensors[key + suffix] = v
         return tensors, {"shape": list(b.shape)}
 
-    cache.build(names, compute, {"source": source.identity(), "storage": storage}, progress)
+    cache.build(names, compute, {"source": source.identity(), "storage": storage}, progress,
+                # layers side by side on a small CPU when the source is a file (casa_core.parallel)
+                size=(lambda name: math.prod(source.layers[name])) if concurrent(source) else None, device=device)
     return SourceBasis(cache)

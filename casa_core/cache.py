@@ -12,6 +12,7 @@ and the settings), so a cache made from another source file is never reused.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -23,6 +24,7 @@ import torch
 
 from .errors import CasaError
 from .formats.safetensors_io import SafeTensorsFile, write_file
+from .parallel import map_layers
 
 FORMAT_VERSION = "1"
 MANIFEST = "manifest.json"
@@ -103,25 +105,36 @@ class LayerCache:
         compute: Callable[[str], tuple[dict[str, torch.Tensor], dict]],
         manifest_extra: dict,
         progress: Progress | None = None,
+        size: Callable[[str], int] | None = None,
+        device: torch.device | str = "cpu",
     ) -> dict:
         """Compute every layer not already in the partial folder, then publish the cache.
 
-        ``compute(layer)`` returns the tensors to store and a small JSON-able description.
+        ``compute(layer)`` returns the tensors to store and a small JSON-able description. ``size`` (the
+        layer's entries), when given, lets small layers be computed side by side on a small CPU
+        (:func:`casa_core.parallel.map_layers`): ``compute`` must then be safe to run in several threads.
         """
         layers = list(layers)
         self.partial.mkdir(parents=True, exist_ok=True)
         entries: dict[str, dict] = {}
         total = len(layers)
-        for i, layer in enumerate(layers):
+
+        def one(layer: str) -> dict:
             shard = self.partial / shard_name(layer)
             info = self._resume(shard)
             if info is None:
                 tensors, info = compute(layer)
                 meta = {"casa_key": self.key, "casa_layer": layer, "casa_info": json.dumps(info, sort_keys=True)}
                 write_file(str(shard), tensors, meta)
-            entries[layer] = info
-            if progress is not None:
-                progress(i + 1, total, layer)
+            return info
+
+        # closed on any exit (an interruption raised by ``progress``): the layers running are waited for
+        with contextlib.closing(map_layers(one, layers, size or (lambda _: 0), device,
+                                           workers=None if size is not None else 1)) as infos:
+            for i, (layer, info) in enumerate(zip(layers, infos)):
+                entries[layer] = info
+                if progress is not None:
+                    progress(i + 1, total, layer)
         manifest = {"version": FORMAT_VERSION, "key": self.key, "kind": self.kind, "layers": entries, **manifest_extra}
         tmp = self.partial / (MANIFEST + ".tmp")
         tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True))

@@ -21,6 +21,7 @@ without rounding noise (float32) and a distillation LoRA (exact by construction)
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -34,6 +35,7 @@ from .cache import LayerCache, Progress, decode, encode, settings_key
 from .errors import CasaError
 from .formats.checkpoint import check_finite
 from .formats.keys import comfy_key
+from .parallel import concurrent
 from .quantnoise import DriftEstimate, grid_of, separate_drift_parts
 
 #: bumped whenever the drift a target gives changes for the same files (part of the cache key)
@@ -67,6 +69,10 @@ class WeightDifference:
     def __init__(self, source: WeightProvider, target: WeightProvider):
         self.source, self.target = source, target
 
+    @property
+    def concurrent_reads(self) -> bool:
+        return concurrent(self.source, self.target)
+
     def identity(self) -> str:
         return f"diff({self.source.identity()},{self.target.identity()}):{DRIFT_MODEL}"
 
@@ -85,14 +91,16 @@ class WeightDifference:
         if raw is None:
             return None, None
         d0, stored, grid = raw
+        del raw
         if grid is None or not grid.supported:
             return d0, None
         dev = torch.device(device)
         stored = stored.to(dev)
-        lo, hi, var = grid.cells_and_variance(stored)
+        cells = list(grid.cells_and_variance(stored))
         del stored
-        est, info = separate_drift_parts(d0.to(dev), lo, hi, var, rank_search=grid.coarse)
-        del lo, hi, var
+        # the cells are handed over (the separation turns them into its bounds in place: less memory)
+        est, info = separate_drift_parts(d0.to(dev), *cells, rank_search=grid.coarse, overwrite_cells=True)
+        del cells
         info = {k: v for k, v in info.items() if k != "trace"}
         info["storage"] = grid.describe()
         if factored and est.residual is None:
@@ -136,6 +144,10 @@ class LoRAApplied:
         self.source, self.lora = source, lora
         self.layers = source.layers
         self.path = lora.path
+
+    @property
+    def concurrent_reads(self) -> bool:  # the LoRA is in memory
+        return concurrent(self.source)
 
     def identity(self) -> str:
         return f"applied({self.source.identity()},{self.lora.identity()})"
@@ -371,5 +383,7 @@ def load_or_build_drift(
         names, compute,
         {"drift": drift.identity(), "basis": basis.key, "description": drift.describe()},
         progress,
+        # layers side by side on a small CPU when both models are files (casa_core.parallel)
+        size=(lambda name: math.prod(basis.layers[name])) if concurrent(drift) else None, device=device,
     )
     return TargetDrift(cache, basis)

@@ -44,6 +44,13 @@ def layer_workers(device: torch.device | str = "cpu") -> int:
     return cores if cores <= linalg.SMALL_CPU else 1
 
 
+def concurrent(*providers) -> bool:
+    """Whether every provider may be read from several threads at once (``concurrent_reads``: the file
+    readers, whose reads are locked or memory-mapped); a provider that does not say so is read one layer
+    at a time."""
+    return all(getattr(p, "concurrent_reads", False) for p in providers)
+
+
 def map_layers(fn: Callable[[T], R], items: Iterable[T], size: Callable[[T], int],
                device: torch.device | str = "cpu", workers: int | None = None) -> Iterator[R]:
     """``fn(item)`` for every item, yielded in order; small layers (``size(item)`` entries) ``workers`` at

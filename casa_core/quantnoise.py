@@ -310,14 +310,15 @@ def separate_drift(d0: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, var: to
 
 
 def separate_drift_parts(d0: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, var: torch.Tensor | None = None, *,
-                         max_rank: int = 256, seed: int = 0,
-                         rank_search: bool = True) -> tuple[DriftEstimate, dict]:
+                         max_rank: int = 256, seed: int = 0, rank_search: bool = True,
+                         overwrite_cells: bool = False) -> tuple[DriftEstimate, dict]:
     """The drift ``W_t - W_s`` estimated from ``d0 = W_t^q - W_s`` and the cells of ``W_t^q``.
 
     ``lo``/``hi``: the cells (see :meth:`StorageGrid.cells`), ``var`` the noise variances
     (:meth:`StorageGrid.noise_variance`; default: uniform in the cells); ``rank_search`` False (a fine
     grid, :attr:`StorageGrid.coarse`) keeps the rank at the count above the noise edge below
-    ``CLEAR_SNR`` too. Returns the estimate (:class:`DriftEstimate`, float32, on ``d0``'s device) and a report: ``noise_norm`` (expected ``||E||_F``), ``drift_norm`` (``||d0||``),
+    ``CLEAR_SNR`` too; ``overwrite_cells``: ``lo`` and ``hi`` may be overwritten (two layers' worth of
+    memory less). Returns the estimate (:class:`DriftEstimate`, float32, on ``d0``'s device) and a report: ``noise_norm`` (expected ``||E||_F``), ``drift_norm`` (``||d0||``),
     ``snr`` (amplitude, :func:`drift_snr`), ``rank`` (of the consistent low-rank part), ``edge_rank``
     (singular values above the noise edge), ``residual_kept`` (the Wiener factor), ``method``.
     """
@@ -351,7 +352,8 @@ def separate_drift_parts(d0: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, v
             break
         probe = min(k_cap, 2 * probe)
     info["edge_rank"] = k_edge
-    lo_b, hi_b = d0 + lo, d0 + hi
+    lo_b, hi_b = (lo.add_(d0), hi.add_(d0)) if overwrite_cells else (d0 + lo, d0 + hi)
+    del lo, hi
     k = min(k_edge, k_cap)
     if k == 0:
         low = torch.zeros_like(d0)

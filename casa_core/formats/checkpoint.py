@@ -91,6 +91,8 @@ class FileIdentity:
 class Checkpoint(FileIdentity):
     """A safetensors model file as a :class:`WeightProvider`; tensors are read only when asked for."""
 
+    concurrent_reads = True  # its reads are locked (casa_core.parallel)
+
     def __init__(self, path: str | os.PathLike[str], memo_dir: str | os.PathLike[str] | None = None):
         self._file = SafeTensorsFile(path)
         self.path: str = self._file.path

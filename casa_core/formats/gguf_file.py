@@ -51,6 +51,8 @@ def _gguf_module(path: str):
 class GGUFCheckpoint(FileIdentity):
     """A GGUF model file as a :class:`~casa_core.formats.checkpoint.WeightProvider`."""
 
+    concurrent_reads = True  # its tensors are memory-mapped (casa_core.parallel)
+
     def __init__(self, path: str | os.PathLike[str], memo_dir: str | os.PathLike[str] | None = None):
         self.path: str = os.fspath(path)
         if not os.path.isfile(self.path):
