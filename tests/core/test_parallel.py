@@ -94,17 +94,22 @@ def test_workers_follow_the_device_the_machine_and_the_environment(monkeypatch):
         parallel.layer_workers("cpu")
 
 
+def _analysed(folder, seed):
+    """A small Wan-shaped base, distilled model and LoRA written to ``folder``: its basis, drift and LoRA."""
+    shape = synth.WanShape(dim=96, ffn_dim=192, blocks=2)
+    base, svd = synth.wan_state_dict(shape, seed=seed, dtype=torch.float32)
+    write_file(str(folder / "base.safetensors"), base)
+    write_file(str(folder / "distilled.safetensors"), synth.distill(base, svd, rel_drift=5e-3, dtype=torch.float32))
+    write_file(str(folder / "lora.safetensors"), synth.style_lora(svd, rank=8, alpha=4.0))
+    src, tgt = Checkpoint(folder / "base.safetensors"), Checkpoint(folder / "distilled.safetensors")
+    basis = load_or_build_basis(src, folder / "cache")
+    drift = load_or_build_drift(basis, WeightDifference(src, tgt), folder / "cache")
+    return basis, drift, read_lora(folder / "lora.safetensors", basis.layers)
+
+
 @pytest.mark.parametrize("mode", ["lowrank", "exact"])
 def test_a_transfer_gives_the_same_bytes_and_report_with_one_or_two_workers(tmp_path, monkeypatch, mode):
-    shape = synth.WanShape(dim=96, ffn_dim=192, blocks=2)
-    base, svd = synth.wan_state_dict(shape, seed=1, dtype=torch.float32)
-    write_file(str(tmp_path / "base.safetensors"), base)
-    write_file(str(tmp_path / "distilled.safetensors"), synth.distill(base, svd, rel_drift=5e-3, dtype=torch.float32))
-    write_file(str(tmp_path / "lora.safetensors"), synth.style_lora(svd, rank=8, alpha=4.0))
-    src, tgt = Checkpoint(tmp_path / "base.safetensors"), Checkpoint(tmp_path / "distilled.safetensors")
-    basis = load_or_build_basis(src, tmp_path / "cache")
-    drift = load_or_build_drift(basis, WeightDifference(src, tgt), tmp_path / "cache")
-    lora = read_lora(tmp_path / "lora.safetensors", basis.layers)
+    basis, drift, lora = _analysed(tmp_path, seed=1)
     cfg = TransferConfig(output=OutputSpec(mode=mode, rank=16 if mode == "lowrank" else None))
     digests, reports, order = [], [], []
     for workers in ("1", "2"):
@@ -124,15 +129,7 @@ def test_an_interrupted_transfer_restores_the_threads_at_once_and_writes_nothing
     """An interruption raised by the progress callback (ComfyUI's), two layers at a time: the layers running
     are waited for and torch's thread count is back before the exception reaches the caller (whose
     traceback still holds the generators), and no output file is left."""
-    shape = synth.WanShape(dim=96, ffn_dim=192, blocks=2)
-    base, svd = synth.wan_state_dict(shape, seed=2, dtype=torch.float32)
-    write_file(str(tmp_path / "base.safetensors"), base)
-    write_file(str(tmp_path / "distilled.safetensors"), synth.distill(base, svd, rel_drift=5e-3, dtype=torch.float32))
-    write_file(str(tmp_path / "lora.safetensors"), synth.style_lora(svd, rank=8, alpha=4.0))
-    src, tgt = Checkpoint(tmp_path / "base.safetensors"), Checkpoint(tmp_path / "distilled.safetensors")
-    basis = load_or_build_basis(src, tmp_path / "cache")
-    drift = load_or_build_drift(basis, WeightDifference(src, tgt), tmp_path / "cache")
-    lora = read_lora(tmp_path / "lora.safetensors", basis.layers)
+    basis, drift, lora = _analysed(tmp_path, seed=2)
     monkeypatch.setenv(parallel.WORKERS_ENV, "2")
     torch.set_num_threads(2)
 
@@ -149,3 +146,26 @@ def test_an_interrupted_transfer_restores_the_threads_at_once_and_writes_nothing
         run_transfer_to_file(lora, basis, drift, TransferConfig(), 1.0, out, progress=progress)
     assert exc.traceback is not None and torch.get_num_threads() == 2
     assert not out.exists() and not list(tmp_path.glob("*.tmp*")) and not list(tmp_path.glob(".casa-spill-*"))
+
+
+def test_basis_and_drift_caches_are_the_same_bytes_with_one_or_two_workers(tmp_path, monkeypatch):
+    """Files as models: the basis and the drift are built two layers at a time; every shard and manifest is
+    the same as one layer at a time (an fp8 target included, whose drift goes through the separation)."""
+    shape = synth.WanShape(dim=96, ffn_dim=192, blocks=1)
+    base, svd = synth.wan_state_dict(shape, seed=3, dtype=torch.float32)
+    write_file(str(tmp_path / "base.safetensors"), base)
+    distilled = synth.distill(base, svd, rel_drift=1.5e-2, dtype=torch.float32)
+    write_file(str(tmp_path / "fp8.safetensors"), {k: v.to(torch.float8_e4m3fn) if v.dim() == 2 else v
+                                                    for k, v in distilled.items()})
+    src, tgt = Checkpoint(tmp_path / "base.safetensors"), Checkpoint(tmp_path / "fp8.safetensors")
+    assert parallel.concurrent(src, tgt, WeightDifference(src, tgt))
+    contents = []
+    for workers in ("1", "2"):
+        monkeypatch.setenv(parallel.WORKERS_ENV, workers)
+        cache = tmp_path / f"cache{workers}"
+        basis = load_or_build_basis(src, cache)
+        drift = load_or_build_drift(basis, WeightDifference(src, tgt), cache)
+        assert drift.noisy()  # the fp8 rounding was separated
+        contents.append({p.relative_to(cache).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+                         for p in sorted(cache.rglob("*")) if p.is_file()})
+    assert contents[0] == contents[1] and len(contents[0]) > 10
