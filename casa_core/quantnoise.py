@@ -258,8 +258,8 @@ def _pocs(d0, lo_b, hi_b, v, iters):
 
     An entry without a cell constraint (held out for cross-validation) has the cell ``(-inf, inf)``.
     The cell projection and its relaxation are two in-place passes over one buffer, and the rank-k product
-    is written into the iterate's own: no ``m x n`` temporaries per iteration. Returns the iterate, its
-    factors ``(q, z)`` (``x = q z``) and the subspace."""
+    is written into the iterate's own: no ``m x n`` temporaries per iteration. Returns the iterate and
+    its factors ``(q, z)`` (``x = q z``)."""
     x = None
     xb = torch.empty_like(d0)
     for _ in range(iters):
@@ -318,7 +318,8 @@ def separate_drift_parts(d0: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, v
     (:meth:`StorageGrid.noise_variance`; default: uniform in the cells); ``rank_search`` False (a fine
     grid, :attr:`StorageGrid.coarse`) keeps the rank at the count above the noise edge below
     ``CLEAR_SNR`` too; ``overwrite_cells``: ``lo`` and ``hi`` may be overwritten (two layers' worth of
-    memory less). Returns the estimate (:class:`DriftEstimate`, float32, on ``d0``'s device) and a report: ``noise_norm`` (expected ``||E||_F``), ``drift_norm`` (``||d0||``),
+    memory less). Returns the estimate (:class:`DriftEstimate`, float32, on ``d0``'s device) and a
+    report: ``noise_norm`` (expected ``||E||_F``), ``drift_norm`` (``||d0||``),
     ``snr`` (amplitude, :func:`drift_snr`), ``rank`` (of the consistent low-rank part), ``edge_rank``
     (singular values above the noise edge), ``residual_kept`` (the Wiener factor), ``method``.
     """
