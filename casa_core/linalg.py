@@ -157,6 +157,25 @@ MIN_ITERS, MAX_ITERS = 4, 64
 CHECK_EVERY = 4
 # Unconverged on a matrix this small (min dimension): the exact SVD is cheap, use it.
 EXACT_SMALL = 512
+# The power steps before the first convergence check only have to bring the subspace near the leading
+# one: on a device with fast bfloat16 products (a CPU with AVX-512 BF16 or AMX, a CUDA GPU that has
+# them) they are bfloat16 products (float32 accumulation) of matrices of at least BF16_MIN_ENTRIES
+# entries; every later step, the checks and the Rayleigh-Ritz step stay float32. Measured on this
+# project's 2-core CPU: a 1536 x 1536 by 1536 x 144 product in 1.5 ms against 7.2 ms.
+BF16_MIN_ENTRIES = 1 << 18
+
+
+def fast_bfloat16(device: torch.device | str) -> bool:
+    """Whether bfloat16 matrix products are much faster than float32 ones on ``device``."""
+    dev = torch.device(device)
+    try:
+        if dev.type == "cpu":
+            return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+        if dev.type == "cuda":
+            return bool(torch.cuda.is_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+    return False
 
 
 def top_singular(
@@ -172,7 +191,8 @@ def top_singular(
     LAPACK's own float32 SVD, even where singular values ``rank`` and ``rank + 1`` nearly
     coincide (a gap of 0.25 % took 16-20 steps at rank 16).  The number of steps is capped by a
     budget (``WORK_COLUMNS``: at rank 128 the previous fixed four steps) and the iteration
-    also stops when the Ritz values show that the budget cannot reach convergence.  That
+    also stops when the Ritz values show that the budget cannot reach convergence. The steps before
+    the first check are bfloat16 products where those are fast (``BF16_MIN_ENTRIES``).  That
     happens where the spectrum around ``rank`` is flat or decays slowly; there the result is no
     better than before: on CASA updates (a LoRA over the drift's flat restoration floor) the
     energy is then within ~1e-5 of the optimum and the directions kept are near-interchangeable
@@ -195,8 +215,17 @@ def top_singular(
     iters = max(iters, 1)
     gen = torch.Generator(device="cpu").manual_seed(_RANGE_FINDER_SEED)
     omega = torch.randn(cols, width, generator=gen).to(c.device, c.dtype)
-    q = qr(c @ omega)[0]
-    y = c @ (c.T @ q)  # the first power step
+    warm = min(iters, CHECK_EVERY) - 1  # power steps before the first check
+    if warm > 0 and rows * cols >= BF16_MIN_ENTRIES and fast_bfloat16(c.device):
+        cb = c.to(torch.bfloat16)
+        q = qr((cb @ omega.to(torch.bfloat16)).float())[0]
+        for _ in range(warm):
+            q = qr((cb @ (cb.T @ q.to(torch.bfloat16))).float())[0]
+        del cb
+        iters -= warm
+    else:
+        q = qr(c @ omega)[0]
+    y = c @ (c.T @ q)  # the first (float32) power step
     converged = False
     for it in range(1, iters + 1):
         q = qr(y)[0]
