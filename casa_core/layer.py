@@ -163,8 +163,7 @@ def compute_drift_factored(basis: LayerBasis, left: torch.Tensor, right: torch.T
     """:func:`compute_drift` of a drift given as ``left @ right`` (``out x k``, ``k x in``), in ``O(mnk)``:
     the coordinates are linear, so ``C_F = (U^T A)(B V)`` in tall orientation (``dF = A B``), each factor
     refined as the dense path refines the product; the complement is that of ``(A - U U^T A)(B V)``, from a
-    QR of its ``M x k`` factor and an SVD of a ``k x N`` matrix (rank-revealing as
-    :func:`casa_core.linalg.orthonormal_columns`)."""
+    QR of its ``M x k`` factor and the rank-revealing basis of a ``k x N`` matrix."""
     with linalg.layer_threads(left.shape[0] * right.shape[1], left.device):
         a, b = (right.T, left.T) if basis.transposed else (left, right)
         bv = basis.right_coords(b.float())  # k x N
@@ -178,14 +177,10 @@ def compute_drift_factored(basis: LayerBasis, left: torch.Tensor, right: torch.T
 
 
 def _complement_of_product(q1: torch.Tensor, small: torch.Tensor) -> Complement | None:
-    """The complement of ``E = q1 @ small`` (``q1`` orthonormal ``M x k``, ``small``: ``k x N``)."""
-    if small.numel() == 0 or float(torch.linalg.matrix_norm(small)) == 0.0:
-        return None
-    y, sig, zh = linalg.svd(small)  # E = (q1 y) diag(sig) zh
-    keep = sig > linalg.ORTHONORMAL_RTOL * float(sig[0])
-    if not bool(keep.any()):
-        return None
-    return Complement(c_f=sig[keep, None] * zh[keep], q=(q1 @ y[:, keep]).contiguous())
+    """The complement of ``E = q1 @ small`` (``q1`` orthonormal ``M x k``, ``small``: ``k x N``): the
+    rank-revealing basis of ``small`` (:func:`casa_core.linalg.orthonormal_columns`), mapped by ``q1``."""
+    y, c = linalg.orthonormal_columns(small)
+    return Complement(c_f=c, q=(q1 @ y).contiguous()) if y.shape[1] else None
 
 
 def drift_dense(basis: LayerBasis, drift: LayerDrift) -> torch.Tensor:

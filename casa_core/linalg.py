@@ -253,12 +253,8 @@ def top_singular(
     return left, s[:rank], vh[:rank]
 
 
-#: singular values below this share of the largest are rounding noise (:func:`orthonormal_columns`)
-ORTHONORMAL_RTOL = 1e-5
-
-
 def orthonormal_columns(
-    x: torch.Tensor, rel_tol: float = ORTHONORMAL_RTOL, ref_norm: float | None = None
+    x: torch.Tensor, rel_tol: float = 1e-5, ref_norm: float | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """An orthonormal basis ``Q`` of the column space of ``x`` and ``R = Q^T x``.
 
