@@ -320,6 +320,19 @@ export function restoreAll() {
   }
 }
 
+// Widget values set from code (not by the user's own input in a frontend widget) reach the workflow's
+// saved state, its undo history and a tab switch only when the change tracker is told, as the frontend's
+// own widgets do after a programmatic change.
+export function noteGraphChange() {
+  const tracker = app.extensionManager?.workflow?.activeWorkflow?.changeTracker;
+  try {
+    if (tracker?.captureCanvasState) tracker.captureCanvasState();
+    else tracker?.checkState?.();  // frontends before captureCanvasState
+  } catch (e) {
+    console.warn("casa-lora: the workflow's change tracker refused the change", e);
+  }
+}
+
 // a minimum width that shows the node's whole title
 export function fitTitle(node, extra = 64) {
   try {

@@ -20,7 +20,7 @@
 // Size: the pictures are drawn with no text under 12 px (casa_core/pictures/), about 920 x 980 px for
 // a layer; at the node's default size (DEFAULT_SIZE) the widget shows them at >= 0.83x, so no text is
 // under 10 px on screen (tests/comfy/test_web_heatmap.py measures it in the real frontend).
-import { app, api, fitTitle, onRecord, restore, restoreAll, staleText } from "./casa_common.js";
+import { app, api, fitTitle, noteGraphChange, onRecord, restore, restoreAll, staleText } from "./casa_common.js";
 
 const NODE_TYPE = "CASARoutingHeatmap";
 const UI_KEY = "casa_heatmap";
@@ -224,6 +224,7 @@ class HeatmapWidget {
     this.pending = { name, view };
     this.status.textContent = `rendering ${view === "overview" ? "the overview" : name}\u2026`;
     this.node.setDirtyCanvas?.(true, true);
+    noteGraphChange();  // the picks are part of the workflow: a tab switch or a save keeps them
     try {
       await app.queuePrompt(0, 1, [String(this.node.id)]);
     } catch (e) {

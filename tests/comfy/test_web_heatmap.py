@@ -325,10 +325,15 @@ def test_widget_picks_layers_redraws_and_reads_out_cells(server, page, artifacts
 
     # 3. pick another projection
     other_proj = next(p for p in s2["projs"] if p != s2["proj"] and p.startswith("ffn"))
-    page.eval(f"""(() => {{ const s = window.__casa.widget().projSel; s.value = {json.dumps(other_proj)};
-        s.dispatchEvent(new Event("change", {{bubbles: true}})); return true; }})()""")
-    s3 = wait_new_picture(page, s2["url"])
+    tracked = page.eval(f"""(() => {{ const s = window.__casa.widget().projSel; s.value = {json.dumps(other_proj)};
+        s.dispatchEvent(new Event("change", {{bubbles: true}}));
+        const t = window.comfyAPI.app.app.extensionManager.workflow.activeWorkflow.changeTracker;
+        return t.activeState.nodes.find(n => n.type === {json.dumps(NODE)}).widgets_values; }})()""")
     want3 = f"blocks.{other_block}.{other_proj}"
+    # the pick is in the workflow's tracked state at once (what a tab switch, undo or a save restores),
+    # not only once the queued run is acknowledged
+    assert tracked[0] == want3, tracked
+    s3 = wait_new_picture(page, s2["url"])
     assert s3["layer"] == want3 and s3["layerWidget"] == want3
     _, executing = last_run(page, comfy_server)
     assert executing == [ids["hm"]]
