@@ -36,10 +36,10 @@ from .errors import CasaError
 from .formats.checkpoint import check_finite
 from .formats.keys import comfy_key
 from .parallel import concurrent
-from .quantnoise import DriftEstimate, grid_of, separate_drift_parts
+from .quantnoise import EDGE_MARGIN, DriftEstimate, grid_of, separate_drift_parts
 
 #: bumped whenever the drift a target gives changes for the same files (part of the cache key)
-DRIFT_MODEL = "noise-aware-3"
+DRIFT_MODEL = "noise-aware-4"
 
 
 class DriftSource(Protocol):
@@ -99,7 +99,8 @@ class WeightDifference:
         cells = list(grid.cells_and_variance(stored))
         del stored
         # the cells are handed over (the separation turns them into its bounds in place: less memory)
-        est, info = separate_drift_parts(d0.to(dev), *cells, rank_search=grid.coarse, overwrite_cells=True)
+        est, info = separate_drift_parts(d0.to(dev), *cells, rank_search=grid.coarse, overwrite_cells=True,
+                                         margin=EDGE_MARGIN if grid.coarse else 0.0)
         del cells
         info = {k: v for k, v in info.items() if k != "trace"}
         info["storage"] = grid.describe()

@@ -226,6 +226,14 @@ RELAX = 1.8
 PATIENCE = 2  # the search over ranks stops after this many worse held-out scores in a row
 HOLD_OUT = 0.1  # share of the entries held out to choose the rank
 NOISE_MARGIN = 1.1  # the noise energy is known to a few per cent: only a residual clearly above it is kept
+#: on a coarse grid, a consistent estimate is kept this many times its expected per-entry error inside the
+#: cells (see :func:`edge_margin`). A point that merely touches the cells is pinned to their edges wherever
+#: its own error pushed it there; the truth, uniform in its cell, seldom is. Measured with
+#: benchmarks/bench_quantised.py's layers, the drift error, multiplier 0 / 0.5 / 1 / 2:
+#: 14B self_attn.q e4m3fn 19.9 / 15.6 / 14.9 / 16.4 %; 1.3B self_attn.q e4m3fn 53 / 48 / 45 / 45 %,
+#: scaled fp8 16.9 / 11.5 / 14.8 / 21.2 %, Q8_0 10.4 / 10.3 / 10.0 / 8.8 %; 1.3B ffn.2 e4m3fn
+#: 34.5 / 28.6 / 27.2 / 29.1 %, scaled 14.4 / 12.7 / 13.2 / 19.2 %, Q8_0 8.7 / 8.6 / 8.2 / 7.0 %
+EDGE_MARGIN = 0.75
 
 
 def _noise_edge(var: torch.Tensor, gen: torch.Generator, iters: int = 24) -> float:
@@ -253,13 +261,35 @@ def _top_right(x: torch.Tensor, k: int, gen: torch.Generator, iters: int = 4) ->
     return q @ vh.T, s
 
 
-def _pocs(d0, lo_b, hi_b, v, iters):
+def edge_margin(noise: float, shape: tuple[int, int], k: int, multiple: float = EDGE_MARGIN) -> float:
+    """How far inside its cells a rank-``k`` estimate is kept: ``multiple`` times the root-mean-square
+    per entry of the noise's part in the tangent space of the rank-``k`` matrices at the estimate,
+    ``sqrt(noise * k (m + n - k)) / (m n)`` (``noise``: the expected ``||E||_F^2``), which is the per-entry
+    error a rank-``k`` fit to noisy entries keeps."""
+    m, n = shape
+    if multiple <= 0 or noise <= 0 or k <= 0:
+        return 0.0
+    return multiple * math.sqrt(noise * k * max(m + n - k, 0)) / (m * n)
+
+
+def _pocs(d0, lo_b, hi_b, v, iters, margin: float = 0.0):
     """Alternating projections onto {rank <= k} (one warm-started subspace step each) and the cells.
 
     An entry without a cell constraint (held out for cross-validation) has the cell ``(-inf, inf)``.
+    ``margin``: the cells are narrowed by this much at both ends (by at most a quarter of their width)
+    while the projections run, and restored after (in place: one buffer more, not three).
     The cell projection and its relaxation are two in-place passes over one buffer, and the rank-k product
     is written into the iterate's own: no ``m x n`` temporaries per iteration. Returns the iterate and
     its factors ``(q, z)`` (``x = q z``)."""
+    if margin > 0:
+        half = torch.sub(hi_b, lo_b).mul_(0.25).clamp_(max=margin)  # inf (an unconstrained entry) -> margin
+        lo_b.add_(half)
+        hi_b.sub_(half)
+        try:
+            return _pocs(d0, lo_b, hi_b, v, iters)
+        finally:
+            lo_b.sub_(half)
+            hi_b.add_(half)
     x = None
     xb = torch.empty_like(d0)
     for _ in range(iters):
@@ -302,23 +332,26 @@ class DriftEstimate:
 
 
 def separate_drift(d0: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, var: torch.Tensor | None = None, *,
-                   max_rank: int = 256, seed: int = 0, rank_search: bool = True) -> tuple[torch.Tensor, dict]:
+                   max_rank: int = 256, seed: int = 0, rank_search: bool = True,
+                   margin: float = 0.0) -> tuple[torch.Tensor, dict]:
     """The drift ``W_t - W_s`` estimated from ``d0 = W_t^q - W_s`` and the cells of ``W_t^q``, dense
     (:func:`separate_drift_parts` gives it factored, with the same arguments and report)."""
-    est, info = separate_drift_parts(d0, lo, hi, var, max_rank=max_rank, seed=seed, rank_search=rank_search)
+    est, info = separate_drift_parts(d0, lo, hi, var, max_rank=max_rank, seed=seed, rank_search=rank_search,
+                                     margin=margin)
     return est.dense(), info
 
 
 def separate_drift_parts(d0: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, var: torch.Tensor | None = None, *,
                          max_rank: int = 256, seed: int = 0, rank_search: bool = True,
-                         overwrite_cells: bool = False) -> tuple[DriftEstimate, dict]:
+                         overwrite_cells: bool = False, margin: float = 0.0) -> tuple[DriftEstimate, dict]:
     """The drift ``W_t - W_s`` estimated from ``d0 = W_t^q - W_s`` and the cells of ``W_t^q``.
 
     ``lo``/``hi``: the cells (see :meth:`StorageGrid.cells`), ``var`` the noise variances
     (:meth:`StorageGrid.noise_variance`; default: uniform in the cells); ``rank_search`` False (a fine
     grid, :attr:`StorageGrid.coarse`) keeps the rank at the count above the noise edge below
     ``CLEAR_SNR`` too; ``overwrite_cells``: ``lo`` and ``hi`` may be overwritten (two layers' worth of
-    memory less). Returns the estimate (:class:`DriftEstimate`, float32, on ``d0``'s device) and a
+    memory less); ``margin``: the multiple of :func:`edge_margin` a consistent estimate keeps inside the
+    cells (:data:`EDGE_MARGIN` for coarse grids; 0: it only has to touch them). Returns the estimate (:class:`DriftEstimate`, float32, on ``d0``'s device) and a
     report: ``noise_norm`` (expected ``||E||_F``), ``drift_norm`` (``||d0||``),
     ``snr`` (amplitude, :func:`drift_snr`), ``rank`` (of the consistent low-rank part), ``edge_rank``
     (singular values above the noise edge), ``residual_kept`` (the Wiener factor), ``method``.
@@ -371,7 +404,8 @@ def separate_drift_parts(d0: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, v
         # On a fine grid (bf16 / fp16) the rank search below does not pay at any SNR: measured at Wan-1.3B
         # shapes with a rank-64 drift of 0.1-0.3 % (SNR 0-1.6), its transfer was within 0.1 percentage point
         # of this one's (1.4 vs 1.5 %, 0.8 vs 0.9 %, 2.6 vs 2.6 %) and took 5x the time
-        low, factors = _pocs(d0, lo_b, hi_b, v[:, :k].contiguous(), POCS_ITERS)
+        low, factors = _pocs(d0, lo_b, hi_b, v[:, :k].contiguous(), POCS_ITERS,
+                             edge_margin(noise, (m, n), k, margin))
         info["method"] = "consistent low-rank"
         info["consistency"] = _box_residual(low, lo_b, hi_b)
     else:
@@ -398,7 +432,8 @@ def separate_drift_parts(d0: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, v
             kc = max(1, min(k_cap, v_fit.shape[1], round(k * factor)))
             if any(kc == t[0] for t in trace):
                 continue
-            x, _ = _pocs(d_fit, lo_f, hi_f, v_fit[:, :kc].contiguous(), POCS_ITERS)
+            x, _ = _pocs(d_fit, lo_f, hi_f, v_fit[:, :kc].contiguous(), POCS_ITERS,
+                         edge_margin(noise, (m, n), kc, margin))
             sc = held_score(x)
             del x
             trace.append((kc, sc))
@@ -411,7 +446,8 @@ def separate_drift_parts(d0: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, v
         del d_fit, lo_f, hi_f
         k = best[1]
         low, factors = _pocs(d0, lo_b, hi_b,
-                             v[:, :k].contiguous() if k <= v.shape[1] else _top_right(d0, k, gen)[0], REFINE_ITERS)
+                             v[:, :k].contiguous() if k <= v.shape[1] else _top_right(d0, k, gen)[0], REFINE_ITERS,
+                             edge_margin(noise, (m, n), k, margin))
         info["method"] = "consistent low-rank"
         info["consistency"] = _box_residual(low, lo_b, hi_b)
     # what the low-rank part leaves: kept in proportion to how much of it is not noise

@@ -202,3 +202,37 @@ def test_a_fine_grid_keeps_the_edge_rank_below_the_clear_snr():
     assert info["method"] == "consistent low-rank" and info["rank"] == info["edge_rank"] > 0, info
     raw_err, err = float((d0 - drift).norm()), float((est - drift).norm())
     assert err < 0.25 * raw_err, (err, raw_err, info)
+
+
+@pytest.mark.parametrize("scaled", [False, True], ids=["e4m3fn", "scaled-e4m3fn"])
+def test_an_edge_margin_brings_a_coarse_grid_estimate_closer_to_the_drift(scaled):
+    """fp8 storage of a 1.5 % rank-64 drift (noise about twice the drift): the consistent estimate kept
+    EDGE_MARGIN times its expected per-entry error inside the cells is closer to the drift than the one that
+    only touches them (measured 0.674 vs 0.646 plain, 0.420 vs 0.389 scaled), and the cells are handed back
+    as they came."""
+    from casa_core.quantnoise import EDGE_MARGIN, _pocs, edge_margin
+
+    ws, drift = _power_law_layer(768, 768, seed=0)
+    wt = (ws + drift).bfloat16().float()
+    s = wt.abs().max() / FP8_MAX if scaled else None
+    q = (wt / s).to(torch.float8_e4m3fn).float() * s if scaled else wt.to(torch.float8_e4m3fn).float()
+    grid = StorageGrid.fp8(torch.float8_e4m3fn, s)
+    lo, hi, var = grid.cells_and_variance(q)
+    d0 = q - ws
+    errs = [float((separate_drift(d0, lo, hi, var, margin=mg)[0] - drift).norm() / drift.norm())
+            for mg in (0.0, EDGE_MARGIN)]
+    assert errs[1] < 0.97 * errs[0], errs
+    # the margin: the per-entry RMS of the noise's share in the rank-k tangent space, times the multiple
+    noise = float(var.double().sum())
+    k, (m, n) = 17, d0.shape
+    assert math.isclose(edge_margin(noise, (m, n), k, 1.0),
+                        math.sqrt(noise / (m * n)) * math.sqrt(k * (m + n - k) / (m * n)), rel_tol=1e-12)
+    assert edge_margin(noise, (m, n), k, 0.0) == 0.0 and edge_margin(0.0, (m, n), k) == 0.0
+    # narrowed while the projections run, restored after; an unconstrained (held-out) entry stays unconstrained
+    lo_b, hi_b = d0 + lo, d0 + hi
+    lo_b[0, 0], hi_b[0, 0] = -math.inf, math.inf
+    before = lo_b.clone(), hi_b.clone()
+    v = torch.linalg.qr(torch.randn(n, k, generator=torch.Generator().manual_seed(0)))[0]
+    x, _ = _pocs(d0, lo_b, hi_b, v, 5, margin=edge_margin(noise, (m, n), k))
+    assert torch.allclose(lo_b, before[0], rtol=0, atol=1e-9) and torch.allclose(hi_b, before[1], rtol=0, atol=1e-9)
+    assert lo_b[0, 0] == -math.inf and hi_b[0, 0] == math.inf and torch.isfinite(x).all()
