@@ -247,15 +247,18 @@ def test_widget_picks_layers_redraws_and_reads_out_cells(server, page, artifacts
 
     # load the example workflow as the frontend does, point it at the tiny models
     page.eval(JS_HELPERS)
-    for attempt in range(5):
-        n = page.eval(f"""(async () => {{ const app = window.comfyAPI.app.app;
-            await app.loadGraphData({json.dumps(wf)}, true, true, "casa_routing_heatmap");
-            await new Promise(r => setTimeout(r, 300));
-            return app.graph.nodes.filter(n => n.type === {json.dumps(NODE)}).length; }})()""")
-        if n == 1:
-            break
-        time.sleep(1.0)
-    assert n == 1, "the example workflow has no (or several) CASARoutingHeatmap nodes"
+    # loaded once: a second load (a retry on a slow machine) opens a second tab of the same name, whose
+    # older state the tab switch below could then bring back
+    page.eval(f"""(async () => {{ const app = window.comfyAPI.app.app;
+        await app.loadGraphData({json.dumps(wf)}, true, true, "casa_routing_heatmap"); return true; }})()""")
+    count = f"window.comfyAPI.app.app.graph.nodes.filter(n => n.type === {json.dumps(NODE)}).length"
+    page.wait_for(f"{count} >= 1", 60, "the example workflow's heatmap node")
+    time.sleep(0.3)
+    n = page.eval(count)
+    assert n == 1, "the example workflow has several CASARoutingHeatmap nodes"
+    tabs = page.eval("""[...document.querySelectorAll(".workflow-label, [class*=workflow-label]")]
+        .filter(e => e.textContent.trim() === "casa_routing_heatmap").length""")
+    assert tabs == 1, f"{tabs} workflow tabs named casa_routing_heatmap"
     page.eval(f"""(() => {{ const app = window.comfyAPI.app.app;
         const set = (type, name, v) => {{ for (const n of app.graph.nodes.filter(n => n.type === type)) {{
             const w = n.widgets.find(w => w.name === name); if (w) w.value = v; }} }};
