@@ -261,15 +261,21 @@ def _top_right(x: torch.Tensor, k: int, gen: torch.Generator, iters: int = 4) ->
     return q @ vh.T, s
 
 
+def _tangent_share(shape: tuple[int, int], k: int) -> float:
+    """The share of an ``m x n`` matrix's dimensions in the tangent space of the rank-``k`` matrices,
+    ``k (m + n - k) / (m n)``: the share of white noise a rank-``k`` fit keeps."""
+    m, n = shape
+    return k * (m + n - k) / (m * n)
+
+
 def edge_margin(noise: float, shape: tuple[int, int], k: int, multiple: float = EDGE_MARGIN) -> float:
     """How far inside its cells a rank-``k`` estimate is kept: ``multiple`` times the root-mean-square
     per entry of the noise's part in the tangent space of the rank-``k`` matrices at the estimate,
     ``sqrt(noise * k (m + n - k)) / (m n)`` (``noise``: the expected ``||E||_F^2``), which is the per-entry
     error a rank-``k`` fit to noisy entries keeps."""
-    m, n = shape
     if multiple <= 0 or noise <= 0 or k <= 0:
         return 0.0
-    return multiple * math.sqrt(noise * k * max(m + n - k, 0)) / (m * n)
+    return multiple * math.sqrt(noise * _tangent_share(shape, k) / (shape[0] * shape[1]))
 
 
 def _pocs(d0, lo_b, hi_b, v, iters, margin: float = 0.0):
@@ -351,8 +357,8 @@ def separate_drift_parts(d0: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, v
     grid, :attr:`StorageGrid.coarse`) keeps the rank at the count above the noise edge below
     ``CLEAR_SNR`` too; ``overwrite_cells``: ``lo`` and ``hi`` may be overwritten (two layers' worth of
     memory less); ``margin``: the multiple of :func:`edge_margin` a consistent estimate keeps inside the
-    cells (:data:`EDGE_MARGIN` for coarse grids; 0: it only has to touch them). Returns the estimate (:class:`DriftEstimate`, float32, on ``d0``'s device) and a
-    report: ``noise_norm`` (expected ``||E||_F``), ``drift_norm`` (``||d0||``),
+    cells (:data:`EDGE_MARGIN` for coarse grids; 0: it only has to touch them). Returns the estimate
+    (:class:`DriftEstimate`, float32, on ``d0``'s device) and a report: ``noise_norm`` (expected ``||E||_F``), ``drift_norm`` (``||d0||``),
     ``snr`` (amplitude, :func:`drift_snr`), ``rank`` (of the consistent low-rank part), ``edge_rank``
     (singular values above the noise edge), ``residual_kept`` (the Wiener factor), ``method``.
     """
@@ -387,6 +393,10 @@ def separate_drift_parts(d0: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, v
         probe = min(k_cap, 2 * probe)
     info["edge_rank"] = k_edge
     lo_b, hi_b = (lo.add_(d0), hi.add_(d0)) if overwrite_cells else (d0 + lo, d0 + hi)
+
+    def inset(rank: int) -> float:  # the absolute margin a rank-``rank`` estimate keeps inside the cells
+        return edge_margin(noise, (m, n), rank, margin)
+
     del lo, hi
     k = min(k_edge, k_cap)
     if k == 0:
@@ -404,8 +414,7 @@ def separate_drift_parts(d0: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, v
         # On a fine grid (bf16 / fp16) the rank search below does not pay at any SNR: measured at Wan-1.3B
         # shapes with a rank-64 drift of 0.1-0.3 % (SNR 0-1.6), its transfer was within 0.1 percentage point
         # of this one's (1.4 vs 1.5 %, 0.8 vs 0.9 %, 2.6 vs 2.6 %) and took 5x the time
-        low, factors = _pocs(d0, lo_b, hi_b, v[:, :k].contiguous(), POCS_ITERS,
-                             edge_margin(noise, (m, n), k, margin))
+        low, factors = _pocs(d0, lo_b, hi_b, v[:, :k].contiguous(), POCS_ITERS, inset(k))
         info["method"] = "consistent low-rank"
         info["consistency"] = _box_residual(low, lo_b, hi_b)
     else:
@@ -432,8 +441,7 @@ def separate_drift_parts(d0: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, v
             kc = max(1, min(k_cap, v_fit.shape[1], round(k * factor)))
             if any(kc == t[0] for t in trace):
                 continue
-            x, _ = _pocs(d_fit, lo_f, hi_f, v_fit[:, :kc].contiguous(), POCS_ITERS,
-                         edge_margin(noise, (m, n), kc, margin))
+            x, _ = _pocs(d_fit, lo_f, hi_f, v_fit[:, :kc].contiguous(), POCS_ITERS, inset(kc))
             sc = held_score(x)
             del x
             trace.append((kc, sc))
@@ -447,13 +455,13 @@ def separate_drift_parts(d0: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, v
         k = best[1]
         low, factors = _pocs(d0, lo_b, hi_b,
                              v[:, :k].contiguous() if k <= v.shape[1] else _top_right(d0, k, gen)[0], REFINE_ITERS,
-                             edge_margin(noise, (m, n), k, margin))
+                             inset(k))
         info["method"] = "consistent low-rank"
         info["consistency"] = _box_residual(low, lo_b, hi_b)
     # what the low-rank part leaves: kept in proportion to how much of it is not noise
     resid = d0 - low
     r_energy = float((resid.double() ** 2).sum())
-    r_noise = noise * max(0.0, 1.0 - k * (m + n - k) / (m * n))
+    r_noise = noise * max(0.0, 1.0 - _tangent_share((m, n), k))
     keep = max(0.0, 1.0 - NOISE_MARGIN * r_noise / r_energy) if r_energy > 0 else 0.0
     info.update(rank=k, residual_kept=keep)
     if info["method"] == "raw":

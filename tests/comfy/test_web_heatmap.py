@@ -247,8 +247,8 @@ def test_widget_picks_layers_redraws_and_reads_out_cells(server, page, artifacts
 
     # load the example workflow as the frontend does, point it at the tiny models
     page.eval(JS_HELPERS)
-    # loaded once: a second load (a retry on a slow machine) opens a second tab of the same name, whose
-    # older state the tab switch below could then bring back
+    # loaded once and waited for: a retry could open a second tab of the same name, and the tab switch
+    # below picks its tab by name
     page.eval(f"""(async () => {{ const app = window.comfyAPI.app.app;
         await app.loadGraphData({json.dumps(wf)}, true, true, "casa_routing_heatmap"); return true; }})()""")
     count = f"window.comfyAPI.app.app.graph.nodes.filter(n => n.type === {json.dumps(NODE)}).length"
