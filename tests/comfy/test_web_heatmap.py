@@ -150,7 +150,38 @@ window.__casa = window.__casa || (() => {
     let h = 0; for (let i = 0; i < d.length; i += 7) h = (h * 31 + d[i]) >>> 0;
     return h;
   };
-  return { app, api, log, hmNode, widget, canvasHash };
+  // a trace of what the frontend does with the workflow's tracked state (written out when a restore
+  // check fails): loads, resets, captures that changed the heatmap's widget values, deactivations, undo
+  const trace = [];
+  const hmVals = (g) => g?.nodes?.find((n) => n.type === "CASARoutingHeatmap")?.widgets_values ?? null;
+  const note = (...row) => { trace.push([Date.now() % 1e6, ...row]); if (trace.length > 400) trace.shift(); };
+  const CT = app.extensionManager?.workflow?.activeWorkflow?.changeTracker?.constructor;
+  if (CT && !CT.prototype.__casaTraced) {
+    CT.prototype.__casaTraced = true;
+    const wrap = (name, info) => {
+      const orig = CT.prototype[name];
+      if (!orig) return;
+      CT.prototype[name] = function (...args) {
+        const before = JSON.stringify(hmVals(this.activeState));
+        const r = orig.apply(this, args);
+        const after = JSON.stringify(hmVals(this.activeState));
+        if (info || before !== after) note(name, this.workflow?.path, before, after, this.changeCount,
+          !!CT.isLoadingGraph, !!this._restoringState, JSON.stringify(hmVals(app.graph?.serialize?.())));
+        return r;
+      };
+    };
+    wrap("reset", true); wrap("deactivate", true); wrap("captureCanvasState", false); wrap("updateState", true);
+  }
+  if (!app.__casaTraced) {
+    app.__casaTraced = true;
+    const load = app.loadGraphData;
+    app.loadGraphData = function (data, clean, restoreView, workflow, ...rest) {
+      note("loadGraphData", typeof workflow === "string" ? workflow : workflow?.path ?? null,
+        JSON.stringify(hmVals(data)), JSON.stringify(data?.nodes?.find((n) => n.type === "UNETLoader")?.widgets_values));
+      return load.call(this, data, clean, restoreView, workflow, ...rest);
+    };
+  }
+  return { app, api, log, hmNode, widget, canvasHash, trace };
 })();
 true
 """
@@ -186,14 +217,20 @@ def click_tab(page, label: str) -> None:
     page.click(box["x"], box["y"])
 
 
-def wait_restored(page, before: dict, timeout=60.0) -> dict:
+def wait_restored(page, before: dict, artifacts: Path, timeout=60.0) -> dict:
     """The widget shows the same picture and picks as ``before`` (after a tab switch or a reload)."""
     page.wait_for(f"""(() => {{ const w = window.__casa.widget(); const d = w?.root.dataset;
         return !!(w && w.image && d.imageUrl === {json.dumps(before["url"])}); }})()""", timeout, "the restored picture")
     time.sleep(0.3)
     now = state(page)
-    for key in ("layer", "view", "block", "proj", "blocks", "projs", "layerWidget"):
-        assert now[key] == before[key], (key, now[key], before[key])
+    wrong = [(key, now[key], before[key]) for key in ("layer", "view", "block", "proj", "blocks", "projs",
+                                                       "layerWidget") if now[key] != before[key]]
+    if wrong:
+        trace = page.eval("window.__casa.trace")
+        graph = page.eval("window.comfyAPI.app.app.graph.serialize().nodes.map(n => [n.type, n.widgets_values])")
+        (artifacts / "restore_trace.json").write_text(json.dumps({"wrong": wrong, "graph": graph, "trace": trace},
+                                                                  indent=1))
+        raise AssertionError(f"{wrong}; graph now: {graph}; the frontend's trace: {trace[-25:]}")
     assert now["hash"] is not None and now["readout"], now
     return now
 
@@ -397,7 +434,7 @@ def test_widget_picks_layers_redraws_and_reads_out_cells(server, page, artifacts
     click_tab(page, "casa_routing_heatmap")
     page.wait_for("(() => { const n = window.__casa.hmNode(); return !!n && !n.__casaMark; })()", 30,
                   "the heatmap workflow shown again")
-    back = wait_restored(page, s6)
+    back = wait_restored(page, s6, artifacts)
     assert not back["stale"], back
     page.screenshot(artifacts / "6b_tab_switched_back.png")
 
@@ -407,7 +444,7 @@ def test_widget_picks_layers_redraws_and_reads_out_cells(server, page, artifacts
                   "the page after the reload")
     time.sleep(1.0)
     page.eval(JS_HELPERS)
-    reloaded = wait_restored(page, s6)
+    reloaded = wait_restored(page, s6, artifacts)
     assert not reloaded["stale"], reloaded
     page.screenshot(artifacts / "7_after_reload.png")
 
