@@ -435,6 +435,7 @@ def test_widget_picks_layers_redraws_and_reads_out_cells(server, page, artifacts
     page.wait_for("(() => { const n = window.__casa.hmNode(); return !!n && !n.__casaMark; })()", 30,
                   "the heatmap workflow shown again")
     back = wait_restored(page, s6, artifacts)
+    (artifacts / "frontend_trace.json").write_text(json.dumps(page.eval("window.__casa.trace"), indent=1))
     assert not back["stale"], back
     page.screenshot(artifacts / "6b_tab_switched_back.png")
 
