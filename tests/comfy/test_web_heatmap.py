@@ -10,8 +10,9 @@ picture for that layer by re-running ONLY the heatmap node (the transfer comes f
 hovering a cell reads out its values, and the overview opens a layer on click. The picture and the
 picks come back after a tab switch and after a reload of the page; the picture is marked out of date
 when an input upstream changes and after a run that failed before reaching the node.
-Screenshots, the loaded workflow and the browser console go to ``test-artifacts/web_heatmap/<ComfyUI
-version>/`` (gitignored).
+Screenshots, the loaded workflow, the browser console and a trace of what the frontend did with the
+workflow's tracked state (``frontend_trace.json``; ``restore_trace.json`` when a restore check fails) go to
+``test-artifacts/web_heatmap/<ComfyUI version>/`` (gitignored).
 
 Needs Chromium (Debian: ``apt-get install -y chromium``; or set ``CASA_CHROMIUM`` to a browser
 binary).  Without it the test is skipped with that reason through conftest's mechanism (a failure
