@@ -358,8 +358,8 @@ def separate_drift_parts(d0: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, v
     ``CLEAR_SNR`` too; ``overwrite_cells``: ``lo`` and ``hi`` may be overwritten (two layers' worth of
     memory less); ``margin``: the multiple of :func:`edge_margin` a consistent estimate keeps inside the
     cells (:data:`EDGE_MARGIN` for coarse grids; 0: it only has to touch them). Returns the estimate
-    (:class:`DriftEstimate`, float32, on ``d0``'s device) and a report: ``noise_norm`` (expected ``||E||_F``), ``drift_norm`` (``||d0||``),
-    ``snr`` (amplitude, :func:`drift_snr`), ``rank`` (of the consistent low-rank part), ``edge_rank``
+    (:class:`DriftEstimate`, float32, on ``d0``'s device) and a report: ``noise_norm`` (expected
+    ``||E||_F``), ``drift_norm`` (``||d0||``), ``snr`` (amplitude, :func:`drift_snr`), ``rank`` (of the consistent low-rank part), ``edge_rank``
     (singular values above the noise edge), ``residual_kept`` (the Wiener factor), ``method``.
     """
     d0 = d0.float()

@@ -178,7 +178,8 @@ window.__casa = window.__casa || (() => {
     const load = app.loadGraphData;
     app.loadGraphData = function (data, clean, restoreView, workflow, ...rest) {
       note("loadGraphData", typeof workflow === "string" ? workflow : workflow?.path ?? null,
-        JSON.stringify(hmVals(data)), JSON.stringify(data?.nodes?.find((n) => n.type === "UNETLoader")?.widgets_values));
+        JSON.stringify(hmVals(data)),
+        JSON.stringify(data?.nodes?.find((n) => n.type === "UNETLoader")?.widgets_values));
       return load.call(this, data, clean, restoreView, workflow, ...rest);
     };
   }

@@ -9,7 +9,7 @@ from casa_core.basis import load_or_build_basis
 from casa_core.drift import WeightDifference, load_or_build_drift
 from casa_core.formats.checkpoint import Checkpoint
 from casa_core.formats.safetensors_io import write_file
-from casa_core.quantnoise import separate_drift, separate_drift_parts
+from casa_core.quantnoise import EDGE_MARGIN, separate_drift, separate_drift_parts
 
 
 def _rel(a, b):
@@ -78,8 +78,7 @@ def test_a_separated_fp8_drift_is_stored_with_a_complement_of_its_rank(tmp_path,
 
     grid = StorageGrid.fp8(torch.float8_e4m3fn)
     lo, hi, var = grid.cells_and_variance(q)
-    from casa_core.quantnoise import EDGE_MARGIN  # what the drift build uses on a coarse grid
-
+    # the margin the drift build uses on a coarse grid
     est, _ = separate_drift(q - ws, lo, hi, var, margin=EDGE_MARGIN)
     parts, _ = separate_drift_parts(q - ws, lo, hi, var, margin=EDGE_MARGIN)
     assert parts.residual is None and torch.allclose(parts.dense(), est)
