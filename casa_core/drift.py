@@ -39,7 +39,7 @@ from .parallel import concurrent
 from .quantnoise import EDGE_MARGIN, DriftEstimate, grid_of, separate_drift_parts
 
 #: bumped whenever the drift a target gives changes for the same files (part of the cache key)
-DRIFT_MODEL = "noise-aware-4"
+DRIFT_MODEL = "noise-aware-5"
 
 
 class DriftSource(Protocol):
@@ -92,8 +92,10 @@ class WeightDifference:
             return None, None
         d0, stored, grid = raw
         del raw
-        if grid is None or not grid.supported:
+        if grid is None:
             return d0, None
+        if not grid.supported:  # lossy storage without a noise model: the drift as it is, and say so
+            return d0, {"storage": grid.describe(), "unmodelled": True}
         dev = torch.device(device)
         stored = stored.to(dev)
         cells = list(grid.cells_and_variance(stored))
@@ -229,6 +231,13 @@ class TargetDrift:
         """Layers (of ``layers``, default all) whose target is stored with rounding noise: layer -> report."""
         return {n: i["noise"] for n, i in self.info.items() if "noise" in i and (layers is None or n in layers)}
 
+    def unmodelled(self, layers=None) -> dict[str, str]:
+        """Layers (of ``layers``, default all) whose target is stored in a lossy format without a noise
+        model here (GGUF IQ2/IQ3/TQ types, NVFP4 …): layer -> the storage's name. Their drift holds the
+        storage's rounding as it is."""
+        return {n: i["unmodelled_storage"] for n, i in self.info.items()
+                if "unmodelled_storage" in i and (layers is None or n in layers)}
+
     def below_noise(self, floor: float = 1.0, layers=None) -> list[str]:
         """Layers whose drift is below the target's rounding noise (amplitude SNR < ``floor``)."""
         return [n for n, r in self.noisy(layers).items() if r.get("snr", float("inf")) < floor]
@@ -263,14 +272,23 @@ class DriftEntry:
 def noise_summary(drift: TargetDrift, what: str = "the target", layers=None) -> list[str]:
     """Plain-language lines about the target's storage noise (empty when it has none that matters);
     ``layers`` restricts them to some layers (those a LoRA touches)."""
+    lines = []
+    other = drift.unmodelled(layers)
+    if other:
+        kinds = sorted(set(other.values()))
+        lines.append(f"WARNING: {what} is stored as {', '.join(kinds)} in {len(other)} layer(s) (e.g. "
+                     f"{next(iter(other))}), a lossy format whose rounding casa-lora cannot separate from the "
+                     f"distillation drift, so that drift includes the storage noise; a bf16, fp8 or GGUF Q8_0/"
+                     f"K-quant/IQ4 release of the distilled model, or its distillation LoRA on the base model, "
+                     f"is the cleaner target")
     noisy = drift.noisy(layers)
     if not noisy:
-        return []
+        return lines
     snrs = sorted(r["snr"] for r in noisy.values())
     kinds = sorted({r.get("storage", "?") for r in noisy.values()})
     median = snrs[len(snrs) // 2]
-    lines = [(f"{what} is stored as {', '.join(kinds)}: drift/noise (SNR) per layer from {snrs[0]:.2g} to "
-              f"{snrs[-1]:.2g} (median {median:.2g}); the drift was separated from the rounding noise")]
+    lines.append(f"{what} is stored as {', '.join(kinds)}: drift/noise (SNR) per layer from {snrs[0]:.2g} to "
+                 f"{snrs[-1]:.2g} (median {median:.2g}); the drift was separated from the rounding noise")
     low = drift.below_noise(layers=layers)
     if low:
         lines.append(f"WARNING: in {len(low)} of {len(noisy)} layers (e.g. {low[0]}) the distillation drift is "
@@ -363,11 +381,19 @@ def load_or_build_drift(
             norm = linalg.product_norm(delta.left, delta.right)
         else:
             norm = 0.0 if delta is None else float(torch.linalg.matrix_norm(delta.float()))
-        if delta is None or norm == 0.0:
-            info = {"mode": "zero", "norm": 0.0, "missing": delta is None}
+        unmodelled = noise.pop("storage") if noise is not None and noise.pop("unmodelled", False) else None
+        if unmodelled is not None:
+            noise = None
+
+        def annotate(info: dict) -> dict:
             if noise is not None:
                 info["noise"] = noise
-            return {}, info
+            if unmodelled is not None:
+                info["unmodelled_storage"] = unmodelled
+            return info
+
+        if delta is None or norm == 0.0:
+            return {}, annotate({"mode": "zero", "norm": 0.0, "missing": delta is None})
         b = basis.layer(name, device)
         if isinstance(delta, DriftEstimate):  # exactly low rank: its coordinates from the factors
             d = L.compute_drift_factored(b, delta.left.to(device), delta.right.to(device))
@@ -376,9 +402,7 @@ def load_or_build_drift(
         tensors, info = encode_drift(d, basis.storage)
         info["norm"] = norm
         info["missing"] = False
-        if noise is not None:
-            info["noise"] = noise
-        return tensors, info
+        return tensors, annotate(info)
 
     cache.build(
         names, compute,

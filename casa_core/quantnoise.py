@@ -79,6 +79,12 @@ _SYMMETRIC_QMAX = {"Q8_0": 127, "Q4_0": 8, "Q5_0": 16, "Q3_K": 4, "Q6_K": 32}
 # K-quants also quantise the sub-block scales (6 or 8 bits) and choose them by a weighted search, so
 # their step is known less exactly than Q8_0's: their cells get this extra width
 _SCALE_SLACK = {"Q2_K": 1.25, "Q3_K": 1.25, "Q4_K": 1.25, "Q5_K": 1.25, "Q6_K": 1.25}
+#: GGUF types with a non-uniform codebook: every 32 values are ``d * IQ4_LEVELS[q]`` (IQ4_XS: ``d`` is the
+#: super-block scale times a 6-bit sub-block scale; the form per 32 values is the same)
+CODEBOOK_GRIDS = ("IQ4_NL", "IQ4_XS")
+IQ4_LEVELS = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
+#: the GGUF types that are plain floats or integers: no rounding grid of a quantiser
+_GGUF_PLAIN = ("F32", "F64", "F16", "BF16", "I8", "I16", "I32", "I64")
 
 
 @dataclass(frozen=True)
@@ -103,12 +109,21 @@ class StorageGrid:
 
     @classmethod
     def gguf(cls, qtype: str) -> StorageGrid | None:
-        """The grid of a GGUF tensor type, None for the float types (F32, F16, BF16)."""
-        return cls("gguf:" + qtype) if qtype in GGUF_GRIDS else None
+        """The grid of a GGUF tensor type, None for the float and integer types (F32, F16, BF16 …). A
+        quantised type without a noise model here (IQ2_XXS, TQ1_0 …) gets a grid that is not
+        :attr:`supported`, so that the drift says so instead of passing for a clean one."""
+        return None if qtype in _GGUF_PLAIN else cls("gguf:" + qtype)
+
+    @classmethod
+    def unmodelled(cls, name: str) -> StorageGrid:
+        """A lossy storage whose rounding cannot be modelled here (e.g. a ComfyUI quantised layout other
+        than fp8): not :attr:`supported`; ``name`` is how the summary calls it."""
+        return cls("other:" + name)
 
     @property
     def supported(self) -> bool:
-        return self.kind in _FLOAT_GRIDS or self.kind[5:] in GGUF_GRIDS
+        return self.kind in _FLOAT_GRIDS or (self.kind.startswith("gguf:")
+                                              and (self.kind[5:] in GGUF_GRIDS or self.kind[5:] in CODEBOOK_GRIDS))
 
     @property
     def coarse(self) -> bool:
@@ -119,6 +134,8 @@ class StorageGrid:
     def describe(self) -> str:
         if self.kind.startswith("gguf:"):
             return f"GGUF {self.kind[5:]}"
+        if self.kind.startswith("other:"):
+            return self.kind[6:]
         fmt = {"bfloat16": "bf16", "float16": "fp16"}.get(self.kind, self.kind.replace("float8_", "fp8 "))
         return f"{fmt} (scaled)" if self.scale is not None else fmt
 
@@ -143,6 +160,8 @@ class StorageGrid:
             return lo, hi, (hi - lo).square_().div_(12.0)
         if self.kind.startswith("gguf:") and self.kind[5:] in GGUF_GRIDS:
             return _gguf_cells(w, self.kind[5:])
+        if self.kind.startswith("gguf:") and self.kind[5:] in CODEBOOK_GRIDS:
+            return _codebook_cells(w, self.kind[5:])
         raise ValueError(f"no noise model for storage {self.kind!r}")
 
 
@@ -183,6 +202,75 @@ def _gguf_cells(w: torch.Tensor, qtype: str):
     half = (step * (0.5 + qmax * 2.0 ** -11) * _SCALE_SLACK.get(qtype, 1.0)).expand_as(b).reshape(m, n)
     var = (step ** 2 / 12.0).expand_as(b).reshape(m, n)
     return -half, half.clone(), var
+
+
+_CODEBOOK_BLOCK = 32
+_CODEBOOK_CHUNK = 1 << 14  # blocks per pass of the scale search (16 candidates x 32 values each)
+
+
+def _codebook_scales(b: torch.Tensor) -> torch.Tensor:
+    """The scale ``d`` of every block of ``b`` (``blocks x 32``, values ``d * IQ4_LEVELS[q]``), read back
+    from the values: the block's largest value is ``d`` times one of the 16 levels, and only the true one
+    (or, for a block of a single repeated value, the largest level, the narrowest cells) makes every value
+    a level. A block no candidate explains (NaN) gets ``max|x| / 127``."""
+    levels = torch.tensor(IQ4_LEVELS, dtype=torch.float32, device=b.device)
+    order = torch.argsort(levels.abs(), descending=True)  # try the largest levels first
+    cand_levels = levels[order]
+    out = torch.empty(b.shape[0], dtype=torch.float32, device=b.device)
+    for s0 in range(0, b.shape[0], _CODEBOOK_CHUNK):
+        x = b[s0:s0 + _CODEBOOK_CHUNK]
+        top = x.gather(1, x.abs().argmax(1, keepdim=True))  # blocks x 1, signed
+        cands = top / cand_levels  # blocks x 16
+        ratio = x[:, None, :] / cands[:, :, None]  # an all-zero block: NaN, no candidate fits
+        near = torch.bucketize(ratio, (levels[1:] + levels[:-1]) / 2).clamp_(0, 15)
+        miss = (ratio - levels[near]).abs_().amax(-1)  # blocks x 16
+        ok = miss <= 1e-3
+        first = torch.where(ok.any(1), ok.float().argmax(1), -1)
+        fallback = x.abs().amax(1) / 127.0
+        picked = cands.gather(1, first.clamp_min(0)[:, None])[:, 0]
+        out[s0:s0 + _CODEBOOK_CHUNK] = torch.where(first >= 0, picked, fallback)
+    return out
+
+
+def _codebook_cells(w: torch.Tensor, qtype: str):
+    """Cells of IQ4_NL / IQ4_XS values, in units of their block's scale ``d``: the midpoints to the
+    neighbouring levels (the quantiser takes the nearest level given its scale). The two outer levels
+    also hold what was clipped: the block's largest value is about 127 ``d`` (llama.cpp's scale search
+    moves it by up to 7 levels; an IQ4_XS sub-block scale ``d (l - 32)`` rounded to an integer ``l``
+    lets it reach ``127 (1 + 1/(2 |l - 32|))``). Widened for the float16 rounding of the super-block
+    scale that the levels were chosen with (relative ``2^-11``, or ``2^-25`` absolute where it is subnormal)."""
+    m, n = w.shape
+    if n % _CODEBOOK_BLOCK:
+        raise ValueError(f"an IQ4 row of {n} values is not a whole number of {_CODEBOOK_BLOCK}-value blocks")
+    b = w.reshape(-1, _CODEBOOK_BLOCK)
+    d = _codebook_scales(b)[:, None]
+    ad = d.abs()
+    if qtype == "IQ4_XS" and n % 256 == 0:  # 8 sub-blocks per super-block; the largest has |l - 32| = 32
+        d16 = (ad.reshape(-1, 8).amax(1, keepdim=True) / 32.0).expand(-1, 8).reshape(-1, 1)
+        steps = torch.where(d16 > 0, ad / d16, torch.ones_like(ad)).round_().clamp_(min=1.0)
+        reach = 127.0 * (1.0 + 0.5 / steps)
+    else:
+        d16 = ad
+        reach = torch.full_like(ad, 127.0 + 8.0)
+    rel = torch.maximum(torch.full_like(d16, 2.0 ** -11), 2.0 ** -25 / d16.clamp_min(2.0 ** -40))
+    levels = torch.tensor(IQ4_LEVELS, dtype=torch.float32, device=w.device)
+    gap = levels[1:] - levels[:-1]
+    below = torch.cat([gap[:1], gap]) / 2  # half-gap to the level below (outermost: the inner one)
+    above = torch.cat([gap, gap[-1:]]) / 2
+    safe = torch.where(d != 0, d, torch.ones_like(d))
+    q = torch.bucketize(b / safe, (levels[1:] + levels[:-1]) / 2).clamp_(0, 15)
+    lv = levels[q]
+    lo_u = lv - below[q]
+    hi_u = lv + above[q]
+    lo_u = torch.where(q == 0, torch.minimum(lo_u, -reach), lo_u)
+    hi_u = torch.where(q == 15, torch.maximum(hi_u, reach), hi_u)
+    lo_u = (lo_u - lv) - lo_u.abs() * rel  # relative to the stored value, widened
+    hi_u = (hi_u - lv) + hi_u.abs() * rel
+    del q, lv
+    pos = d >= 0
+    lo = torch.where(pos, lo_u * d, hi_u * d).reshape(m, n)
+    hi = torch.where(pos, hi_u * d, lo_u * d).reshape(m, n)
+    return lo, hi, (hi - lo).square_().div_(12.0)
 
 
 def grid_of(w: torch.Tensor) -> StorageGrid | None:

@@ -38,7 +38,8 @@ class LayerRecord:
     transferred one; ``rel_error``: the written patch's relative error against that update, ``out_rank``
     its rank, ``kind`` ``"lowrank"`` or ``"diff"``; ``drift_norm``: ``||W_t - W_s||_F`` (None for direct
     reuse, which reads no drift); ``drift_snr`` / ``target_storage``: drift/noise ratio and storage of a
-    target stored on a coarse grid (None otherwise); ``stats``: the method's (CASA's :class:`RoutingStats`,
+    target stored on a coarse grid (None otherwise; a lossy storage without a noise model has a storage and
+    no SNR); ``stats``: the method's (CASA's :class:`RoutingStats`,
     ProLoRA's :class:`ProLoRAStats`, None for direct reuse)."""
 
     shape: tuple[int, int]
@@ -64,6 +65,7 @@ class LayerRecord:
         out: dict = {"shape": list(self.shape), "lora_rank": self.lora_rank}
         if self.drift_snr is not None:
             out["drift_snr"] = self.drift_snr
+        if self.target_storage is not None:  # also a lossy storage without a noise model (and no SNR)
             out["target_storage"] = self.target_storage
         if self.stats is not None:
             out.update(self.stats.to_json())

@@ -77,10 +77,14 @@ def grid_of_weight(w) -> StorageGrid | None:
                 "F32": None}.get(qtype, StorageGrid.gguf(qtype))
     qdata = getattr(w, "_qdata", None)
     if QuantizedTensor and isinstance(w, QuantizedTensor):
-        if isinstance(qdata, torch.Tensor) and qdata.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
-            scale = getattr(getattr(w, "_params", None), "scale", None)
+        scale = getattr(getattr(w, "_params", None), "scale", None)
+        rows = int(w.shape[0]) if len(getattr(w, "shape", ())) == 2 else -1
+        if (isinstance(qdata, torch.Tensor) and qdata.dtype in (torch.float8_e4m3fn, torch.float8_e5m2)
+                and (not isinstance(scale, torch.Tensor) or scale.numel() in (1, rows))):
             return StorageGrid.fp8(qdata.dtype, scale if isinstance(scale, torch.Tensor) else None)
-        return None
+        # another layout (NVFP4, MXFP8's block scales, INT8 …): lossy, but not a grid modelled here
+        layout = getattr(w, "_layout_cls", None)
+        return StorageGrid.unmodelled(str(getattr(layout, "__name__", layout) or type(w).__name__))
     return StorageGrid.of_dtype(w.dtype) if isinstance(w, torch.Tensor) else None
 
 

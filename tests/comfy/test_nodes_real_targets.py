@@ -42,6 +42,7 @@ TOL = 1e-3  # the same maths on the same weights (the noise separation is iterat
 MIXED = {"*": "Q6_K", "blocks.0.self_attn.q.weight": "Q8_0", "blocks.0.self_attn.k.weight": "Q5_K",
          "blocks.0.self_attn.v.weight": "Q4_K", "blocks.0.ffn.0.weight": "BF16", "blocks.0.ffn.2.weight": "F16",
          "head.head.weight": "F32"}
+IQ4 = {"*": "IQ4_XS", "blocks.0.self_attn.q.weight": "IQ4_NL", "blocks.0.ffn.2.weight": "IQ4_NL"}
 
 
 def saved_deltas(client, entry, node_id="save"):
@@ -60,7 +61,7 @@ def gguf_set(comfy_server, comfyui_gguf):
     ts = tiny_set_in(comfy_server.base_dir, "casa_gguf", seed=11, dim=256, ffn_dim=512, blocks=1, rel_drift=0.015,
                      fp8=False, distill_lora=False, style_formats=("kohya",), other_size=False)
     files = {}
-    for tag, qtypes in (("Q8_0", "Q8_0"), ("Q4_K", "Q4_K"), ("mixed", MIXED)):
+    for tag, qtypes in (("Q8_0", "Q8_0"), ("Q4_K", "Q4_K"), ("mixed", MIXED), ("IQ4", IQ4)):
         name = f"casa_gguf_distilled_{tag}.gguf"
         save_gguf(ts.unet_path(name), ts.distilled_sd, qtypes)
         files[tag] = (name, qtypes)
@@ -72,7 +73,7 @@ def _qtype(qtypes, layer):
     return qtypes if isinstance(qtypes, str) else qtypes.get(layer + ".weight", qtypes["*"])
 
 
-@pytest.mark.parametrize("tag", ["Q8_0", "Q4_K", "mixed"])
+@pytest.mark.parametrize("tag", ["Q8_0", "Q4_K", "mixed", "IQ4"])
 def test_gguf_target_through_unet_loader_gguf(comfy_server, gguf_set, truth_cache, tag):
     from casa_core.quantnoise import StorageGrid
 

@@ -169,7 +169,7 @@ def test_only_keys_comfyui_applies_are_carried(tmp_path):
 # -- GGUF ----------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("qtype", ["Q8_0", "Q6_K", "Q5_K", "Q4_K", "Q5_1", "BF16", "F16"])
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q6_K", "Q5_K", "Q4_K", "Q5_1", "IQ4_NL", "IQ4_XS", "BF16", "F16"])
 def test_gguf_encodings_round_to_nearest_on_their_grid(qtype):
     """The test writer's bytes, decoded by the gguf package, are within one cell of the input."""
     w = torch.randn(16, 512, generator=torch.Generator().manual_seed(1)) * 0.02
@@ -179,7 +179,8 @@ def test_gguf_encodings_round_to_nearest_on_their_grid(qtype):
     err = w - deq
     assert bool(((err >= lo - 1e-9) & (err <= hi + 1e-9)).all()), qtype
     rel = float(err.norm() / w.norm())
-    assert rel < {"Q8_0": 0.01, "Q6_K": 0.03, "Q5_K": 0.06, "Q4_K": 0.12, "Q5_1": 0.06}.get(qtype, 0.005), rel
+    assert rel < {"Q8_0": 0.01, "Q6_K": 0.03, "Q5_K": 0.06, "Q4_K": 0.12, "Q5_1": 0.06, "IQ4_NL": 0.12,
+                  "IQ4_XS": 0.12}.get(qtype, 0.005), rel
     est = float(grid.noise_variance(deq).sum().sqrt())
     assert 0.6 < est / float(err.norm()) < 1.4, (qtype, est / float(err.norm()))
 
@@ -232,7 +233,8 @@ def test_cli_gguf_target_lands_every_layer(tmp_path, capsys):
     assert "GGUF Q8_0" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("kind", ["fp32", "bf16", "fp8_plain", "fp8_scaled", "diffusers_bf16", "gguf_Q8_0", "gguf_Q4_K"])
+@pytest.mark.parametrize("kind", ["fp32", "bf16", "fp8_plain", "fp8_scaled", "diffusers_bf16", "gguf_Q8_0", "gguf_Q4_K",
+                                  "gguf_IQ4_XS"])
 def test_cli_every_target_kind_lands_every_layer(tmp_path, kind):
     """One base (original naming, float32), the distilled model stored each way users have it."""
     from casa_core import synth
@@ -259,5 +261,62 @@ def test_cli_every_target_kind_lands_every_layer(tmp_path, kind):
     assert len([k for k in load_file(str(out)) if k.endswith(".lora_up.weight")]) == 10
     storages = {layer.get("target_storage") for layer in rep["layers"].values()}
     want = {"fp32": {None}, "bf16": {"bf16"}, "diffusers_bf16": {"bf16"}, "fp8_plain": {"fp8 e4m3fn"},
-            "fp8_scaled": {"fp8 e4m3fn (scaled)"}, "gguf_Q8_0": {"GGUF Q8_0"}, "gguf_Q4_K": {"GGUF Q4_K"}}[kind]
+            "fp8_scaled": {"fp8 e4m3fn (scaled)"}, "gguf_Q8_0": {"GGUF Q8_0"}, "gguf_Q4_K": {"GGUF Q4_K"},
+            "gguf_IQ4_XS": {"GGUF IQ4_XS"}}[kind]
     assert storages == want, storages
+
+
+def test_iq4_cells_hold_the_unrounded_values_across_scales_and_outliers():
+    """IQ4's outer levels also hold what the scale clipped, and subnormal float16 scales (weights of
+    0.002) are allowed for: every unrounded value lies in its cell, the gguf package's decoder reading
+    the bytes."""
+    for qtype in ("IQ4_NL", "IQ4_XS"):
+        for scale in (2e-3, 0.02, 0.5):
+            w = torch.randn(32, 512, generator=torch.Generator().manual_seed(7)) * scale
+            w[:, ::97] *= 8.0  # a few outliers per row: the blocks' scales differ widely
+            deq = dequantize(quantize(w, qtype), qtype, w.shape)
+            lo, hi = StorageGrid.gguf(qtype).cells(deq)
+            err = w - deq
+            assert bool(((err >= lo) & (err <= hi)).all()), (qtype, scale)
+            width = float((hi - lo).median() / deq.abs().median())  # a level gap, not the whole range
+            assert width < 0.6, (qtype, scale, width)
+
+
+@pytest.mark.parametrize("qtype", ["IQ4_NL", "IQ4_XS"])
+def test_iq4_drift_is_separated_from_its_rounding(qtype):
+    """A low-rank drift under IQ4 rounding: the separated drift is much closer to it than the raw one."""
+    from casa_core.quantnoise import separate_drift
+
+    g = torch.Generator().manual_seed(5)
+    ws = torch.randn(256, 512, generator=g) * 0.02
+    drift = torch.randn(256, 4, generator=g) @ torch.randn(4, 512, generator=g)
+    drift *= 0.15 * float(ws.norm()) / float(drift.norm())
+    wt = dequantize(quantize(ws + drift, qtype), qtype, ws.shape)
+    grid = StorageGrid.gguf(qtype)
+    lo, hi, var = grid.cells_and_variance(wt)
+    est, info = separate_drift(wt - ws, lo, hi, var, rank_search=grid.coarse)
+    raw = float((wt - ws - drift).norm() / drift.norm())
+    now = float((est - drift).norm() / drift.norm())
+    assert raw > 0.4 and now < raw / 3, (raw, now, info["rank"])
+
+
+def test_cli_a_lossy_target_without_a_noise_model_warns(tmp_path, capsys):
+    """GGUF TQ1_0 (ternary): no noise model, so the drift is used as it is, and the person is told."""
+    from casa_core import synth
+
+    shape = synth.WanShape(dim=256, ffn_dim=512, blocks=1)
+    base, svd = synth.wan_state_dict(shape, seed=2, dtype=torch.float32)
+    distilled = synth.distill(base, svd, rel_drift=0.015, seed=3, dtype=torch.float32)
+    save_file(base, str(tmp_path / "base.safetensors"))
+    target = save_gguf(tmp_path / "t_TQ1_0.gguf", distilled, {"*": "F32", "blocks.0.ffn.0.weight": "TQ1_0"})
+    save_file(synth.style_lora(svd, rank=8), str(tmp_path / "style.safetensors"))
+    code = main(["transfer", "--source", str(tmp_path / "base.safetensors"), "--target", str(target), "--lora",
+                 str(tmp_path / "style.safetensors"), "--out", str(tmp_path / "o.safetensors"), "--report",
+                 str(tmp_path / "r.json"), "--cache-dir", str(tmp_path / "c")])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "WARNING: t_TQ1_0.gguf is stored as GGUF TQ1_0 in 1 layer(s) (e.g. blocks.0.ffn.0)" in out, out
+    rep = json.loads((tmp_path / "r.json").read_text())["methods"]["casa"]
+    assert rep["layers"]["blocks.0.ffn.0"]["target_storage"] == "GGUF TQ1_0"
+    assert "drift_snr" not in rep["layers"]["blocks.0.ffn.0"]
+    assert {rep["layers"][n].get("target_storage") for n in rep["layers"] if n != "blocks.0.ffn.0"} == {None}

@@ -2,7 +2,7 @@
 
 * :func:`quantize` — a float matrix (``out x in``) as the raw bytes of one GGUF tensor type. Q8_0,
   Q4_0, Q4_1, Q5_0, Q5_1 and BF16 come from ``gguf.quants.quantize``; the package only *dequantises*
-  the K-quants, so Q4_K, Q5_K and Q6_K are encoded here, straight from the block layouts (what the
+  the K-quants and IQ4s, so Q4_K, Q5_K, Q6_K, IQ4_NL and IQ4_XS are encoded here, straight from the block layouts (what the
   decoder reads: fp16 super-block scales, 6-bit packed sub-block scales and mins, 4/5/6-bit values),
   with round-to-nearest given the final scales. :func:`dequantize` is the gguf package's decoder, the
   independent reference; ``tests/core/test_gguf.py`` checks that the two agree.
@@ -104,7 +104,56 @@ def _q6_k(blocks: np.ndarray) -> np.ndarray:
                            _f16(d)], axis=1)
 
 
-_K_ENCODERS: dict[str, Callable[[np.ndarray], np.ndarray]] = {"Q4_K": _q4_k, "Q5_K": _q5_k, "Q6_K": _q6_k}
+# IQ4_NL / IQ4_XS: llama.cpp's non-uniform 4-bit codebook (ggml-common.h's kvalues_iq4nl)
+_IQ4 = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], dtype=np.float32)
+
+
+def _iq4_levels(x: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """The nearest codebook level of ``x / d`` (``d`` broadcast over the last axis; 0 -> level 8)."""
+    r = x / np.where(d == 0, 1, d)
+    return np.abs(r[..., None] - _IQ4).argmin(-1).astype(np.uint8)
+
+
+def _iq4_nibbles(q: np.ndarray) -> np.ndarray:
+    """32 levels per block -> 16 bytes: value j in the low nibble of byte j, value j + 16 in its high one."""
+    return q[..., :16] | (q[..., 16:] << 4)
+
+
+def _iq4_nl(blocks: np.ndarray) -> np.ndarray:
+    """IQ4_NL, 32 values per block: fp16 ``d`` and 16 bytes of levels. The value of largest magnitude
+    maps to the level -127 (``d = -x_max / 127``, as llama.cpp starts its scale search), the levels are
+    the nearest ones given the unrounded ``d``."""
+    b = blocks.reshape(-1, 32)
+    top = np.take_along_axis(b, np.abs(b).argmax(-1)[:, None], -1)[:, 0]
+    d = -top / 127.0
+    q = _iq4_levels(b, d[:, None])
+    return np.concatenate([_f16(d), _iq4_nibbles(q)], axis=1).reshape(blocks.shape[0], -1)
+
+
+def _iq4_xs(blocks: np.ndarray) -> np.ndarray:
+    """IQ4_XS, 256-value super-blocks: fp16 ``d``, 8 sub-block scales ``ls`` in 6 bits (``dl = d (ls - 32)``,
+    low nibbles in ``scales_l``, the two high bits in ``scales_h``) and 128 bytes of levels."""
+    n = blocks.shape[0]
+    sub = blocks.reshape(n, 8, 32)
+    top = np.take_along_axis(sub, np.abs(sub).argmax(-1)[..., None], -1)[..., 0]
+    scale = -top / 127.0  # n x 8, the sub-blocks' own scales
+    big = np.take_along_axis(scale, np.abs(scale).argmax(-1)[:, None], -1)[:, 0]
+    d = -big / 32.0
+    ls = np.clip(np.rint(scale / np.where(d == 0, 1, d)[:, None]) + 32, 0, 63).astype(np.uint8)
+    dl = d[:, None] * (ls.astype(np.float32) - 32)
+    q = _iq4_levels(sub, dl[..., None])
+    scales_l = np.zeros((n, 4), dtype=np.uint8)
+    for ib in range(8):
+        scales_l[:, ib // 2] |= (ls[:, ib] & 0x0F) << (4 * (ib % 2))
+    scales_h = np.zeros(n, dtype=np.uint16)
+    for ib in range(8):
+        scales_h |= ((ls[:, ib] >> 4) & 3).astype(np.uint16) << (2 * ib)
+    return np.concatenate([_f16(d), scales_h.view(np.uint8).reshape(n, 2), scales_l,
+                           _iq4_nibbles(q).reshape(n, 128)], axis=1)
+
+
+_K_ENCODERS: dict[str, Callable[[np.ndarray], np.ndarray]] = {"Q4_K": _q4_k, "Q5_K": _q5_k, "Q6_K": _q6_k,
+                                                              "IQ4_XS": _iq4_xs}
 
 
 def quantize(w: torch.Tensor, qtype: str) -> np.ndarray:
@@ -117,6 +166,10 @@ def quantize(w: torch.Tensor, qtype: str) -> np.ndarray:
     if qtype == "F16":
         return x.astype(np.float16)
     t = getattr(gguf.GGMLQuantizationType, qtype)
+    if qtype == "IQ4_NL":
+        if x.shape[-1] % 32:
+            raise ValueError(f"IQ4_NL rows must be a multiple of 32 values, got {x.shape[-1]}")
+        return _iq4_nl(x.reshape(x.shape[0], -1, 32).reshape(-1, x.shape[-1])).reshape(x.shape[0], -1)
     if qtype in _K_ENCODERS:
         if x.shape[-1] % QK_K:
             raise ValueError(f"{qtype} rows must be a multiple of {QK_K} values, got {x.shape[-1]}")
