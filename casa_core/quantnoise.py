@@ -199,9 +199,20 @@ def _gguf_cells(w: torch.Tensor, qtype: str):
     # the block scale d is stored as float16 but the values were rounded with the unrounded d, so a
     # value can sit up to qmax * |d - fp16(d)| <= qmax * d * 2^-11 beyond its half step
     qmax = _SYMMETRIC_QMAX.get(qtype, levels - 1)
-    half = (step * (0.5 + qmax * 2.0 ** -11) * _SCALE_SLACK.get(qtype, 1.0)).expand_as(b).reshape(m, n)
+    slack = _SCALE_SLACK.get(qtype, 1.0)
+    half = (step * (0.5 + qmax * 2.0 ** -11) * slack).expand_as(b)
     var = (step ** 2 / 12.0).expand_as(b).reshape(m, n)
-    return -half, half.clone(), var
+    lo, hi = -half, half.clone()
+    if symmetric and qmax != 127:
+        # levels -qmax..qmax-1 (Q4_0, Q5_0, Q3_K, Q6_K): the block's largest magnitude is the level -qmax,
+        # so on the other side of zero the last level, qmax - 1 steps out, also holds what was clipped (up
+        # to qmax steps): its cell reaches a whole step outwards
+        top = b.gather(-1, b.abs().argmax(-1, keepdim=True))
+        edge = (b * top < 0) & (b.abs() >= step * (qmax - 1.5))
+        full = step * (1.0 + qmax * 2.0 ** -11) * slack
+        hi = torch.where(edge & (b > 0), full.expand_as(b), hi)
+        lo = torch.where(edge & (b < 0), -full.expand_as(b), lo)
+    return lo.reshape(m, n), hi.reshape(m, n), var
 
 
 _CODEBOOK_BLOCK = 32
