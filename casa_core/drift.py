@@ -84,28 +84,42 @@ class WeightDifference:
 
     def delta_info(self, layer: str, shape: tuple[int, int], device: torch.device | str = "cpu",
                    factored: bool = False) -> tuple[torch.Tensor | DriftEstimate | None, dict | None]:
-        """The drift (separated from the target's rounding noise where it has one) and the noise report
-        (None for a target without rounding noise). ``factored``: a separated drift that is exactly low
+        """The drift (separated from the target's rounding noise where it has one, and from the base's
+        when the base is stored on a coarse grid: fp8, GGUF) and the noise report (None without either). ``factored``: a separated drift that is exactly low
         rank comes as its factors (:class:`~casa_core.quantnoise.DriftEstimate`, on ``device``)."""
         raw = self._raw(layer, shape)
         if raw is None:
             return None, None
-        d0, stored, grid = raw
+        d0, stored, grid, base = raw
         del raw
-        if grid is None:
+        if base is not None and not base[1].supported:
+            return d0, {"storage": "base " + base[1].describe(), "unmodelled": True}
+        if grid is None and base is None:
             return d0, None
-        if not grid.supported:  # lossy storage without a noise model: the drift as it is, and say so
+        if grid is not None and not grid.supported:  # lossy storage without a noise model: as it is, and say so
             return d0, {"storage": grid.describe(), "unmodelled": True}
         dev = torch.device(device)
-        stored = stored.to(dev)
-        cells = list(grid.cells_and_variance(stored))
+        if grid is not None:
+            cells = list(grid.cells_and_variance(stored.to(dev)))
+        else:
+            cells = [torch.zeros_like(d0, device=dev), torch.zeros_like(d0, device=dev), torch.zeros_like(d0, device=dev)]
         del stored
+        if base is not None:
+            # a base stored on a coarse grid (an fp8 or GGUF copy of the model the distillation started from):
+            # W_s lies in its cells too, so the drift W_t - W_s lies in [lo_t - hi_s, hi_t - lo_s]
+            lo_s, hi_s, var_s = base[1].cells_and_variance(base[0].to(dev))
+            cells[0].sub_(hi_s)
+            cells[1].sub_(lo_s)
+            cells[2].add_(var_s)
+            del lo_s, hi_s, var_s
+        coarse = (grid is not None and grid.coarse) or base is not None
         # the cells are handed over (the separation turns them into its bounds in place: less memory)
-        est, info = separate_drift_parts(d0.to(dev), *cells, rank_search=grid.coarse, overwrite_cells=True,
-                                         margin=EDGE_MARGIN if grid.coarse else 0.0)
+        est, info = separate_drift_parts(d0.to(dev), *cells, rank_search=coarse, overwrite_cells=True,
+                                         margin=EDGE_MARGIN if coarse else 0.0)
         del cells
         info = {k: v for k, v in info.items() if k != "trace"}
-        info["storage"] = grid.describe()
+        parts = ([grid.describe()] if grid is not None else []) + ([f"base {base[1].describe()}"] if base else [])
+        info["storage"] = " + ".join(parts)
         if factored and est.residual is None:
             return est, info
         return est.dense().float().cpu(), info
@@ -132,8 +146,12 @@ class WeightDifference:
         if grid is not None and stored.shape == ws.shape and bool(torch.equal(stored.to(ws.dtype), ws)):
             # the target's stored weights ARE the source's (e.g. base + distillation LoRA patches): their
             # rounding is common to both and cancels, so there is no storage noise to separate
-            grid = None
-        return weight_difference(wt, ws), stored.float(), grid
+            return weight_difference(wt, ws), stored.float(), None, None
+        # a base on a coarse grid (fp8, GGUF) is a rounded copy of the model the distillation started from,
+        # so its rounding is noise in the drift too; a bf16 / fp16 base is the model as trained on
+        sgrid = self.source.grid(layer) if hasattr(self.source, "grid") else grid_of(ws)
+        base = (ws, sgrid) if sgrid is not None and sgrid.coarse else None
+        return weight_difference(wt, ws), stored.float(), grid, base
 
 
 class LoRAApplied:

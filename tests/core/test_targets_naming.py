@@ -322,3 +322,33 @@ def test_cli_a_lossy_target_without_a_noise_model_warns(tmp_path, capsys):
     assert rep["layers"]["blocks.0.ffn.0"]["target_storage"] == "GGUF TQ1_0"
     assert "drift_snr" not in rep["layers"]["blocks.0.ffn.0"]
     assert {rep["layers"][n].get("target_storage") for n in rep["layers"] if n != "blocks.0.ffn.0"} == {None}
+
+
+@pytest.mark.parametrize("target_fp8", [False, True])
+def test_an_fp8_base_has_its_rounding_separated_from_the_drift_too(tmp_path, target_fp8):
+    """Many users' base is an fp8 copy of the model the distillation started from: its rounding is in
+    ``W_t - W_s`` as much as the target's. The drift is then estimated from both cells (the base's and,
+    for an fp8 target, the target's), and comes out much closer to the true drift than the raw difference."""
+    from casa_core.drift import WeightDifference
+
+    sd = tiny_wan_state_dict(dim=256, ffn_dim=512, layers=1, seed=6)
+    g = torch.Generator().manual_seed(8)
+    key = "blocks.0.self_attn.q.weight"
+    ws = sd[key].float()
+    drift = torch.randn(256, 6, generator=g) @ torch.randn(6, 256, generator=g)
+    drift *= 0.04 * float(ws.norm()) / float(drift.norm())
+    target_sd = dict(sd)
+    target_sd[key] = ws + drift
+    base = save_checkpoint(tmp_path / "base_fp8.safetensors", sd, fp8="plain")
+    target = save_checkpoint(tmp_path / "t.safetensors", target_sd, dtype=None if target_fp8 else torch.bfloat16,
+                             fp8="plain" if target_fp8 else "none")
+    with Checkpoint(base) as b, Checkpoint(target) as t:
+        assert b.grid("blocks.0.self_attn.q").kind == "float8_e4m3fn"
+        est, info = WeightDifference(b, t).delta_info("blocks.0.self_attn.q", (256, 256))
+        raw = t.get("blocks.0.self_attn.q") - b.get("blocks.0.self_attn.q")
+    truth = (target_sd[key].to(torch.float8_e4m3fn if target_fp8 else torch.bfloat16).float() - ws) if not target_fp8 \
+        else drift
+    assert info["storage"] == ("fp8 e4m3fn" if target_fp8 else "bf16") + " + base fp8 e4m3fn"
+    raw_err = float((raw - truth).norm() / drift.norm())
+    now_err = float((est - truth).norm() / drift.norm())
+    assert raw_err > 0.5 and now_err < raw_err / 2, (raw_err, now_err, info["rank"], info["snr"])
