@@ -93,7 +93,7 @@ class WeightDifference:
         d0, stored, grid, base = raw
         del raw
         if base is not None and not base[1].supported:
-            return d0, {"storage": "base " + base[1].describe(), "unmodelled": True}
+            return d0, {"storage": "the base's " + base[1].describe(), "unmodelled": True}
         if grid is None and base is None:
             return d0, None
         if grid is not None and not grid.supported:  # lossy storage without a noise model: as it is, and say so
@@ -118,8 +118,9 @@ class WeightDifference:
                                          margin=EDGE_MARGIN if coarse else 0.0)
         del cells
         info = {k: v for k, v in info.items() if k != "trace"}
-        parts = ([grid.describe()] if grid is not None else []) + ([f"base {base[1].describe()}"] if base else [])
-        info["storage"] = " + ".join(parts)
+        info["storage"] = grid.describe() if grid is not None else None
+        if base is not None:
+            info["base_storage"] = base[1].describe()
         if factored and est.residual is None:
             return est, info
         return est.dense().float().cpu(), info
@@ -303,16 +304,21 @@ def noise_summary(drift: TargetDrift, what: str = "the target", layers=None) -> 
     if not noisy:
         return lines
     snrs = sorted(r["snr"] for r in noisy.values())
-    kinds = sorted({r.get("storage", "?") for r in noisy.values()})
+    kinds = sorted({r["storage"] for r in noisy.values() if r.get("storage")})
+    bases = sorted({r["base_storage"] for r in noisy.values() if r.get("base_storage")})
     median = snrs[len(snrs) // 2]
-    lines.append(f"{what} is stored as {', '.join(kinds)}: drift/noise (SNR) per layer from {snrs[0]:.2g} to "
+    stored = (f"{what} is stored as {', '.join(kinds)}" if kinds else f"{what} is stored without rounding noise")
+    if bases:
+        stored += f", the base as {', '.join(bases)}"
+    lines.append(f"{stored}: drift/noise (SNR) per layer from {snrs[0]:.2g} to "
                  f"{snrs[-1]:.2g} (median {median:.2g}); the drift was separated from the rounding noise")
     low = drift.below_noise(layers=layers)
     if low:
         lines.append(f"WARNING: in {len(low)} of {len(noisy)} layers (e.g. {low[0]}) the distillation drift is "
-                     f"below the storage noise, so the transfer there rests on an estimate; a bf16 release of "
-                     f"the distilled model, or its distillation LoRA on the base model, is the cleaner target "
-                     f"when one exists")
+                     f"below the storage noise, so the transfer there rests on an estimate; "
+                     + ("a bf16 base model, and " if bases else "")
+                     + "a bf16 release of the distilled model, or its distillation LoRA on the base model, is the "
+                       "cleaner target when one exists")
     return lines
 
 

@@ -348,7 +348,28 @@ def test_an_fp8_base_has_its_rounding_separated_from_the_drift_too(tmp_path, tar
         raw = t.get("blocks.0.self_attn.q") - b.get("blocks.0.self_attn.q")
     truth = (target_sd[key].to(torch.float8_e4m3fn if target_fp8 else torch.bfloat16).float() - ws) if not target_fp8 \
         else drift
-    assert info["storage"] == ("fp8 e4m3fn" if target_fp8 else "bf16") + " + base fp8 e4m3fn"
+    assert info["storage"] == ("fp8 e4m3fn" if target_fp8 else "bf16") and info["base_storage"] == "fp8 e4m3fn"
     raw_err = float((raw - truth).norm() / drift.norm())
     now_err = float((est - truth).norm() / drift.norm())
     assert raw_err > 0.5 and now_err < raw_err / 2, (raw_err, now_err, info["rank"], info["snr"])
+
+
+def test_cli_names_a_quantised_base_in_its_summary(tmp_path, capsys):
+    """A GGUF Q8_0 base with an fp8 target: both roundings are separated, and the summary says which is which."""
+    from casa_core import synth
+
+    shape = synth.WanShape(dim=256, ffn_dim=512, blocks=1)
+    base, svd = synth.wan_state_dict(shape, seed=2, dtype=torch.float32)
+    distilled = synth.distill(base, svd, rel_drift=0.015, seed=3, dtype=torch.float32)
+    save_gguf(tmp_path / "base_Q8_0.gguf", base, "Q8_0")
+    target = save_checkpoint(tmp_path / "t_fp8.safetensors", distilled, fp8="plain")
+    save_file(synth.style_lora(svd, rank=8), str(tmp_path / "style.safetensors"))
+    code = main(["transfer", "--source", str(tmp_path / "base_Q8_0.gguf"), "--target", str(target), "--lora",
+                 str(tmp_path / "style.safetensors"), "--out", str(tmp_path / "o.safetensors"), "--report",
+                 str(tmp_path / "r.json"), "--cache-dir", str(tmp_path / "c")])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "t_fp8.safetensors is stored as fp8 e4m3fn, the base as GGUF Q8_0: drift/noise (SNR)" in out, out
+    assert "a bf16 base model, and a bf16 release of the distilled model" in out, out
+    rep = json.loads((tmp_path / "r.json").read_text())["methods"]["casa"]
+    assert {layer["target_storage"] for layer in rep["layers"].values()} == {"fp8 e4m3fn"}
