@@ -79,6 +79,8 @@ _SYMMETRIC_QMAX = {"Q8_0": 127, "Q4_0": 8, "Q5_0": 16, "Q3_K": 4, "Q6_K": 32}
 # K-quants also quantise the sub-block scales (6 or 8 bits) and choose them by a weighted search, so
 # their step is known less exactly than Q8_0's: their cells get this extra width
 _SCALE_SLACK = {"Q2_K": 1.25, "Q3_K": 1.25, "Q4_K": 1.25, "Q5_K": 1.25, "Q6_K": 1.25}
+#: K-quants: the largest sub-block scale integer (``sc`` of the sub-block with the largest step)
+_K_SCALE_MAX = {"Q2_K": 15, "Q3_K": 32, "Q4_K": 63, "Q5_K": 63, "Q6_K": 127}
 #: GGUF types with a non-uniform codebook: every 32 values are ``d * IQ4_LEVELS[q]`` (IQ4_XS: ``d`` is the
 #: super-block scale times a 6-bit sub-block scale; the form per 32 values is the same)
 CODEBOOK_GRIDS = ("IQ4_NL", "IQ4_XS")
@@ -195,7 +197,16 @@ def _gguf_cells(w: torch.Tensor, qtype: str):
     if symmetric:
         step = b.abs().amax(-1, keepdim=True) / _SYMMETRIC_QMAX[qtype]
     else:
-        step = (b.amax(-1, keepdim=True) - b.amin(-1, keepdim=True)) / (levels - 1)
+        # x = off + step q: the range over (levels - 1) is a lower bound of the step (exact when both end
+        # levels are used); the smallest gap between two distinct values is a whole number of steps, so
+        # the step is that gap over the largest whole number that keeps it above the bound (a sub-block
+        # whose scale was rounded up uses fewer levels, and its range alone would give too small a step)
+        lower = (b.amax(-1, keepdim=True) - b.amin(-1, keepdim=True)) / (levels - 1)
+        gaps = torch.diff(torch.sort(b, dim=-1).values, dim=-1)
+        gaps = torch.where(gaps > lower * 1e-3, gaps, torch.full_like(gaps, math.inf)).amin(-1, keepdim=True)
+        times = torch.floor(gaps / lower.clamp_min(1e-30) + 1e-3).clamp_(min=1.0)
+        step = torch.where(torch.isfinite(gaps) & (lower > 0), gaps / times, lower)
+        del gaps, times
     # the block scale d is stored as float16 but the values were rounded with the unrounded d, so a
     # value can sit up to qmax * |d - fp16(d)| <= qmax * d * 2^-11 beyond its half step
     qmax = _SYMMETRIC_QMAX.get(qtype, levels - 1)
@@ -203,15 +214,31 @@ def _gguf_cells(w: torch.Tensor, qtype: str):
     half = (step * (0.5 + qmax * 2.0 ** -11) * slack).expand_as(b)
     var = (step ** 2 / 12.0).expand_as(b).reshape(m, n)
     lo, hi = -half, half.clone()
+    if qtype in _K_SCALE_MAX:
+        # K-quants: a sub-block's step is an integer sc times the super-block's d, and llama.cpp's scale
+        # search may pick a step that leaves the block's extremes outside the levels: the values at the
+        # lowest and highest level of a sub-block also hold what was clipped, up to a step from the search
+        # plus qmax / (2 sc) steps from rounding sc (sc read back against the super-block's largest step)
+        per = max(1, 256 // block)
+        sup = step.reshape(m, -1, per)
+        sc = (sup / (sup.amax(-1, keepdim=True) / _K_SCALE_MAX[qtype]).clamp_min(1e-30)).round_().clamp_(min=1.0)
+        k_extra = torch.clamp(qmax / (2.0 * sc.reshape(step.shape)), min=1.5)
+        reach = (step * (0.5 + k_extra)) * slack
+        top = b >= b.amax(-1, keepdim=True) - step * 0.5
+        bottom = b <= b.amin(-1, keepdim=True) + step * 0.5
+        hi = torch.where(top, reach.expand_as(b), hi)
+        lo = torch.where(bottom, -reach.expand_as(b), lo)
+    else:
+        k_extra = torch.zeros_like(step)
     if symmetric and qmax != 127:
         # levels -qmax..qmax-1 (Q4_0, Q5_0, Q3_K, Q6_K): the block's largest magnitude is the level -qmax,
         # so on the other side of zero the last level, qmax - 1 steps out, also holds what was clipped (up
         # to qmax steps): its cell reaches a whole step outwards
         top = b.gather(-1, b.abs().argmax(-1, keepdim=True))
         edge = (b * top < 0) & (b.abs() >= step * (qmax - 1.5))
-        full = step * (1.0 + qmax * 2.0 ** -11) * slack
-        hi = torch.where(edge & (b > 0), full.expand_as(b), hi)
-        lo = torch.where(edge & (b < 0), -full.expand_as(b), lo)
+        full = (step * (1.0 + qmax * 2.0 ** -11 + k_extra) * slack).expand_as(b)
+        hi = torch.where(edge & (b > 0), torch.maximum(full, hi), hi)
+        lo = torch.where(edge & (b < 0), torch.minimum(-full, lo), lo)
     return lo.reshape(m, n), hi.reshape(m, n), var
 
 

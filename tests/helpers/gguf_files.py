@@ -2,7 +2,7 @@
 
 * :func:`quantize` — a float matrix (``out x in``) as the raw bytes of one GGUF tensor type. Q8_0,
   Q4_0, Q4_1, Q5_0, Q5_1 and BF16 come from ``gguf.quants.quantize``; the package only *dequantises*
-  the K-quants and IQ4s, so Q4_K, Q5_K, Q6_K, IQ4_NL and IQ4_XS are encoded here, straight from the block layouts (what the
+  the K-quants and IQ4s, so Q2_K … Q6_K, IQ4_NL and IQ4_XS are encoded here, straight from the block layouts (what the
   decoder reads: fp16 super-block scales, 6-bit packed sub-block scales and mins, 4/5/6-bit values),
   with round-to-nearest given the final scales. :func:`dequantize` is the gguf package's decoder, the
   independent reference; ``tests/core/test_gguf.py`` checks that the two agree.
@@ -104,6 +104,58 @@ def _q6_k(blocks: np.ndarray) -> np.ndarray:
                            _f16(d)], axis=1)
 
 
+def _pack_2bit(q: np.ndarray) -> np.ndarray:
+    """256 2-bit values per block -> 64 bytes: value ``g*128 + s*32 + j`` in bits ``2s`` of byte ``g*32 + j``."""
+    n = q.shape[0]
+    q = q.reshape(n, 2, 4, 32)
+    out = np.zeros((n, 2, 32), dtype=np.uint8)
+    for s in range(4):
+        out |= (q[:, :, s] & 3) << (2 * s)
+    return out.reshape(n, 64)
+
+
+def _q2_k(blocks: np.ndarray) -> np.ndarray:
+    """Q2_K: 16 sub-blocks of 16 values ``x ~ d*sc*q - dmin*m``, 4-bit sc and m, q in 0..3; fp16 d, dmin."""
+    n = blocks.shape[0]
+    sub = blocks.reshape(n, 16, 16)
+    lo = np.minimum(sub.min(-1), 0.0)
+    scale, mins = (sub.max(-1) - lo) / 3.0, -lo
+    d = (scale.max(-1) / 15.0).astype(np.float16).astype(np.float32)
+    dmin = (mins.max(-1) / 15.0).astype(np.float16).astype(np.float32)
+    sc = np.where(d[:, None] > 0, np.clip(np.rint(scale / np.where(d > 0, d, 1)[:, None]), 0, 15), 0)
+    mq = np.where(dmin[:, None] > 0, np.clip(np.rint(mins / np.where(dmin > 0, dmin, 1)[:, None]), 0, 15), 0)
+    step, off = d[:, None] * sc, dmin[:, None] * mq
+    q = np.where(step[..., None] > 0, np.rint((sub + off[..., None]) / np.where(step > 0, step, 1)[..., None]), 0)
+    q = np.clip(q, 0, 3).astype(np.uint8).reshape(n, 256)
+    scales = (sc.astype(np.uint8) & 0x0F) | (mq.astype(np.uint8) << 4)
+    return np.concatenate([scales, _pack_2bit(q), _f16(d), _f16(dmin)], axis=1)
+
+
+def _q3_k(blocks: np.ndarray) -> np.ndarray:
+    """Q3_K: 16 sub-blocks of 16 values ``x ~ d (sc - 32) q``, q in -4..3 (the largest magnitude of each
+    sub-block maps to -4, as llama.cpp's make_q3_quants does), 6-bit sc packed in 12 bytes; fp16 d."""
+    n = blocks.shape[0]
+    sub = blocks.reshape(n, 16, 16)
+    top = np.take_along_axis(sub, np.abs(sub).argmax(-1)[..., None], -1)[..., 0]
+    scale = -top / 4.0
+    big = np.take_along_axis(scale, np.abs(scale).argmax(-1)[:, None], -1)[:, 0]
+    d = -big / 32.0
+    ls = np.clip(np.rint(scale / np.where(d == 0, 1, d)[:, None]), -32, 31)
+    dl = (d.astype(np.float16).astype(np.float32)[:, None] * ls)[..., None]
+    q = np.clip(np.rint(sub / np.where(dl == 0, 1, dl)), -4, 3).astype(np.int8).reshape(n, 256)
+    ql = np.where(q >= 0, q, q + 4).astype(np.uint8)
+    hbit = (q >= 0).astype(np.uint8).reshape(n, 8, 32)
+    hmask = np.zeros((n, 32), dtype=np.uint8)
+    for b in range(8):
+        hmask |= hbit[:, b] << b
+    sc = (ls + 32).astype(np.uint8)
+    packed = np.zeros((n, 12), dtype=np.uint8)
+    for i in range(16):
+        packed[:, i % 8] |= (sc[:, i] & 0x0F) << (4 * (i // 8))
+        packed[:, 8 + i % 4] |= ((sc[:, i] >> 4) & 3) << (2 * (i // 4))
+    return np.concatenate([hmask, _pack_2bit(ql), packed, _f16(d)], axis=1)
+
+
 # IQ4_NL / IQ4_XS: llama.cpp's non-uniform 4-bit codebook (ggml-common.h's kvalues_iq4nl)
 _IQ4 = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], dtype=np.float32)
 
@@ -152,8 +204,8 @@ def _iq4_xs(blocks: np.ndarray) -> np.ndarray:
                            _iq4_nibbles(q).reshape(n, 128)], axis=1)
 
 
-_K_ENCODERS: dict[str, Callable[[np.ndarray], np.ndarray]] = {"Q4_K": _q4_k, "Q5_K": _q5_k, "Q6_K": _q6_k,
-                                                              "IQ4_XS": _iq4_xs}
+_K_ENCODERS: dict[str, Callable[[np.ndarray], np.ndarray]] = {"Q2_K": _q2_k, "Q3_K": _q3_k, "Q4_K": _q4_k,
+                                                              "Q5_K": _q5_k, "Q6_K": _q6_k, "IQ4_XS": _iq4_xs}
 
 
 def quantize(w: torch.Tensor, qtype: str) -> np.ndarray:
