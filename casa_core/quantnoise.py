@@ -79,6 +79,7 @@ _SYMMETRIC_QMAX = {"Q8_0": 127, "Q4_0": 8, "Q5_0": 16, "Q3_K": 4, "Q6_K": 32}
 # K-quants also quantise the sub-block scales (6 or 8 bits) and choose them by a weighted search, so
 # their step is known less exactly than Q8_0's: their cells get this extra width
 _SCALE_SLACK = {"Q2_K": 1.25, "Q3_K": 1.25, "Q4_K": 1.25, "Q5_K": 1.25, "Q6_K": 1.25}
+_GAP_ROWS = 512
 #: K-quants: the largest sub-block scale integer (``sc`` of the sub-block with the largest step)
 _K_SCALE_MAX = {"Q2_K": 15, "Q3_K": 32, "Q4_K": 63, "Q5_K": 63, "Q6_K": 127}
 #: GGUF types with a non-uniform codebook: every 32 values are ``d * IQ4_LEVELS[q]`` (IQ4_XS: ``d`` is the
@@ -202,11 +203,13 @@ def _gguf_cells(w: torch.Tensor, qtype: str):
         # the step is that gap over the largest whole number that keeps it above the bound (a sub-block
         # whose scale was rounded up uses fewer levels, and its range alone would give too small a step)
         lower = (b.amax(-1, keepdim=True) - b.amin(-1, keepdim=True)) / (levels - 1)
-        gaps = torch.diff(torch.sort(b, dim=-1).values, dim=-1)
-        gaps = torch.where(gaps > lower * 1e-3, gaps, torch.full_like(gaps, math.inf)).amin(-1, keepdim=True)
-        times = torch.floor(gaps / lower.clamp_min(1e-30) + 1e-3).clamp_(min=1.0)
-        step = torch.where(torch.isfinite(gaps) & (lower > 0), gaps / times, lower)
-        del gaps, times
+        step = torch.empty_like(lower)
+        for r in range(0, m, _GAP_ROWS):  # a few rows at a time: sorting makes a value and an index per value
+            lw = lower[r:r + _GAP_ROWS]
+            gaps = torch.diff(torch.sort(b[r:r + _GAP_ROWS], dim=-1).values, dim=-1)
+            gaps = torch.where(gaps > lw * 1e-3, gaps, torch.full_like(gaps, math.inf)).amin(-1, keepdim=True)
+            times = torch.floor(gaps / lw.clamp_min(1e-30) + 1e-3).clamp_(min=1.0)
+            step[r:r + _GAP_ROWS] = torch.where(torch.isfinite(gaps) & (lw > 0), gaps / times, lw)
     # the block scale d is stored as float16 but the values were rounded with the unrounded d, so a
     # value can sit up to qmax * |d - fp16(d)| <= qmax * d * 2^-11 beyond its half step
     qmax = _SYMMETRIC_QMAX.get(qtype, levels - 1)
@@ -246,27 +249,38 @@ _CODEBOOK_BLOCK = 32
 _CODEBOOK_CHUNK = 1 << 14  # blocks per pass of the scale search (16 candidates x 32 values each)
 
 
+def _codebook_fit(x: torch.Tensor, cand_levels: torch.Tensor, levels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For blocks ``x`` (``blocks x 32``): the first of the candidate levels of the largest value that
+    makes every value a level (its scale), and whether one did."""
+    top = x.gather(1, x.abs().argmax(1, keepdim=True))  # blocks x 1, signed
+    cands = top / cand_levels  # blocks x c
+    ratio = x[:, None, :] / cands[:, :, None]  # an all-zero block: NaN, no candidate fits
+    near = torch.bucketize(ratio, (levels[1:] + levels[:-1]) / 2).clamp_(0, 15)
+    ok = (ratio - levels[near]).abs_().amax(-1) <= 1e-3  # blocks x c
+    found = ok.any(1)
+    first = torch.where(found, ok.float().argmax(1), 0)
+    return cands.gather(1, first[:, None])[:, 0], found
+
+
 def _codebook_scales(b: torch.Tensor) -> torch.Tensor:
     """The scale ``d`` of every block of ``b`` (``blocks x 32``, values ``d * IQ4_LEVELS[q]``), read back
     from the values: the block's largest value is ``d`` times one of the 16 levels, and only the true one
     (or, for a block of a single repeated value, the largest level, the narrowest cells) makes every value
-    a level. A block no candidate explains (NaN) gets ``max|x| / 127``."""
+    a level. The two outer levels are tried first (llama.cpp's scale search starts from the largest value
+    at -127, and most blocks keep it at an outer level), the other 14 on the blocks they leave. A block no
+    candidate explains (NaN, or values not from an IQ4 grid) gets ``max|x| / 127``."""
     levels = torch.tensor(IQ4_LEVELS, dtype=torch.float32, device=b.device)
-    order = torch.argsort(levels.abs(), descending=True)  # try the largest levels first
-    cand_levels = levels[order]
+    order = torch.argsort(levels.abs(), descending=True)  # the largest levels first
+    outer, inner = levels[order[:2]], levels[order[2:]]
     out = torch.empty(b.shape[0], dtype=torch.float32, device=b.device)
     for s0 in range(0, b.shape[0], _CODEBOOK_CHUNK):
         x = b[s0:s0 + _CODEBOOK_CHUNK]
-        top = x.gather(1, x.abs().argmax(1, keepdim=True))  # blocks x 1, signed
-        cands = top / cand_levels  # blocks x 16
-        ratio = x[:, None, :] / cands[:, :, None]  # an all-zero block: NaN, no candidate fits
-        near = torch.bucketize(ratio, (levels[1:] + levels[:-1]) / 2).clamp_(0, 15)
-        miss = (ratio - levels[near]).abs_().amax(-1)  # blocks x 16
-        ok = miss <= 1e-3
-        first = torch.where(ok.any(1), ok.float().argmax(1), -1)
-        fallback = x.abs().amax(1) / 127.0
-        picked = cands.gather(1, first.clamp_min(0)[:, None])[:, 0]
-        out[s0:s0 + _CODEBOOK_CHUNK] = torch.where(first >= 0, picked, fallback)
+        d, found = _codebook_fit(x, outer, levels)
+        rest = torch.nonzero(~found).flatten()
+        if rest.numel():
+            d2, found2 = _codebook_fit(x[rest], inner, levels)
+            d[rest] = torch.where(found2, d2, x[rest].abs().amax(1) / 127.0)
+        out[s0:s0 + _CODEBOOK_CHUNK] = d
     return out
 
 
@@ -275,7 +289,7 @@ def _codebook_cells(w: torch.Tensor, qtype: str):
     neighbouring levels (the quantiser takes the nearest level given its scale). The two outer levels
     also hold what was clipped: the block's largest value is about 127 ``d`` (llama.cpp's scale search
     moves it by up to 7 levels; an IQ4_XS sub-block scale ``d (l - 32)`` rounded to an integer ``l``
-    lets it reach ``127 (1 + 1/(2 |l - 32|))``). Widened for the float16 rounding of the super-block
+    lets it reach ``127 (1 + 1/(2 |l - 32|))``, or ``127 * 32.5 / 31`` where ``l - 32`` was clamped to 31). Widened for the float16 rounding of the super-block
     scale that the levels were chosen with (relative ``2^-11``, or ``2^-25`` absolute where it is subnormal)."""
     m, n = w.shape
     if n % _CODEBOOK_BLOCK:
@@ -286,7 +300,9 @@ def _codebook_cells(w: torch.Tensor, qtype: str):
     if qtype == "IQ4_XS" and n % 256 == 0:  # 8 sub-blocks per super-block; the largest has |l - 32| = 32
         d16 = (ad.reshape(-1, 8).amax(1, keepdim=True) / 32.0).expand(-1, 8).reshape(-1, 1)
         steps = torch.where(d16 > 0, ad / d16, torch.ones_like(ad)).round_().clamp_(min=1.0)
-        reach = 127.0 * (1.0 + 0.5 / steps)
+        # l - 32 is clamped to -32..31, so a sub-block as large as the largest but of the other sign has
+        # l - 32 = 31 for a scale of up to 32.5 units
+        reach = 127.0 * (1.0 + torch.where(steps >= 31, 1.5, 0.5) / steps)
     else:
         d16 = ad
         reach = torch.full_like(ad, 127.0 + 8.0)

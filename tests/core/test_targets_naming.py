@@ -282,6 +282,15 @@ def test_iq4_cells_hold_the_unrounded_values_across_scales_and_outliers():
             assert bool(((err >= lo) & (err <= hi)).all()), (qtype, scale)
             width = float((hi - lo).median() / deq.abs().median())  # a level gap, not the whole range
             assert width < 0.6, (qtype, scale, width)
+    # IQ4_XS: a sub-block as large as the super-block's largest but of the other sign gets its scale
+    # integer clamped (l - 32 = 31 for 32 units), so its values are clipped by about 4 % more
+    w = torch.randn(8, 512, generator=torch.Generator().manual_seed(8)) * 0.02
+    w[:, 0], w[:, 32], w[:, 33] = 0.08, -0.0799, 0.0798  # value 33: at the top level, +113, of its sub-block
+    deq = dequantize(quantize(w, "IQ4_XS"), "IQ4_XS", w.shape)
+    lo, hi = StorageGrid.gguf("IQ4_XS").cells(deq)
+    err = w - deq
+    assert float(err[:, 33].abs().min()) > 0.13 * float(deq[:, 33].abs().max())  # clipped by > 15 units of 113
+    assert bool(((err >= lo) & (err <= hi)).all())
 
 
 @pytest.mark.parametrize("qtype", ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q4_0", "Q5_0"])
