@@ -1,6 +1,6 @@
 """How close is a transfer onto a quantised copy of a distilled model to the transfer onto its bf16 original?
 
-    python benchmarks/bench_quantised.py [--shapes 14b|1.3b] [--device cuda] [--drift 0.015] [--tail 0.0]
+    python benchmarks/bench_quantised.py [--shapes 14b|1.3b] [--device cuda] [--drift 0.015] [--tail 0.0] [--explain]
 
 For Wan-shaped layers (Wan2.1-14B: self_attn.q 5120x5120, ffn.0 13824x5120, ffn.2 5120x13824; or the
 1.3B shapes) it builds, per layer:
@@ -128,6 +128,27 @@ def rel(x, y) -> float:
     return float((x - y).norm() / y.norm())
 
 
+def explain(basis, d, d_ref, b, a) -> dict[str, float] | None:
+    """Where the distance between two transfers of a square layer comes from, in routing coordinates (the
+    same Frobenius distances as in weight space): entries outside both dominant masks (restoration,
+    ``C_L - C_F``: linear in the drift's error), entries in one mask only (a dominance decision that
+    flipped), entries in both whose arbitration differs, and entries arbitrated in both. Shares of
+    ``||C_new(ref)||``; their squares add up to the whole distance's."""
+    if basis.shape[0] != basis.shape[1]:
+        return None
+    ups = []
+    for drift in (d, d_ref):
+        co = L.coordinates(basis, L.compute_drift(basis, drift), b, a)
+        ups.append(casa_layer(co, CasaParams()))
+    (u, r), (u0, r0) = ((x.c, x.routing) for x in ups)
+    dm, dm0 = r.dominance.mask(), r0.dominance.mask()
+    am, am0 = r.arbitrated_mask, r0.arbitrated_mask
+    err, ref = u - u0, float(u0.norm())
+    parts = {"restoration": ~dm & ~dm0, "dominance flips": dm ^ dm0, "arbitration flips": dm & dm0 & (am ^ am0),
+             "arbitrated in both": dm & dm0 & am & am0}
+    return {k: float(err[m].norm()) / ref for k, m in parts.items()}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shapes", choices=sorted(SHAPES), default="14b")
@@ -136,6 +157,9 @@ def main(argv=None) -> int:
     p.add_argument("--tail", type=float, default=0.0, help="share of the drift energy in a full-rank tail")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--explain", action="store_true",
+                   help="on square layers, split each quantised target's distance (now) into restoration, "
+                        "dominance flips and arbitration flips")
     a = p.parse_args(argv)
     dev = torch.device(a.device)
     layers = {k: v for k, v in SHAPES[a.shapes].items() if not a.layers or k in a.layers}
@@ -170,6 +194,18 @@ def main(argv=None) -> int:
                         f"separation {secs:6.1f} s   today {vals['today']:7.1%}   now {vals['now']:6.1%}   "
                         f"now vs raw bf16 {vals['now_vs_raw_bf16']:6.1%}   now vs float32 drift {vals['now_vs_truth']:6.1%}")
         print("\n".join(rows[-len(results):]), flush=True)
+        if a.explain:
+            ests = {}
+            for target, (w, grid) in quantised_copies(wt).items():
+                ests[target] = WeightDifference(src, Weights(name, w, grid)).delta_info(name, (m, n), dev)[0].to(dev)
+            for target, est in ests.items():
+                for vs, ref in (("bf16 original", ests["bf16 original"]), ("float32 drift", drift)):
+                    if target == "bf16 original" and vs == "bf16 original":
+                        continue
+                    split = explain(basis, est, ref, b, lb)
+                    if split is not None:
+                        print(f"    {name} {target} vs {vs}: " + ", ".join(f"{k} {v:.1%}" for k, v in split.items()),
+                              flush=True)
     print("\nworst layer, relative Frobenius distance of the transfer to the transfer onto the bf16 original")
     print(f"  {'target':<14} {'today':>8} {'now':>8}  goal    {'now vs raw bf16':>16} {'now vs float32 drift':>21}")
     for target, w in worst.items():
