@@ -38,6 +38,8 @@ from .formats.keys import comfy_key
 from .parallel import concurrent
 from .quantnoise import EDGE_MARGIN, DriftEstimate, grid_of, separate_drift_parts
 
+_BASE = "base:"  # an unmodelled storage of the base, not the target
+
 #: bumped whenever the drift a target gives changes for the same files (part of the cache key)
 DRIFT_MODEL = "noise-aware-5"
 
@@ -85,15 +87,16 @@ class WeightDifference:
     def delta_info(self, layer: str, shape: tuple[int, int], device: torch.device | str = "cpu",
                    factored: bool = False) -> tuple[torch.Tensor | DriftEstimate | None, dict | None]:
         """The drift (separated from the target's rounding noise where it has one, and from the base's
-        when the base is stored on a coarse grid: fp8, GGUF) and the noise report (None without either). ``factored``: a separated drift that is exactly low
-        rank comes as its factors (:class:`~casa_core.quantnoise.DriftEstimate`, on ``device``)."""
+        when the base is stored on a coarse grid: fp8, GGUF) and the noise report (None without either).
+        ``factored``: a separated drift that is exactly low rank comes as its factors
+        (:class:`~casa_core.quantnoise.DriftEstimate`, on ``device``)."""
         raw = self._raw(layer, shape)
         if raw is None:
             return None, None
         d0, stored, grid, base = raw
         del raw
         if base is not None and not base[1].supported:
-            return d0, {"storage": "the base's " + base[1].describe(), "unmodelled": True}
+            return d0, {"storage": _BASE + base[1].describe(), "unmodelled": True}
         if grid is None and base is None:
             return d0, None
         if grid is not None and not grid.supported:  # lossy storage without a noise model: as it is, and say so
@@ -293,13 +296,18 @@ def noise_summary(drift: TargetDrift, what: str = "the target", layers=None) -> 
     ``layers`` restricts them to some layers (those a LoRA touches)."""
     lines = []
     other = drift.unmodelled(layers)
-    if other:
-        kinds = sorted(set(other.values()))
-        lines.append(f"WARNING: {what} is stored as {', '.join(kinds)} in {len(other)} layer(s) (e.g. "
-                     f"{next(iter(other))}), a lossy format whose rounding casa-lora cannot separate from the "
-                     f"distillation drift, so that drift includes the storage noise; a bf16, fp8 or GGUF Q8_0/"
-                     f"K-quant/IQ4 release of the distilled model, or its distillation LoRA on the base model, "
-                     f"is the cleaner target")
+    for model, pick in ((what, lambda k: not k.startswith(_BASE)), ("the base model", lambda k: k.startswith(_BASE))):
+        mine = {n: k.removeprefix(_BASE) for n, k in other.items() if pick(k)}
+        if not mine:
+            continue
+        kinds = sorted(set(mine.values()))
+        better = ("a bf16 base model" if model == "the base model" else
+                  "a bf16, fp8 or GGUF Q8_0/K-quant/IQ4 release of the distilled model, or its distillation LoRA on "
+                  "the base model,")
+        lines.append(f"WARNING: {model} is stored as {', '.join(kinds)} in {len(mine)} layer(s) (e.g. "
+                     f"{next(iter(mine))}), a lossy format whose rounding casa-lora cannot separate from the "
+                     f"distillation drift, so that drift includes the storage noise; {better} is the cleaner "
+                     f"choice")
     noisy = drift.noisy(layers)
     if not noisy:
         return lines

@@ -400,3 +400,21 @@ def test_cli_names_a_quantised_base_in_its_summary(tmp_path, capsys):
     assert "a bf16 base model, and a bf16 release of the distilled model" in out, out
     rep = json.loads((tmp_path / "r.json").read_text())["methods"]["casa"]
     assert {layer["target_storage"] for layer in rep["layers"].values()} == {"fp8 e4m3fn"}
+
+
+def test_cli_a_lossy_base_without_a_noise_model_warns_about_the_base(tmp_path, capsys):
+    from casa_core import synth
+
+    shape = synth.WanShape(dim=256, ffn_dim=512, blocks=1)
+    base, svd = synth.wan_state_dict(shape, seed=2, dtype=torch.float32)
+    distilled = synth.distill(base, svd, rel_drift=0.015, seed=3, dtype=torch.float32)
+    source = save_gguf(tmp_path / "base_TQ1_0.gguf", base, {"*": "F32", "blocks.0.ffn.0.weight": "TQ1_0"})
+    save_file(distilled, str(tmp_path / "t.safetensors"))
+    save_file(synth.style_lora(svd, rank=8), str(tmp_path / "style.safetensors"))
+    code = main(["transfer", "--source", str(source), "--target", str(tmp_path / "t.safetensors"), "--lora",
+                 str(tmp_path / "style.safetensors"), "--out", str(tmp_path / "o.safetensors"),
+                 "--cache-dir", str(tmp_path / "c")])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "WARNING: the base model is stored as GGUF TQ1_0 in 1 layer(s) (e.g. blocks.0.ffn.0)" in out, out
+    assert "a bf16 base model is the cleaner choice" in out, out
