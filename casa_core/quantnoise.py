@@ -8,8 +8,10 @@ would write that noise into the transferred LoRA.
 **The grid is known** (:class:`StorageGrid`): for fp8 the spacing at each stored value (3 mantissa
 bits for e4m3, 2 for e5m2, times the per-tensor or per-row scale); for GGUF the block scale of every
 32 (or 16) values (Q8_0: ``d = max|x| / 127`` exactly; K-quants: the sub-block's step, read back
-from the dequantised values). So for every element we know the *cell* ``[q + lo, q + hi]`` that
-the unrounded value lies in (round to nearest), and the noise variance ``(hi - lo)^2 / 12``.
+from the dequantised values; IQ4_NL / IQ4_XS: the block scale of their 16-level codebook, read back the
+same way; end levels also hold what a block's scale clipped). So for every element we know the
+*cell* ``[q + lo, q + hi]`` that the unrounded value lies in (round to nearest), and the noise variance
+``(hi - lo)^2 / 12``.
 
 **Separation** (:func:`separate_drift`). A distillation drift has a decaying singular spectrum (a
 distillation LoRA is low rank by construction; extracted ones show the same shape), while rounding
@@ -32,6 +34,9 @@ in ``benchmarks/bench_quantised.py``. A clean target (amplitude SNR >= ``PROJECT
 a usual distillation) skips the consistency refinement: the projection onto the components above the
 noise edge removes most of its rounding (1.5 % drift at 1536x1536: drift error 11 % -> 3.2 %, transfer
 error 8.9 % -> 5.5 %) for the cost of one randomised SVD instead of minutes per 14B layer.
+
+A lossy storage without a model here (GGUF IQ2/IQ3/TQ, ComfyUI's NVFP4/MXFP8/INT8 layouts) has a grid
+that is not :attr:`StorageGrid.supported`: its drift is used as stored, and the summaries say so.
 
 **Signal-to-noise** per layer: ``snr = sqrt(max(||dF||^2 - N, 0) / N)`` with ``N`` the expected noise
 energy, an amplitude ratio: below 1 the layer's drift is under its noise floor.
@@ -289,8 +294,9 @@ def _codebook_cells(w: torch.Tensor, qtype: str):
     neighbouring levels (the quantiser takes the nearest level given its scale). The two outer levels
     also hold what was clipped: the block's largest value is about 127 ``d`` (llama.cpp's scale search
     moves it by up to 7 levels; an IQ4_XS sub-block scale ``d (l - 32)`` rounded to an integer ``l``
-    lets it reach ``127 (1 + 1/(2 |l - 32|))``, or ``127 * 32.5 / 31`` where ``l - 32`` was clamped to 31). Widened for the float16 rounding of the super-block
-    scale that the levels were chosen with (relative ``2^-11``, or ``2^-25`` absolute where it is subnormal)."""
+    lets it reach ``127 (1 + 1/(2 |l - 32|))``, or ``127 * 32.5 / 31`` where ``l - 32`` was clamped to
+    31). Widened for the float16 rounding of the super-block scale that the levels were chosen with
+    (relative ``2^-11``, or ``2^-25`` absolute where it is subnormal)."""
     m, n = w.shape
     if n % _CODEBOOK_BLOCK:
         raise ValueError(f"an IQ4 row of {n} values is not a whole number of {_CODEBOOK_BLOCK}-value blocks")
