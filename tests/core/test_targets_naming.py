@@ -329,26 +329,41 @@ def test_gguf_drift_is_separated_from_its_rounding(qtype):
     assert raw > 0.4 and now < raw / 3, (raw, now, info["rank"])
 
 
-def test_cli_a_lossy_target_without_a_noise_model_warns(tmp_path, capsys):
-    """GGUF TQ1_0 (ternary): no noise model, so the drift is used as it is, and the person is told."""
+def _cli_on_synthetic(tmp_path, capsys, write_base, write_target):
+    """The CLI's transfer of a style LoRA between a synthetic Wan base and its distilled model (1.5 % drift),
+    written by ``write_base(path_stem, state_dict)`` / ``write_target(...)`` (each returns the file):
+    ``(exit code, stdout, CASA's report)``."""
     from casa_core import synth
 
     shape = synth.WanShape(dim=256, ffn_dim=512, blocks=1)
     base, svd = synth.wan_state_dict(shape, seed=2, dtype=torch.float32)
     distilled = synth.distill(base, svd, rel_drift=0.015, seed=3, dtype=torch.float32)
-    save_file(base, str(tmp_path / "base.safetensors"))
-    target = save_gguf(tmp_path / "t_TQ1_0.gguf", distilled, {"*": "F32", "blocks.0.ffn.0.weight": "TQ1_0"})
+    source, target = write_base(tmp_path / "base", base), write_target(tmp_path / "t", distilled)
     save_file(synth.style_lora(svd, rank=8), str(tmp_path / "style.safetensors"))
-    code = main(["transfer", "--source", str(tmp_path / "base.safetensors"), "--target", str(target), "--lora",
+    code = main(["transfer", "--source", str(source), "--target", str(target), "--lora",
                  str(tmp_path / "style.safetensors"), "--out", str(tmp_path / "o.safetensors"), "--report",
                  str(tmp_path / "r.json"), "--cache-dir", str(tmp_path / "c")])
-    assert code == 0
     out = capsys.readouterr().out
+    rep = json.loads((tmp_path / "r.json").read_text())["methods"]["casa"] if code == 0 else None
+    return code, out, rep
+
+
+def _safetensors(stem, sd):
+    save_file(sd, str(stem) + ".safetensors")
+    return str(stem) + ".safetensors"
+
+
+def test_cli_a_lossy_target_without_a_noise_model_warns(tmp_path, capsys):
+    """GGUF TQ1_0 (ternary): no noise model, so the drift is used as it is, and the person is told."""
+    code, out, rep = _cli_on_synthetic(
+        tmp_path, capsys, _safetensors,
+        lambda stem, sd: save_gguf(str(stem) + "_TQ1_0.gguf", sd, {"*": "F32", "blocks.0.ffn.0.weight": "TQ1_0"}))
+    assert code == 0
     assert "WARNING: t_TQ1_0.gguf is stored as GGUF TQ1_0 in 1 layer(s) (e.g. blocks.0.ffn.0)" in out, out
-    rep = json.loads((tmp_path / "r.json").read_text())["methods"]["casa"]
     assert rep["layers"]["blocks.0.ffn.0"]["target_storage"] == "GGUF TQ1_0"
     assert "drift_snr" not in rep["layers"]["blocks.0.ffn.0"]
     assert {rep["layers"][n].get("target_storage") for n in rep["layers"] if n != "blocks.0.ffn.0"} == {None}
+
 
 
 @pytest.mark.parametrize("target_fp8", [False, True])
@@ -383,38 +398,20 @@ def test_an_fp8_base_has_its_rounding_separated_from_the_drift_too(tmp_path, tar
 
 def test_cli_names_a_quantised_base_in_its_summary(tmp_path, capsys):
     """A GGUF Q8_0 base with an fp8 target: both roundings are separated, and the summary says which is which."""
-    from casa_core import synth
-
-    shape = synth.WanShape(dim=256, ffn_dim=512, blocks=1)
-    base, svd = synth.wan_state_dict(shape, seed=2, dtype=torch.float32)
-    distilled = synth.distill(base, svd, rel_drift=0.015, seed=3, dtype=torch.float32)
-    save_gguf(tmp_path / "base_Q8_0.gguf", base, "Q8_0")
-    target = save_checkpoint(tmp_path / "t_fp8.safetensors", distilled, fp8="plain")
-    save_file(synth.style_lora(svd, rank=8), str(tmp_path / "style.safetensors"))
-    code = main(["transfer", "--source", str(tmp_path / "base_Q8_0.gguf"), "--target", str(target), "--lora",
-                 str(tmp_path / "style.safetensors"), "--out", str(tmp_path / "o.safetensors"), "--report",
-                 str(tmp_path / "r.json"), "--cache-dir", str(tmp_path / "c")])
+    code, out, rep = _cli_on_synthetic(
+        tmp_path, capsys, lambda stem, sd: save_gguf(str(stem) + "_Q8_0.gguf", sd, "Q8_0"),
+        lambda stem, sd: save_checkpoint(str(stem) + "_fp8.safetensors", sd, fp8="plain"))
     assert code == 0
-    out = capsys.readouterr().out
     assert "t_fp8.safetensors is stored as fp8 e4m3fn, the base as GGUF Q8_0: drift/noise (SNR)" in out, out
     assert "a bf16 base model, and a bf16 release of the distilled model" in out, out
-    rep = json.loads((tmp_path / "r.json").read_text())["methods"]["casa"]
     assert {layer["target_storage"] for layer in rep["layers"].values()} == {"fp8 e4m3fn"}
 
 
 def test_cli_a_lossy_base_without_a_noise_model_warns_about_the_base(tmp_path, capsys):
-    from casa_core import synth
-
-    shape = synth.WanShape(dim=256, ffn_dim=512, blocks=1)
-    base, svd = synth.wan_state_dict(shape, seed=2, dtype=torch.float32)
-    distilled = synth.distill(base, svd, rel_drift=0.015, seed=3, dtype=torch.float32)
-    source = save_gguf(tmp_path / "base_TQ1_0.gguf", base, {"*": "F32", "blocks.0.ffn.0.weight": "TQ1_0"})
-    save_file(distilled, str(tmp_path / "t.safetensors"))
-    save_file(synth.style_lora(svd, rank=8), str(tmp_path / "style.safetensors"))
-    code = main(["transfer", "--source", str(source), "--target", str(tmp_path / "t.safetensors"), "--lora",
-                 str(tmp_path / "style.safetensors"), "--out", str(tmp_path / "o.safetensors"),
-                 "--cache-dir", str(tmp_path / "c")])
+    code, out, _ = _cli_on_synthetic(
+        tmp_path, capsys,
+        lambda stem, sd: save_gguf(str(stem) + "_TQ1_0.gguf", sd, {"*": "F32", "blocks.0.ffn.0.weight": "TQ1_0"}),
+        _safetensors)
     assert code == 0
-    out = capsys.readouterr().out
     assert "WARNING: the base model is stored as GGUF TQ1_0 in 1 layer(s) (e.g. blocks.0.ffn.0)" in out, out
     assert "a bf16 base model is the cleaner choice" in out, out
