@@ -38,7 +38,8 @@ from .formats.keys import comfy_key
 from .parallel import concurrent
 from .quantnoise import EDGE_MARGIN, DriftEstimate, grid_of, separate_drift_parts
 
-_BASE = "base:"  # an unmodelled storage of the base, not the target
+#: manifest keys of a lossy storage without a noise model (its name), the target's and the base's
+UNMODELLED = {False: "unmodelled_storage", True: "unmodelled_base_storage"}
 
 #: bumped whenever the drift a target gives changes for the same files (part of the cache key)
 DRIFT_MODEL = "noise-aware-5"
@@ -96,11 +97,11 @@ class WeightDifference:
         d0, stored, grid, base = raw
         del raw
         if base is not None and not base[1].supported:
-            return d0, {"storage": _BASE + base[1].describe(), "unmodelled": True}
+            return d0, {UNMODELLED[True]: base[1].describe()}
         if grid is None and base is None:
             return d0, None
         if grid is not None and not grid.supported:  # lossy storage without a noise model: as it is, and say so
-            return d0, {"storage": grid.describe(), "unmodelled": True}
+            return d0, {UNMODELLED[False]: grid.describe()}
         dev = torch.device(device)
         if grid is not None:
             cells = list(grid.cells_and_variance(stored.to(dev)))
@@ -253,12 +254,12 @@ class TargetDrift:
         """Layers (of ``layers``, default all) whose target is stored with rounding noise: layer -> report."""
         return {n: i["noise"] for n, i in self.info.items() if "noise" in i and (layers is None or n in layers)}
 
-    def unmodelled(self, layers=None) -> dict[str, str]:
-        """Layers (of ``layers``, default all) whose target is stored in a lossy format without a noise
-        model here (GGUF IQ2/IQ3/TQ types, NVFP4 …): layer -> the storage's name. Their drift holds the
-        storage's rounding as it is."""
-        return {n: i["unmodelled_storage"] for n, i in self.info.items()
-                if "unmodelled_storage" in i and (layers is None or n in layers)}
+    def unmodelled(self, layers=None, base: bool = False) -> dict[str, str]:
+        """Layers (of ``layers``, default all) whose target (``base``: whose base) is stored in a lossy
+        format without a noise model here (GGUF IQ2/IQ3/TQ types, NVFP4 …): layer -> the storage's name.
+        Their drift holds that storage's rounding as it is."""
+        key = UNMODELLED[base]
+        return {n: i[key] for n, i in self.info.items() if key in i and (layers is None or n in layers)}
 
     def below_noise(self, floor: float = 1.0, layers=None) -> list[str]:
         """Layers whose drift is below the target's rounding noise (amplitude SNR < ``floor``)."""
@@ -278,30 +279,32 @@ class DriftEntry:
     """One layer's entry in a drift cache's manifest (``TargetDrift.info[layer]``), read in one place:
     ``missing``: the target has no such layer; ``zero``: nothing stored, the drift is zero (identical
     weights, or missing); ``norm``: ``||W_t - W_s||_F``; ``noise``: the rounding-noise report of a
-    target stored on a coarse grid, else None."""
+    target stored on a coarse grid, else None; ``unmodelled``: the name of the target's lossy storage
+    when it has no noise model, else None."""
 
     missing: bool
     zero: bool
     norm: float
     noise: dict | None
+    unmodelled: str | None = None
 
     @classmethod
     def of(cls, info: dict) -> "DriftEntry":
         return cls(bool(info.get("missing")), info.get("mode") == "zero", float(info.get("norm", 0.0)),
-                   info.get("noise"))
+                   info.get("noise"), info.get(UNMODELLED[False]))
 
 
 def noise_summary(drift: TargetDrift, what: str = "the target", layers=None) -> list[str]:
     """Plain-language lines about the target's storage noise (empty when it has none that matters);
     ``layers`` restricts them to some layers (those a LoRA touches)."""
     lines = []
-    other = drift.unmodelled(layers)
-    for model, pick in ((what, lambda k: not k.startswith(_BASE)), ("the base model", lambda k: k.startswith(_BASE))):
-        mine = {n: k.removeprefix(_BASE) for n, k in other.items() if pick(k)}
+    for base in (False, True):
+        mine = drift.unmodelled(layers, base)
         if not mine:
             continue
         kinds = sorted(set(mine.values()))
-        better = ("a bf16 base model" if model == "the base model" else
+        model = "the base model" if base else what
+        better = ("a bf16 base model" if base else
                   "a bf16, fp8 or GGUF Q8_0/K-quant/IQ4 release of the distilled model, or its distillation LoRA on "
                   "the base model,")
         lines.append(f"WARNING: {model} is stored as {', '.join(kinds)} in {len(mine)} layer(s) (e.g. "
@@ -413,15 +416,13 @@ def load_or_build_drift(
             norm = linalg.product_norm(delta.left, delta.right)
         else:
             norm = 0.0 if delta is None else float(torch.linalg.matrix_norm(delta.float()))
-        unmodelled = noise.pop("storage") if noise is not None and noise.pop("unmodelled", False) else None
-        if unmodelled is not None:
-            noise = None
+        # a storage without a noise model is recorded under its own key; a noise report under "noise"
+        unmodelled = {k: v for k, v in (noise or {}).items() if k in UNMODELLED.values()}
 
         def annotate(info: dict) -> dict:
-            if noise is not None:
+            if noise and not unmodelled:
                 info["noise"] = noise
-            if unmodelled is not None:
-                info["unmodelled_storage"] = unmodelled
+            info.update(unmodelled)
             return info
 
         if delta is None or norm == 0.0:

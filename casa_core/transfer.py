@@ -128,7 +128,7 @@ def _transfer_layer(lora, name: str, basis: SourceBasis | None, drift: TargetDri
         if entry.noise is not None:
             snr, storage = entry.noise["snr"], entry.noise.get("storage")
         else:
-            storage = drift.info[name].get("unmodelled_storage")  # lossy, no noise model: no SNR
+            storage = entry.unmodelled  # lossy, no noise model: no SNR
         coords = L.coordinates(b, d, left.to(dev), right.to(dev) if right is not None else None)
         if method == "prolora":
             cu = prolora_layer(coords, cfg.params)

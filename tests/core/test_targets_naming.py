@@ -408,10 +408,11 @@ def test_cli_names_a_quantised_base_in_its_summary(tmp_path, capsys):
 
 
 def test_cli_a_lossy_base_without_a_noise_model_warns_about_the_base(tmp_path, capsys):
-    code, out, _ = _cli_on_synthetic(
+    code, out, rep = _cli_on_synthetic(
         tmp_path, capsys,
         lambda stem, sd: save_gguf(str(stem) + "_TQ1_0.gguf", sd, {"*": "F32", "blocks.0.ffn.0.weight": "TQ1_0"}),
         _safetensors)
     assert code == 0
     assert "WARNING: the base model is stored as GGUF TQ1_0 in 1 layer(s) (e.g. blocks.0.ffn.0)" in out, out
     assert "a bf16 base model is the cleaner choice" in out, out
+    assert "target_storage" not in rep["layers"]["blocks.0.ffn.0"]  # the base's storage, not the target's
