@@ -174,13 +174,16 @@ def main(argv=None) -> int:
         basis = L.compute_basis(name, ws)
         truth = transfer(basis, drift, b, lb)
         src = Weights(name, ws, None)
-        results = {}
+        results, ests = {}, {}
         for target, (w, grid) in quantised_copies(wt).items():
             raw = w - ws
             t0 = time.perf_counter()
             est, info = WeightDifference(src, Weights(name, w, grid)).delta_info(name, (m, n), dev)
             secs = time.perf_counter() - t0
-            results[target] = (transfer(basis, raw, b, lb), transfer(basis, est.to(dev), b, lb), info, secs)
+            est = est.to(dev)
+            results[target] = (transfer(basis, raw, b, lb), transfer(basis, est, b, lb), info, secs)
+            if a.explain:  # kept for the split below (at 14B shapes, a layer's worth of memory each)
+                ests[target] = est
         ref_today, ref_now = results["bf16 original"][0], results["bf16 original"][1]
         for target, (today, now, info, secs) in results.items():
             w = worst.setdefault(target, dict.fromkeys(("today", "now", "now_vs_raw_bf16", "now_vs_truth",
@@ -195,9 +198,6 @@ def main(argv=None) -> int:
                         f"now vs raw bf16 {vals['now_vs_raw_bf16']:6.1%}   now vs float32 drift {vals['now_vs_truth']:6.1%}")
         print("\n".join(rows[-len(results):]), flush=True)
         if a.explain:
-            ests = {}
-            for target, (w, grid) in quantised_copies(wt).items():
-                ests[target] = WeightDifference(src, Weights(name, w, grid)).delta_info(name, (m, n), dev)[0].to(dev)
             for target, est in ests.items():
                 for vs, ref in (("bf16 original", ests["bf16 original"]), ("float32 drift", drift)):
                     if target == "bf16 original" and vs == "bf16 original":

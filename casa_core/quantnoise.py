@@ -237,7 +237,7 @@ def _gguf_cells(w: torch.Tensor, qtype: str):
         hi = torch.where(top, reach.expand_as(b), hi)
         lo = torch.where(bottom, -reach.expand_as(b), lo)
     else:
-        k_extra = torch.zeros_like(step)
+        k_extra = 0.0
     if symmetric and qmax != 127:
         # levels -qmax..qmax-1 (Q4_0, Q5_0, Q3_K, Q6_K): the block's largest magnitude is the level -qmax,
         # so on the other side of zero the last level, qmax - 1 steps out, also holds what was clipped (up
@@ -254,36 +254,36 @@ _CODEBOOK_BLOCK = 32
 _CODEBOOK_CHUNK = 1 << 14  # blocks per pass of the scale search (16 candidates x 32 values each)
 
 
-def _codebook_fit(x: torch.Tensor, cand_levels: torch.Tensor, levels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _codebook_fit(x: torch.Tensor, cand_levels: torch.Tensor, levels: torch.Tensor,
+                  mids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """For blocks ``x`` (``blocks x 32``): the first of the candidate levels of the largest value that
-    makes every value a level (its scale), and whether one did."""
+    makes every value a level (its scale), and whether one did (``mids``: the midpoints between levels)."""
     top = x.gather(1, x.abs().argmax(1, keepdim=True))  # blocks x 1, signed
     cands = top / cand_levels  # blocks x c
     ratio = x[:, None, :] / cands[:, :, None]  # an all-zero block: NaN, no candidate fits
-    near = torch.bucketize(ratio, (levels[1:] + levels[:-1]) / 2).clamp_(0, 15)
+    near = torch.bucketize(ratio, mids).clamp_(0, 15)
     ok = (ratio - levels[near]).abs_().amax(-1) <= 1e-3  # blocks x c
     found = ok.any(1)
     first = torch.where(found, ok.float().argmax(1), 0)
     return cands.gather(1, first[:, None])[:, 0], found
 
 
-def _codebook_scales(b: torch.Tensor) -> torch.Tensor:
+def _codebook_scales(b: torch.Tensor, levels: torch.Tensor, mids: torch.Tensor) -> torch.Tensor:
     """The scale ``d`` of every block of ``b`` (``blocks x 32``, values ``d * IQ4_LEVELS[q]``), read back
     from the values: the block's largest value is ``d`` times one of the 16 levels, and only the true one
     (or, for a block of a single repeated value, the largest level, the narrowest cells) makes every value
     a level. The two outer levels are tried first (llama.cpp's scale search starts from the largest value
     at -127, and most blocks keep it at an outer level), the other 14 on the blocks they leave. A block no
     candidate explains (NaN, or values not from an IQ4 grid) gets ``max|x| / 127``."""
-    levels = torch.tensor(IQ4_LEVELS, dtype=torch.float32, device=b.device)
     order = torch.argsort(levels.abs(), descending=True)  # the largest levels first
     outer, inner = levels[order[:2]], levels[order[2:]]
     out = torch.empty(b.shape[0], dtype=torch.float32, device=b.device)
     for s0 in range(0, b.shape[0], _CODEBOOK_CHUNK):
         x = b[s0:s0 + _CODEBOOK_CHUNK]
-        d, found = _codebook_fit(x, outer, levels)
+        d, found = _codebook_fit(x, outer, levels, mids)
         rest = torch.nonzero(~found).flatten()
         if rest.numel():
-            d2, found2 = _codebook_fit(x[rest], inner, levels)
+            d2, found2 = _codebook_fit(x[rest], inner, levels, mids)
             d[rest] = torch.where(found2, d2, x[rest].abs().amax(1) / 127.0)
         out[s0:s0 + _CODEBOOK_CHUNK] = d
     return out
@@ -301,7 +301,9 @@ def _codebook_cells(w: torch.Tensor, qtype: str):
     if n % _CODEBOOK_BLOCK:
         raise ValueError(f"an IQ4 row of {n} values is not a whole number of {_CODEBOOK_BLOCK}-value blocks")
     b = w.reshape(-1, _CODEBOOK_BLOCK)
-    d = _codebook_scales(b)[:, None]
+    levels = torch.tensor(IQ4_LEVELS, dtype=torch.float32, device=w.device)
+    mids = (levels[1:] + levels[:-1]) / 2
+    d = _codebook_scales(b, levels, mids)[:, None]
     ad = d.abs()
     if qtype == "IQ4_XS" and n % 256 == 0:  # 8 sub-blocks per super-block; the largest has |l - 32| = 32
         d16 = (ad.reshape(-1, 8).amax(1, keepdim=True) / 32.0).expand(-1, 8).reshape(-1, 1)
@@ -313,12 +315,11 @@ def _codebook_cells(w: torch.Tensor, qtype: str):
         d16 = ad
         reach = torch.full_like(ad, 127.0 + 8.0)
     rel = torch.maximum(torch.full_like(d16, 2.0 ** -11), 2.0 ** -25 / d16.clamp_min(2.0 ** -40))
-    levels = torch.tensor(IQ4_LEVELS, dtype=torch.float32, device=w.device)
     gap = levels[1:] - levels[:-1]
     below = torch.cat([gap[:1], gap]) / 2  # half-gap to the level below (outermost: the inner one)
     above = torch.cat([gap, gap[-1:]]) / 2
     safe = torch.where(d != 0, d, torch.ones_like(d))
-    q = torch.bucketize(b / safe, (levels[1:] + levels[:-1]) / 2).clamp_(0, 15)
+    q = torch.bucketize(b / safe, mids).clamp_(0, 15)
     lv = levels[q]
     lo_u = lv - below[q]
     hi_u = lv + above[q]
