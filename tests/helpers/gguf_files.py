@@ -104,6 +104,11 @@ def _q6_k(blocks: np.ndarray) -> np.ndarray:
                            _f16(d)], axis=1)
 
 
+def _signed_max(x: np.ndarray) -> np.ndarray:
+    """The value of largest magnitude along the last axis, with its sign (llama.cpp's ``max``)."""
+    return np.take_along_axis(x, np.abs(x).argmax(-1)[..., None], -1)[..., 0]
+
+
 def _pack_2bit(q: np.ndarray) -> np.ndarray:
     """256 2-bit values per block -> 64 bytes: value ``g*128 + s*32 + j`` in bits ``2s`` of byte ``g*32 + j``."""
     n = q.shape[0]
@@ -136,9 +141,9 @@ def _q3_k(blocks: np.ndarray) -> np.ndarray:
     sub-block maps to -4, as llama.cpp's make_q3_quants does), 6-bit sc packed in 12 bytes; fp16 d."""
     n = blocks.shape[0]
     sub = blocks.reshape(n, 16, 16)
-    top = np.take_along_axis(sub, np.abs(sub).argmax(-1)[..., None], -1)[..., 0]
+    top = _signed_max(sub)
     scale = -top / 4.0
-    big = np.take_along_axis(scale, np.abs(scale).argmax(-1)[:, None], -1)[:, 0]
+    big = _signed_max(scale)
     d = -big / 32.0
     ls = np.clip(np.rint(scale / np.where(d == 0, 1, d)[:, None]), -32, 31)
     dl = (d.astype(np.float16).astype(np.float32)[:, None] * ls)[..., None]
@@ -176,7 +181,7 @@ def _iq4_nl(blocks: np.ndarray) -> np.ndarray:
     maps to the level -127 (``d = -x_max / 127``, as llama.cpp starts its scale search), the levels are
     the nearest ones given the unrounded ``d``."""
     b = blocks.reshape(-1, 32)
-    top = np.take_along_axis(b, np.abs(b).argmax(-1)[:, None], -1)[:, 0]
+    top = _signed_max(b)
     d = -top / 127.0
     q = _iq4_levels(b, d[:, None])
     return np.concatenate([_f16(d), _iq4_nibbles(q)], axis=1).reshape(blocks.shape[0], -1)
@@ -187,9 +192,9 @@ def _iq4_xs(blocks: np.ndarray) -> np.ndarray:
     low nibbles in ``scales_l``, the two high bits in ``scales_h``) and 128 bytes of levels."""
     n = blocks.shape[0]
     sub = blocks.reshape(n, 8, 32)
-    top = np.take_along_axis(sub, np.abs(sub).argmax(-1)[..., None], -1)[..., 0]
+    top = _signed_max(sub)
     scale = -top / 127.0  # n x 8, the sub-blocks' own scales
-    big = np.take_along_axis(scale, np.abs(scale).argmax(-1)[:, None], -1)[:, 0]
+    big = _signed_max(scale)
     d = -big / 32.0
     ls = np.clip(np.rint(scale / np.where(d == 0, 1, d)[:, None]) + 32, 0, 63).astype(np.uint8)
     dl = d[:, None] * (ls.astype(np.float32) - 32)
