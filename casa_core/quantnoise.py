@@ -35,7 +35,9 @@ a usual distillation) skips the consistency refinement: the projection onto the 
 noise edge removes most of its rounding (1.5 % drift at 1536x1536: drift error 11 % -> 3.2 %, transfer
 error 8.9 % -> 5.5 %) for the cost of one randomised SVD instead of minutes per 14B layer.
 
-A lossy storage without a model here (GGUF IQ2/IQ3/TQ, ComfyUI's NVFP4/MXFP8/INT8 layouts) has a grid
+ComfyUI's own layouts are modelled too: INT8 (per tensor or per row), MXFP8 and NVFP4 (block scales read back
+from the values). A lossy storage without a model here (GGUF IQ2/IQ3/TQ, INT8 with a rotation, 4-bit SVDQuant
+or AWQ layouts) has a grid
 that is not :attr:`StorageGrid.supported`: its drift is used as stored, and the summaries say so.
 
 **Signal-to-noise** per layer: ``snr = sqrt(max(||dF||^2 - N, 0) / N)`` with ``N`` the expected noise
@@ -93,6 +95,13 @@ CODEBOOK_GRIDS = ("IQ4_NL", "IQ4_XS")
 IQ4_LEVELS = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
 #: the GGUF types that are plain floats or integers: no rounding grid of a quantiser
 _GGUF_PLAIN = ("F32", "F64", "F16", "BF16", "I8", "I16", "I32", "I64")
+#: block-scaled layouts (ComfyUI's QuantizedTensor layouts from comfy_kitchen): values per scale block along
+#: the input dimension. MXFP8: e4m3 values times a power-of-two scale per block, chosen so that the block's
+#: largest magnitude fits (``2^ceil(log2(max / 448))``). NVFP4: e2m1 values (``E2M1_LEVELS``) times a
+#: per-block scale (an e4m3 number times a per-tensor float32) close to ``max / 6``.
+BLOCK_GRIDS = {"mxfp8": 32, "nvfp4": 16}
+E2M1_LEVELS = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+_E4M3_MAX = 448.0
 
 
 @dataclass(frozen=True)
@@ -105,6 +114,9 @@ class StorageGrid:
 
     kind: str
     scale: torch.Tensor | None = None
+    #: int8: the unit roundoff of the arithmetic the quantiser divided in (ComfyUI's divides a bfloat16
+    #: weight by its scale in bfloat16: up to a step more at the largest integers), 0 for exact division
+    arith_eps: float = 0.0
 
     @classmethod
     def fp8(cls, dtype: torch.dtype, scale: torch.Tensor | None = None) -> StorageGrid:
@@ -123,6 +135,23 @@ class StorageGrid:
         return None if qtype in _GGUF_PLAIN else cls("gguf:" + qtype)
 
     @classmethod
+    def int8(cls, scale: torch.Tensor, source_dtype: torch.dtype | None = None) -> StorageGrid:
+        """Integers ``-128..127`` times ``scale`` (one per tensor, or one per output row), rounded to the
+        nearest (ComfyUI's ``TensorWiseINT8Layout``). ``source_dtype``: the dtype of the weights that were
+        quantised; the quantiser divides in it (a bfloat16 quotient and scale are each off by up to
+        ``2^-8`` of their value), so the cells of the larger integers are wider."""
+        eps = 2.0 ** -8 if source_dtype == torch.bfloat16 else 2.0 ** -11 if source_dtype == torch.float16 else 0.0
+        return cls("int8", scale.detach().float().cpu().reshape(-1), eps)
+
+    @classmethod
+    def block_scaled(cls, kind: str) -> StorageGrid:
+        """A block-scaled layout of :data:`BLOCK_GRIDS` (``"mxfp8"``, ``"nvfp4"``); its block scales are
+        read back from the dequantised values."""
+        if kind not in BLOCK_GRIDS:
+            raise ValueError(f"unknown block-scaled layout {kind!r}")
+        return cls(kind)
+
+    @classmethod
     def unmodelled(cls, name: str) -> StorageGrid:
         """A lossy storage whose rounding cannot be modelled here (e.g. a ComfyUI quantised layout other
         than fp8): not :attr:`supported`; ``name`` is how the summary calls it."""
@@ -130,7 +159,8 @@ class StorageGrid:
 
     @property
     def supported(self) -> bool:
-        return self.kind in _FLOAT_GRIDS or (self.kind.startswith("gguf:")
+        return self.kind in _FLOAT_GRIDS or self.kind == "int8" or self.kind in BLOCK_GRIDS or (
+            self.kind.startswith("gguf:")
                                               and (self.kind[5:] in GGUF_GRIDS or self.kind[5:] in CODEBOOK_GRIDS))
 
     @property
@@ -144,6 +174,10 @@ class StorageGrid:
             return f"GGUF {self.kind[5:]}"
         if self.kind.startswith("other:"):
             return self.kind[6:]
+        if self.kind == "int8":
+            return "int8 (scaled per row)" if self.scale is not None and self.scale.numel() > 1 else "int8 (scaled)"
+        if self.kind in BLOCK_GRIDS:
+            return self.kind.upper()
         fmt = {"bfloat16": "bf16", "float16": "fp16"}.get(self.kind, self.kind.replace("float8_", "fp8 "))
         return f"{fmt} (scaled)" if self.scale is not None else fmt
 
@@ -166,6 +200,13 @@ class StorageGrid:
         if self.kind in _FLOAT_GRIDS:
             lo, hi = _float_cells(w, self.scale, *_FLOAT_GRIDS[self.kind])
             return lo, hi, (hi - lo).square_().div_(12.0)
+        if self.kind == "int8":
+            return _int8_cells(w, self.scale, self.arith_eps)
+        if self.kind == "mxfp8":
+            lo, hi = _float_cells(w, _mx_scales(w), *_FLOAT_GRIDS["float8_e4m3fn"])
+            return lo, hi, (hi - lo).square_().div_(12.0)
+        if self.kind == "nvfp4":
+            return _nvfp4_cells(w)
         if self.kind.startswith("gguf:") and self.kind[5:] in GGUF_GRIDS:
             return _gguf_cells(w, self.kind[5:])
         if self.kind.startswith("gguf:") and self.kind[5:] in CODEBOOK_GRIDS:
@@ -179,7 +220,10 @@ def _float_cells(w: torch.Tensor, scale: torch.Tensor | None, mbits: int, emin: 
     if scale is None:
         x, half = w.abs(), 0.5
     else:
-        s = scale.to(w.device).reshape(-1, 1) if scale.numel() > 1 else scale.to(w.device).reshape(())
+        if scale.shape == w.shape:  # one scale per value (block scales, expanded)
+            s = scale.to(w.device)
+        else:
+            s = scale.to(w.device).reshape(-1, 1) if scale.numel() > 1 else scale.to(w.device).reshape(())
         x, half = (w / s).abs_(), s.abs() / 2
     smallest = 2.0 ** emin
     power = (x.view(torch.int32) & 0x7F800000).view(torch.float32).clamp_min_(smallest)
@@ -192,6 +236,81 @@ def _float_cells(w: torch.Tensor, scale: torch.Tensor | None, mbits: int, emin: 
     hi = torch.where(neg, down, up).mul_(half)
     lo = torch.where(neg, up, down).neg_().mul_(half)
     return lo, hi
+
+
+def _blocks(w: torch.Tensor, block: int) -> torch.Tensor:
+    """``w`` (``m x n``) as ``m x ceil(n / block) x block``, a last partial block padded with zeros (the
+    layouts pad a row to whole blocks with zeros)."""
+    m, n = w.shape
+    pad = (-n) % block
+    if pad:
+        w = torch.nn.functional.pad(w, (0, pad))
+    return w.reshape(m, -1, block)
+
+
+def _per_value(per_block: torch.Tensor, block: int, n: int) -> torch.Tensor:
+    return per_block.repeat_interleave(block, dim=1)[:, :n]
+
+
+def _int8_cells(w: torch.Tensor, scale: torch.Tensor, eps: float):
+    """``w = step * q``: the cell is half a step either side, plus ``2 eps |q|`` steps for a quotient and a
+    scale each rounded to a relative ``eps`` before the rounding to an integer; the variance is the
+    uniform rounding's ``step^2 / 12`` plus the two relative roundings' ``(q step)^2 2 eps^2 / 3``."""
+    step = scale.to(w.device).abs()
+    step = step.reshape(-1, 1) if step.numel() > 1 else step.reshape(())
+    if eps > 0:
+        q = (w / step.clamp_min(1e-30)).abs_().round_()
+        half = (q * (2.0 * eps)).add_(0.5).mul_(step)
+        var = (q.square_().mul_(2.0 * eps * eps / 3.0).add_(1.0 / 12.0)).mul_(step.square())
+    else:
+        half = (step / 2).expand_as(w).clone()
+        var = (step.square() / 12.0).expand_as(w).clone()
+    return -half, half, var
+
+
+def _mx_scales(w: torch.Tensor) -> torch.Tensor:
+    """MXFP8's power-of-two scale of every value's block, read back from the dequantised values: the
+    quantiser's ``2^ceil(log2(max / 448))`` of the block's largest magnitude. Rounding can move that
+    magnitude across a power of two, and the scale read back is then half the true one; the cells do not
+    depend on it except for e4m3's subnormals (values 2^14 times below the block's largest), where the
+    cell is taken twice as fine."""
+    amax = _blocks(w, BLOCK_GRIDS["mxfp8"]).abs().amax(-1)
+    s = torch.exp2(torch.ceil(torch.log2((amax / _E4M3_MAX).clamp_min(2.0 ** -127))))
+    s = torch.where(amax > 0, s, torch.ones_like(s))
+    return _per_value(s, BLOCK_GRIDS["mxfp8"], w.shape[1])
+
+
+def _nvfp4_cells(w: torch.Tensor):
+    """Cells of NVFP4 values: e2m1 levels times the block's scale ``d``, which is the block's largest
+    dequantised magnitude over 6 (the quantiser's scale is ``max / 6`` rounded to e4m3, within 2^-4, so
+    the largest value always rounds to the level 6). The level 6 also holds what the rounded scale let
+    exceed it: up to ``6 / (1 - 2^-4)``. A block whose e4m3 scale is subnormal (its largest value below
+    ``2^-6 / 448`` of the tensor's: the per-tensor scale is the tensor's largest over ``6 * 448``) has a
+    scale rounded too coarsely to read back: its cells span every value such a block can hold."""
+    m, n = w.shape
+    block = BLOCK_GRIDS["nvfp4"]
+    d_block = _blocks(w, block).abs().amax(-1) / 6.0
+    tensor_scale = float(d_block.max()) / _E4M3_MAX if d_block.numel() else 0.0
+    tiny = _per_value(d_block < tensor_scale * 2.0 ** -6, block, n)
+    d = _per_value(d_block, block, n)
+    levels = torch.tensor(E2M1_LEVELS, dtype=torch.float32, device=w.device)
+    mids = (levels[1:] + levels[:-1]) / 2
+    lower = torch.cat([levels[:1], mids])  # the cell of level i in units of d: [lower[i], upper[i]]
+    upper = torch.cat([mids, levels[-1:] / (1.0 - 2.0 ** -4)])
+    safe = torch.where(d > 0, d, torch.ones_like(d))
+    q = torch.bucketize(w.abs() / safe, mids).clamp_(0, len(E2M1_LEVELS) - 1)
+    lv = levels[q]
+    out = (upper[q] - lv) * d  # away from zero
+    inn = torch.where(q == 0, mids[0], lv - lower[q]) * d  # towards zero (across it, for the level 0)
+    del q, lv
+    neg = w < 0
+    hi = torch.where(neg, inn, out)
+    lo = torch.where(neg, out, inn).neg_()
+    if bool(tiny.any()):  # |x| <= 6 (2^-6 + 2^-10) times the per-tensor scale
+        reach = 6.0 * (2.0 ** -6 + 2.0 ** -10) * tensor_scale
+        hi = torch.where(tiny, reach - w, hi)
+        lo = torch.where(tiny, -reach - w, lo)
+    return lo, hi, (hi - lo).square_().div_(12.0)
 
 
 def _gguf_cells(w: torch.Tensor, qtype: str):

@@ -16,6 +16,7 @@ separated from the rounding noise (:mod:`casa_core.quantnoise`).
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import sys
 
@@ -57,9 +58,24 @@ def _qtype(w) -> str:
     return getattr(t, "name", str(t))
 
 
+def _dequantized(w) -> torch.Tensor:
+    """A ``QuantizedTensor`` dequantised in float32 by its own layout (``dequantize()`` gives the model's
+    dtype, often bfloat16, whose rounding would blur the stored grid: an int8 value of 127 steps rounded
+    to bf16 moves by a quarter step); the plain ``dequantize()`` where the layout's parameters cannot be
+    rebuilt so."""
+    params = getattr(w, "_params", None)
+    if dataclasses.is_dataclass(params) and hasattr(params, "orig_dtype"):
+        try:
+            exact = type(w)(w._qdata, w._layout_cls, dataclasses.replace(params, orig_dtype=torch.float32))
+            return exact.dequantize().float()
+        except Exception:  # a layout that does not allow it: its own dequantisation
+            pass
+    return w.dequantize()
+
+
 def _plain(w) -> torch.Tensor:
     if QuantizedTensor and isinstance(w, QuantizedTensor):
-        w = w.dequantize()
+        w = _dequantized(w)
     elif is_ggml(w):
         shape = tuple(int(x) for x in w.tensor_shape)
         w = _ggml_dequantizer(w)(w, torch.float32)
@@ -79,13 +95,48 @@ def grid_of_weight(w) -> StorageGrid | None:
     if QuantizedTensor and isinstance(w, QuantizedTensor):
         scale = getattr(getattr(w, "_params", None), "scale", None)
         rows = int(w.shape[0]) if len(getattr(w, "shape", ())) == 2 else -1
+        layout = getattr(w, "_layout_cls", None)
+        name = str(getattr(layout, "__name__", layout) or type(w).__name__)
+        lineage = _layout_lineage(w, name)
+        grid = _layout_grid(lineage, qdata, getattr(w, "_params", None), rows)
+        if grid is not None:
+            return grid
         if (isinstance(qdata, torch.Tensor) and qdata.dtype in (torch.float8_e4m3fn, torch.float8_e5m2)
+                and "TensorCoreMXFP8Layout" not in lineage
                 and (not isinstance(scale, torch.Tensor) or scale.numel() in (1, rows))):
             return StorageGrid.fp8(qdata.dtype, scale if isinstance(scale, torch.Tensor) else None)
-        # another layout (NVFP4, MXFP8's block scales, INT8 …): lossy, but not a grid modelled here
-        layout = getattr(w, "_layout_cls", None)
-        return StorageGrid.unmodelled(str(getattr(layout, "__name__", layout) or type(w).__name__))
+        # another layout (INT8 with a rotation, 4-bit SVDQuant / AWQ …): lossy, but not a grid modelled here
+        return StorageGrid.unmodelled(name)
     return StorageGrid.of_dtype(w.dtype) if isinstance(w, torch.Tensor) else None
+
+
+def _layout_lineage(w, name: str) -> set[str]:
+    """The names of a quantised tensor's layout class and of its base classes (ComfyUI subclasses
+    comfy_kitchen's layouts), or just its name where the class cannot be looked up."""
+    try:
+        cls = w.layout_cls
+    except Exception:  # an unregistered layout name
+        cls = None
+    return {c.__name__ for c in cls.__mro__} if isinstance(cls, type) else {name}
+
+
+def _layout_grid(lineage: set[str], qdata, params, rows: int) -> StorageGrid | None:
+    """The grid of ComfyUI's block-scaled and integer layouts (comfy_kitchen's ``TensorCoreMXFP8Layout``,
+    ``TensorCoreNVFP4Layout``, ``TensorWiseINT8Layout`` or a subclass), checked against their storage;
+    None for another layout, or one stored transposed or rotated (its blocks would not run along the
+    rows as read here)."""
+    if not isinstance(qdata, torch.Tensor) or getattr(params, "transposed", False):
+        return None
+    if "TensorCoreMXFP8Layout" in lineage and qdata.dtype == torch.float8_e4m3fn:
+        return StorageGrid.block_scaled("mxfp8")
+    if "TensorCoreNVFP4Layout" in lineage and qdata.dtype == torch.uint8:
+        return StorageGrid.block_scaled("nvfp4")
+    scale = getattr(params, "scale", None)
+    if ("TensorWiseINT8Layout" in lineage and qdata.dtype == torch.int8 and not getattr(params, "convrot", False)
+            and getattr(params, "is_weight", True) and isinstance(scale, torch.Tensor)
+            and scale.numel() in (1, rows)):
+        return StorageGrid.int8(scale, getattr(params, "orig_dtype", None))
+    return None
 
 
 def _hash_value(h, v) -> None:
