@@ -269,13 +269,15 @@ def _int8_cells(w: torch.Tensor, scale: torch.Tensor, eps: float):
 
 
 def _mx_scales(w: torch.Tensor) -> torch.Tensor:
-    """MXFP8's power-of-two scale of every value's block, read back from the dequantised values: the
-    quantiser's ``2^ceil(log2(max / 448))`` of the block's largest magnitude. Rounding can move that
-    magnitude across a power of two, and the scale read back is then half the true one; the cells do not
-    depend on it except for e4m3's subnormals (values 2^14 times below the block's largest), where the
-    cell is taken twice as fine."""
+    """MXFP8's power-of-two scale of every value's block, read back from the dequantised values. The
+    quantiser's scale is ``2^ceil(log2(max / 448))`` of the block's largest magnitude, and the stored
+    largest magnitude over 448 lies in ``(1/2, 1]`` of it, reaching 1/2 exactly when rounding took the
+    largest value down to a power of two: then the scale is either ``max / 448`` or twice that. The cells
+    depend on the scale only through e4m3's subnormals (values 2^14 times below the block's largest), and
+    the coarser of the two gives cells that hold the finer one's, so the scale read back is
+    ``2^(floor(log2(max / 448)) + 1)``."""
     amax = _blocks(w, BLOCK_GRIDS["mxfp8"]).abs().amax(-1)
-    s = torch.exp2(torch.ceil(torch.log2((amax / _E4M3_MAX).clamp_min(2.0 ** -127))))
+    s = torch.exp2(torch.floor(torch.log2((amax / _E4M3_MAX).clamp_min(2.0 ** -127))) + 1.0)
     s = torch.where(amax > 0, s, torch.ones_like(s))
     return _per_value(s, BLOCK_GRIDS["mxfp8"], w.shape[1])
 

@@ -117,6 +117,101 @@ def test_gguf_target_through_unet_loader_gguf(comfy_server, gguf_set, truth_cach
     assert "missing" not in transfer_text and "not found" not in transfer_text, transfer_text
 
 
+# -- ComfyUI's own quantised layouts ------------------------------------------------------------------
+
+#: comfy_quant format -> (comfy_kitchen layout, quantiser options, the grid's kind, the word the drift shows)
+COMFY_LAYOUTS = {
+    "nvfp4": ("TensorCoreNVFP4Layout", {}, "nvfp4", "NVFP4"),
+    "mxfp8": ("TensorCoreMXFP8Layout", {}, "mxfp8", "MXFP8"),
+    "int8_tensorwise": ("TensorWiseINT8Layout", {}, "int8", "int8"),
+}
+
+
+@pytest.fixture(scope="module")
+def layout_set(comfy_server, comfy_inprocess):
+    """dim 256, 1 block, a 1.5 % drift; the distilled model written in every quantised format of
+    ``COMFY_LAYOUTS`` that this ComfyUI loads, by comfy_kitchen's own quantisers and serialisers (what
+    ComfyUI saves: ``weight`` + its scales + a ``comfy_quant`` JSON)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    import comfy.quant_ops
+
+    formats = [f for f in COMFY_LAYOUTS if f in comfy.quant_ops.QUANT_ALGOS]
+    assert "nvfp4" in formats, sorted(comfy.quant_ops.QUANT_ALGOS)  # both tested versions load NVFP4
+    ts = tiny_set_in(comfy_server.base_dir, "casa_qlayout", seed=13, dim=256, ffn_dim=512, blocks=1, rel_drift=0.015,
+                     fp8=False, distill_lora=False, style_formats=("kohya",), other_size=False)
+    files = {}
+    for fmt in formats:
+        layout, kwargs, _, _ = COMFY_LAYOUTS[fmt]
+        out = {}
+        for key, t in ts.distilled_sd.items():
+            module = key[: -len(".weight")]
+            if key.startswith("blocks.") and key.endswith(".weight") and t.ndim == 2:
+                q = comfy.quant_ops.QuantizedTensor.from_float(t.float(), layout, **kwargs)
+                out.update({k: v.contiguous() for k, v in q.state_dict(key).items()})
+                out[f"{module}.comfy_quant"] = torch.tensor(list(json.dumps({"format": fmt}).encode()),
+                                                            dtype=torch.uint8)
+            else:
+                out[key] = t.contiguous()
+        name = f"casa_qlayout_distilled_{fmt}.safetensors"
+        save_file(out, str(ts.unet_path(name)))
+        files[fmt] = name
+    return ts, files
+
+
+def test_comfy_quantised_layouts_through_unet_loader(comfy_server, layout_set, truth_cache):
+    """A distilled model in ComfyUI's own NVFP4 (and, where this ComfyUI has them, MXFP8 and INT8) layouts,
+    through the stock UNETLoader: the drift is that of the weights the MODEL uses, its rounding separated
+    with the layout's grid (the drift names it, with an SNR, and no "used as stored" warning); the transfer
+    is casa_core's on those weights and grids; a patch lands on every layer and KSampler gives a finite
+    latent."""
+    from casa_core.quantnoise import StorageGrid
+    from safetensors import safe_open
+
+    ts, files = layout_set
+    for fmt, name in files.items():
+        _, _, kind, word = COMFY_LAYOUTS[fmt]
+        run = uuid.uuid4().hex[:6]
+        g = casa_transfer_graph(ts.base, name, ts.style_lora, injection="exact")
+        # the weights the loaded MODEL holds, read first: a patched clone sampled later shares its modules
+        dump = add_dump({"target": g["target"]}, "dump", ["target", 0], f"qlayout_{fmt}_{run}")
+        w_t, meta = fetch_dump(comfy_server, comfy_server.run(dump, timeout=300), "dump")
+        add_save(g, "save", f"casa_tests/qlayout_{fmt}_{run}", dtype="float32")
+        add_patch_info(g, "patches", ["transfer", 0])
+        stats = add_ksampler(g, ["transfer", 0], seed=5)
+        entry = comfy_server.run(g, timeout=600)
+
+        grids = {}
+        with safe_open(str(ts.unet_path(name)), "pt") as f:
+            for layer in ts.block_layers():
+                assert meta[f"class.{layer}"] == "QuantizedTensor", (fmt, layer, meta.get(f"class.{layer}"))
+                w = ts.distilled_sd[layer + ".weight"].float()
+                # the weights ComfyUI uses are a rounding of W_t on this format's grid
+                assert 0 < rel_err(w_t[layer], w) < 0.2, (fmt, layer)
+                if kind == "int8":
+                    grids[layer] = StorageGrid.int8(f.get_tensor(layer + ".weight_scale"),
+                                                    getattr(torch, meta[f"dtype.{layer}"]))
+                else:
+                    grids[layer] = StorageGrid.block_scaled(kind)
+                lo, hi = grids[layer].cells(w_t[layer])
+                err = w - w_t[layer]
+                assert bool(((err >= lo) & (err <= hi)).all()), (fmt, layer)
+        assert latent_stats(entry, stats)["finite"], fmt
+        info = patch_info(entry, "patches")
+        assert {f"diffusion_model.{layer}.weight" for layer in ts.block_layers()} <= set(info), (fmt, sorted(info)[:4])
+        got = saved_deltas(comfy_server, entry)
+        exp = casa_expected(ts.unet_path(ts.base), ts.lora_path(ts.style_lora), truth_cache, injection="exact",
+                            target_weights=w_t, target_grids=grids)
+        assert set(got) == set(exp.deltas) == set(ts.block_layers()), fmt
+        for layer, d in exp.deltas.items():
+            assert rel_err(got[layer], d) < TOL, (fmt, layer)
+        drift_text = ui_text(entry, "drift")
+        assert word in drift_text and "SNR" in drift_text, (fmt, drift_text)
+        assert "cannot separate" not in drift_text, (fmt, drift_text)
+
+
 # -- namings ---------------------------------------------------------------------------------------------
 
 

@@ -100,6 +100,10 @@ def test_layout_cells_hold_the_unrounded_value(case):
     subnormals, MXFP8's values are still normal: the power-of-two scale follows the block)."""
     w = _weights(128, 250, seed=4)
     w[5] *= 1e-5
+    # a block whose largest value rounds down to a power of two times 448 (its scale is then twice what
+    # the stored largest suggests), holding values small enough to be e4m3 subnormals under that scale
+    w[7, :32] = torch.linspace(1e-7, 1.5e-6, 32)
+    w[7, 0] = FP8_MAX * 2.0 ** -14 * (1 + 2.0 ** -6)
     if case.startswith("int8"):
         wt = w.bfloat16().float() if case == "int8_bf16" else w
         q, s = _int8(wt, case == "int8_row", torch.bfloat16 if case == "int8_bf16" else torch.float32)
