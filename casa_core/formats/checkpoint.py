@@ -18,8 +18,9 @@ names (translated to ComfyUI's: ``img_attn_qkv`` -> ``img_attn.qkv``); see :func
 **fp8.** Plain ``float8_e4m3fn``/``float8_e5m2`` weights are upcast. Scaled fp8 stores the weight divided
 by a scale: legacy files carry ``<module>.scale_weight`` (plus a ``scaled_fp8`` marker), newer ComfyUI
 files ``<module>.weight_scale`` (scalar, or per output row) with a ``<module>.comfy_quant`` JSON tensor
-or a ``_quantization_metadata`` header entry; the weight is ``w.float() * scale``. Other quantisation
-formats (nvfp4, mxfp8, int8, …) pack weights differently and are refused with a clear message.
+or a ``_quantization_metadata`` header entry; the weight is ``w.float() * scale``. ComfyUI's
+``int8_tensorwise``, ``mxfp8`` and ``nvfp4`` formats are decoded by :mod:`.comfy_quant`; other quantisation
+formats (a rotated int8, 4-bit SVDQuant/AWQ/W4A8 …) are refused with a clear message.
 ``grid(layer)`` describes a layer's storage grid (:class:`~casa_core.quantnoise.StorageGrid`: fp8,
 bfloat16, float16), from which the drift estimates the rounding noise of the layer; float32 has none.
 """
@@ -34,6 +35,7 @@ import torch
 
 from .. import linalg
 from ..errors import CasaError
+from . import comfy_quant
 from .keys import canonical_names, naming_of
 from .safetensors_io import SafeTensorsFile, file_digest
 
@@ -114,6 +116,8 @@ class Checkpoint(FileIdentity):
         self._weight_key: dict[str, str] = {}
         self._scale_key: dict[str, str] = {}
         self._fp8_view: dict[str, torch.dtype] = {}
+        #: layer -> (ComfyUI format, {scale suffix: key}) for the integer and block-scaled formats
+        self._packed: dict[str, tuple[str, dict[str, str]]] = {}
         used: set[str] = set()
         for key in keys:
             if not key.endswith(".weight") or len(f.shape(key)) != 2:
@@ -138,9 +142,13 @@ class Checkpoint(FileIdentity):
                 conf = quant_meta[raw_module]
             if conf is not None:
                 self._apply_quant_conf(layer, key, conf)
+            if layer in self._packed:
+                used.update(self._packed[layer][1].values())
+                self._scale_key.pop(layer, None)
 
         self.layers: dict[str, tuple[int, int]] = {
-            layer: (f.shape(key)[0], f.shape(key)[1]) for layer, key in self._weight_key.items()
+            layer: (f.shape(key)[0], f.shape(key)[1] * (2 if self._packed.get(layer, ("",))[0] == "nvfp4" else 1))
+            for layer, key in self._weight_key.items()
         }
         self.other_keys: list[str] = [k for k in keys if k not in used]
         #: every tensor's canonical name (scale and quantisation bookkeeping left out)
@@ -170,8 +178,22 @@ class Checkpoint(FileIdentity):
 
     def _apply_quant_conf(self, layer: str, key: str, conf: dict) -> None:
         fmt = conf.get("format")
+        params = conf.get("params") if isinstance(conf.get("params"), dict) else {}
+        rotated = conf.get("convrot", params.get("convrot", False))
+        if fmt in comfy_quant.FORMATS and not rotated:
+            raw_module = key[: -len(".weight")]
+            scales = {}
+            for suffix in comfy_quant.scale_suffixes(fmt):
+                if f"{raw_module}.{suffix}" not in self._file:
+                    raise CasaError(f"{self.path}, layer {layer}: weights quantised as '{fmt}' need "
+                                    f"'{raw_module}.{suffix}', which the file does not have",
+                                    file=self.path, layer=layer)
+                scales[suffix] = f"{raw_module}.{suffix}"
+            self._packed[layer] = (fmt, scales)
+            return
         if fmt not in _FP8_FORMATS:
-            raise CasaError(f"{self.path}, layer {layer}: weights quantised as '{fmt}' are not supported; "
+            what = f"'{fmt}' with a rotation (convrot)" if rotated else f"'{fmt}'"
+            raise CasaError(f"{self.path}, layer {layer}: weights quantised as {what} are not supported; "
                             f"use the bf16, fp16 or fp8 release of this model", file=self.path, layer=layer)
         stored = self._file.dtype(key)
         if stored in (torch.uint8, torch.int8):  # fp8 bytes stored as integers: reinterpret
@@ -190,6 +212,9 @@ class Checkpoint(FileIdentity):
         float32 (whose rounding is negligible)."""
         from ..quantnoise import StorageGrid
 
+        if layer in self._packed:
+            fmt, _ = self._packed[layer]
+            return comfy_quant.grid(fmt, self._packed_scales(layer))
         scale_key = self._scale_key.get(layer)
         scale = self._file.get(scale_key).float() if scale_key is not None else None
         return StorageGrid.of_dtype(self.storage_dtype(layer), scale)
@@ -198,9 +223,21 @@ class Checkpoint(FileIdentity):
         """The dtype the layer's weight is stored in (fp8 for scaled-fp8 files)."""
         return self._fp8_view.get(layer) or self._file.dtype(self._key(layer))
 
+    def _packed_scales(self, layer: str) -> dict[str, torch.Tensor]:
+        return {suffix: self._file.get(key) for suffix, key in self._packed[layer][1].items()}
+
     def get(self, layer: str) -> torch.Tensor:
-        """The layer's weight as a float32 CPU tensor, dequantised (``w.float() * scale``)."""
+        """The layer's weight as a float32 CPU tensor, dequantised (``w.float() * scale``, or the decoding of
+        ComfyUI's int8 / MXFP8 / NVFP4 formats)."""
         w = self._file.get(self._key(layer))
+        if layer in self._packed:
+            fmt, _ = self._packed[layer]
+            try:
+                w = comfy_quant.decode(fmt, w, self._packed_scales(layer))
+            except ValueError as e:
+                raise CasaError(f"{self.path}, layer {layer} ({fmt}): {e}", file=self.path, layer=layer) from None
+            check_finite(w, file=self.path, layer=layer, what="weight")
+            return w
         if layer in self._fp8_view:
             w = w.view(self._fp8_view[layer])
         w = w.float()

@@ -54,6 +54,8 @@ DTYPES: dict[str, torch.dtype] = {
     "U8": torch.uint8,
     "BOOL": torch.bool,
 }
+if hasattr(torch, "float8_e8m0fnu"):  # MXFP8's block scales (torch >= 2.7)
+    DTYPES["F8_E8M0"] = torch.float8_e8m0fnu
 _DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
 
 # The official implementation refuses headers above 100 MB; anything larger is not a real file.

@@ -148,7 +148,8 @@ def layout_set(comfy_server, comfy_inprocess):
         out = {}
         for key, t in ts.distilled_sd.items():
             module = key[: -len(".weight")]
-            if key.startswith("blocks.") and key.endswith(".weight") and t.ndim == 2:
+            # the head (64 rows: its block scales fill part of a 128-row tile) too
+            if (key.startswith("blocks.") or key == "head.head.weight") and key.endswith(".weight") and t.ndim == 2:
                 q = comfy.quant_ops.QuantizedTensor.from_float(t.float(), layout, **kwargs)
                 out.update({k: v.contiguous() for k, v in q.state_dict(key).items()})
                 out[f"{module}.comfy_quant"] = torch.tensor(list(json.dumps({"format": fmt}).encode()),
@@ -210,6 +211,24 @@ def test_comfy_quantised_layouts_through_unet_loader(comfy_server, layout_set, t
         drift_text = ui_text(entry, "drift")
         assert word in drift_text and "SNR" in drift_text, (fmt, drift_text)
         assert "cannot separate" not in drift_text, (fmt, drift_text)
+
+        # the command line reads the same file without ComfyUI: the same weights, the same grid kind, and
+        # (with the same grid: the block-scaled layouts) the same transfer
+        from casa_core.formats.checkpoint import Checkpoint
+
+        with Checkpoint(ts.unet_path(name)) as ckpt:
+            assert ckpt.layers["head.head"] == tuple(ts.distilled_sd["head.head.weight"].shape)
+            assert meta["class.head.head"] == "QuantizedTensor"
+            assert torch.equal(ckpt.get("head.head"), w_t["head.head"]), fmt
+            for layer in ts.block_layers():
+                assert ckpt.layers[layer] == tuple(ts.distilled_sd[layer + ".weight"].shape), (fmt, layer)
+                assert torch.equal(ckpt.get(layer), w_t[layer]), (fmt, layer)
+                assert ckpt.grid(layer).kind == kind, (fmt, layer)
+        if kind != "int8":  # (the file does not say in what precision its int8 division was done)
+            exp_file = casa_expected(ts.unet_path(ts.base), ts.lora_path(ts.style_lora), truth_cache,
+                                     injection="exact", target_path=ts.unet_path(name))
+            for layer, d in exp_file.deltas.items():
+                assert rel_err(got[layer], d) < TOL, (fmt, layer)
 
 
 # -- namings ---------------------------------------------------------------------------------------------

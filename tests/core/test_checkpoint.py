@@ -121,14 +121,81 @@ def test_fp8_stored_as_bytes_with_comfy_quant(tmp_path):
         assert torch.equal(ckpt.get("lin"), w.float() * 0.5)
 
 
-def test_unsupported_quantisation_is_refused(tmp_path):
-    conf = torch.tensor(list(json.dumps({"format": "nvfp4"}).encode()), dtype=torch.uint8)
-    path = tmp_path / "nvfp4.safetensors"
-    save_file({"blocks.0.ffn.0.weight": torch.zeros(4, 2, dtype=torch.uint8),
-               "blocks.0.ffn.0.comfy_quant": conf}, str(path))
+def _conf(**conf):
+    return torch.tensor(list(json.dumps(conf).encode()), dtype=torch.uint8)
+
+
+@pytest.mark.parametrize("conf, says", [
+    ({"format": "asym_w4a8_int8"}, "weights quantised as 'asym_w4a8_int8' are not supported"),
+    ({"format": "int8_tensorwise", "params": {"convrot": True}},
+     "weights quantised as 'int8_tensorwise' with a rotation (convrot) are not supported"),
+])
+def test_unsupported_quantisation_is_refused(tmp_path, conf, says):
+    path = tmp_path / "q.safetensors"
+    save_file({"blocks.0.ffn.0.weight": torch.zeros(4, 8, dtype=torch.int8),
+               "blocks.0.ffn.0.weight_scale": torch.tensor(0.5), "blocks.0.ffn.0.comfy_quant": _conf(**conf)},
+              str(path))
     with pytest.raises(CasaError) as e:
         Checkpoint(path)
-    assert str(e.value).startswith(f"{path}, layer blocks.0.ffn.0: weights quantised as 'nvfp4' are not supported")
+    assert str(e.value).startswith(f"{path}, layer blocks.0.ffn.0: {says}")
+
+
+def test_a_quantised_layer_without_its_scales_is_refused_by_name(tmp_path):
+    path = tmp_path / "nvfp4.safetensors"
+    save_file({"blocks.0.ffn.0.weight": torch.zeros(4, 8, dtype=torch.uint8),
+               "blocks.0.ffn.0.weight_scale": torch.zeros(128, 4, dtype=torch.uint8),
+               "blocks.0.ffn.0.comfy_quant": _conf(format="nvfp4")}, str(path))
+    with pytest.raises(CasaError) as e:
+        Checkpoint(path)
+    assert str(e.value) == (f"{path}, layer blocks.0.ffn.0: weights quantised as 'nvfp4' need "
+                            f"'blocks.0.ffn.0.weight_scale_2', which the file does not have")
+
+
+def _tile(scales: torch.Tensor) -> torch.Tensor:
+    """cuBLAS's block-scaling-factor layout, written out element by element from its description: 128 x 4
+    tiles one after the other (row tiles outer), entry (r, c) of a tile at (r % 32) * 16 + (r // 32) * 4 + c."""
+    rows, cols = scales.shape
+    rt, ct = -(-rows // 128), -(-cols // 4)
+    out = torch.zeros(rt * ct * 512, dtype=scales.dtype)
+    for r in range(rows):
+        for c in range(cols):
+            tile = (r // 128) * ct + c // 4
+            rr, cc = r % 128, c % 4
+            out[tile * 512 + (rr % 32) * 16 + (rr // 32) * 4 + cc] = scales[r, c]
+    return out.reshape(rt * 128, ct * 4)
+
+
+def test_int8_mxfp8_and_nvfp4_files_are_decoded(tmp_path):
+    """ComfyUI's int8_tensorwise (per-row scale), mxfp8 and nvfp4 layers, written here from the formats'
+    definitions (rows that fill part of a 128-row scale tile; nvfp4's first value in the high nibble)."""
+    g = torch.Generator().manual_seed(0)
+    rows, cols = 200, 64
+    q8 = torch.randint(-127, 128, (rows, cols), generator=g, dtype=torch.int8)
+    s8 = torch.rand(rows, 1, generator=g) * 1e-3
+    fp8 = (torch.randn(rows, cols, generator=g) * 50).to(torch.float8_e4m3fn)
+    exps = torch.randint(110, 125, (rows, cols // 32), generator=g, dtype=torch.uint8)
+    codes = torch.randint(0, 16, (rows, cols), generator=g)
+    e2m1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
+    packed = (codes[:, 0::2] * 16 + codes[:, 1::2]).to(torch.uint8)
+    bscale = (torch.rand(rows, cols // 16, generator=g) * 400 + 1).to(torch.float8_e4m3fn)
+    ts = torch.tensor(3e-5)
+    save_file({
+        "blocks.0.self_attn.q.weight": q8, "blocks.0.self_attn.q.weight_scale": s8,
+        "blocks.0.self_attn.q.comfy_quant": _conf(format="int8_tensorwise"),
+        "blocks.0.self_attn.k.weight": fp8, "blocks.0.self_attn.k.weight_scale": _tile(exps),
+        "blocks.0.self_attn.k.comfy_quant": _conf(format="mxfp8"),
+        "blocks.0.self_attn.v.weight": packed, "blocks.0.self_attn.v.weight_scale": _tile(bscale.view(torch.uint8)),
+        "blocks.0.self_attn.v.weight_scale_2": ts, "blocks.0.self_attn.v.comfy_quant": _conf(format="nvfp4"),
+    }, str(tmp_path / "q.safetensors"))
+    with Checkpoint(tmp_path / "q.safetensors") as ckpt:
+        assert ckpt.layers == {f"blocks.0.self_attn.{x}": (rows, cols) for x in "qkv"}
+        assert not [k for k in ckpt.other_keys if "scale" in k or "comfy_quant" in k], ckpt.other_keys
+        assert torch.equal(ckpt.get("blocks.0.self_attn.q"), q8.float() * s8)
+        mx = fp8.float() * torch.exp2(exps.float() - 127).repeat_interleave(32, dim=1)
+        assert torch.equal(ckpt.get("blocks.0.self_attn.k"), mx)
+        nv = e2m1[codes] * (bscale.float() * ts).repeat_interleave(16, dim=1)
+        assert torch.equal(ckpt.get("blocks.0.self_attn.v"), nv)
+        assert [ckpt.grid(f"blocks.0.self_attn.{x}").kind for x in "qkv"] == ["int8", "mxfp8", "nvfp4"]
 
 
 def test_any_model_family(tmp_path):
