@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from casa_core.quantnoise import StorageGrid, drift_snr, grid_of, separate_drift
+from helpers import layouts
 
 FP8_MAX = 448.0
 
@@ -59,45 +60,11 @@ def test_float_cells_are_the_midpoints_to_the_neighbouring_values_everywhere(dty
     assert torch.equal(lo[0], want_lo) and torch.equal(hi[0], want_hi)
 
 
-E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
-
-
-def _blocks(w, block):
-    m, n = w.shape
-    return torch.nn.functional.pad(w, (0, (-n) % block)).reshape(m, -1, block)
-
-
-def _mxfp8(w):
-    """OCP MX: per 32 values a power-of-two scale 2^ceil(log2(max / 448)), then e4m3."""
-    b = _blocks(w, 32)
-    s = torch.exp2(torch.ceil(torch.log2(b.abs().amax(-1, keepdim=True) / FP8_MAX)))
-    return ((b / s).to(torch.float8_e4m3fn).float() * s).reshape(w.shape[0], -1)[:, : w.shape[1]]
-
-
-def _nvfp4(w):
-    """Per 16 values an e4m3 scale of max / 6 (over a per-tensor max / (448 * 6)), then the nearest e2m1
-    level."""
-    b = _blocks(w, 16)
-    ts = w.abs().max() / (FP8_MAX * 6.0)
-    total = (b.abs().amax(-1, keepdim=True) / 6.0 / ts).to(torch.float8_e4m3fn).float() * ts
-    x = b / total
-    q = E2M1[(x.abs()[..., None] - E2M1).abs().argmin(-1)] * x.sign()
-    return (q * total).reshape(w.shape[0], -1)[:, : w.shape[1]]
-
-
-def _int8(w, per_row, dtype=torch.float32):
-    """Round to the nearest integer step of max / 127; the division done in ``dtype`` (bf16 weights are
-    divided in bf16 by a bf16 copy of the scale)."""
-    s = (w.abs().amax(1, keepdim=True) if per_row else w.abs().max()) / 127.0
-    q = torch.round((w.to(dtype) / s.to(dtype)).float()).clamp(-128, 127)
-    return q * s, s
-
-
 @pytest.mark.parametrize("case", ["int8", "int8_row", "int8_bf16", "mxfp8", "nvfp4"])
 def test_layout_cells_hold_the_unrounded_value(case):
-    """ComfyUI's INT8, MXFP8 and NVFP4 layouts, quantised here from their definitions; rows of 250 values
-    end in a partial block, and one row is 1e-5 times the others (NVFP4's block scales there are e4m3
-    subnormals, MXFP8's values are still normal: the power-of-two scale follows the block)."""
+    """ComfyUI's INT8, MXFP8 and NVFP4 layouts, quantised from their definitions (tests/helpers/layouts.py);
+    rows of 250 values end in a partial block, and one row is 1e-5 times the others (NVFP4's block scales
+    there are e4m3 subnormals, MXFP8's values are still normal: the power-of-two scale follows the block)."""
     w = _weights(128, 250, seed=4)
     w[5] *= 1e-5
     # a block whose largest value rounds down to a power of two times 448 (its scale is then twice what
@@ -106,13 +73,13 @@ def test_layout_cells_hold_the_unrounded_value(case):
     w[7, 0] = FP8_MAX * 2.0 ** -14 * (1 + 2.0 ** -6)
     if case.startswith("int8"):
         wt = w.bfloat16().float() if case == "int8_bf16" else w
-        q, s = _int8(wt, case == "int8_row", torch.bfloat16 if case == "int8_bf16" else torch.float32)
+        q, s = layouts.int8(wt, case == "int8_row", torch.bfloat16 if case == "int8_bf16" else torch.float32)
         grid = StorageGrid.int8(s, torch.bfloat16 if case == "int8_bf16" else torch.float32)
         w = wt
     elif case == "mxfp8":
-        q, grid = _mxfp8(w), StorageGrid.block_scaled("mxfp8")
+        q, grid = layouts.mxfp8(w), StorageGrid.block_scaled("mxfp8")
     else:
-        q, grid = _nvfp4(w), StorageGrid.block_scaled("nvfp4")
+        q, grid = layouts.nvfp4(w), StorageGrid.block_scaled("nvfp4")
     assert grid.supported and grid.coarse
     lo, hi, var = grid.cells_and_variance(q)
     err = w - q
@@ -129,7 +96,7 @@ def test_int8_cells_widen_with_the_division_in_bfloat16():
     """Divided in bfloat16, the largest integers are off by more than half a step: the exact-division
     model would not hold them, the bfloat16 one does."""
     w = _weights(128, 256, seed=6).bfloat16().float()
-    q, s = _int8(w, False, torch.bfloat16)
+    q, s = layouts.int8(w, False, torch.bfloat16)
     err = w - q
     lo, hi = StorageGrid.int8(s).cells(q)
     assert not bool(((err >= lo) & (err <= hi)).all())
