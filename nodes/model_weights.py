@@ -174,6 +174,14 @@ class ComfyModelWeights:
             w = getattr(module, "weight", None)
             if isinstance(w, torch.Tensor) and len(w.shape) == 2 and not isinstance(module, torch.nn.Embedding):
                 self.layers[name] = (int(w.shape[0]), int(w.shape[1]))
+                if isinstance(getattr(module, "pre_quant_scale", None), torch.Tensor):
+                    # an AWQ-smoothed layer computes (x * s) W^T: its weight is not the layer's, and a patch
+                    # on it would be scaled by s column by column
+                    raise CasaError(
+                        f"{label}, layer {name}: its quantised weight comes with a pre-quantisation input scale "
+                        f"(pre_quant_scale, AWQ smoothing), so the stored weight is not the layer's own; "
+                        f"casa-lora cannot compute a drift from it or patch it. Load the bf16 or fp8 release "
+                        f"of this model, or one quantised without pre_quant_scale", layer=name)
         self.naming = "ComfyUI model, " + naming_of(self.layers).split(", ")[0]
         self._identity: str | None = None
         self._stored: tuple[str, torch.Tensor] | None = None

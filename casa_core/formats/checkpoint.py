@@ -180,8 +180,13 @@ class Checkpoint(FileIdentity):
         fmt = conf.get("format")
         params = conf.get("params") if isinstance(conf.get("params"), dict) else {}
         rotated = conf.get("convrot", params.get("convrot", False))
+        raw_module = key[: -len(".weight")]
+        if f"{raw_module}.pre_quant_scale" in self._file:
+            raise CasaError(f"{self.path}, layer {layer}: its weight comes with a pre-quantisation input scale "
+                            f"('{raw_module}.pre_quant_scale', AWQ smoothing), so the stored weight is not the "
+                            f"layer's own; use the bf16 or fp8 release of this model, or one quantised without it",
+                            file=self.path, layer=layer)
         if fmt in comfy_quant.FORMATS and not rotated:
-            raw_module = key[: -len(".weight")]
             scales = {}
             for suffix in comfy_quant.scale_suffixes(fmt):
                 if f"{raw_module}.{suffix}" not in self._file:

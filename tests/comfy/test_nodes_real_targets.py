@@ -231,6 +231,51 @@ def test_comfy_quantised_layouts_through_unet_loader(comfy_server, layout_set, t
                 assert rel_err(got[layer], d) < TOL, (fmt, layer)
 
 
+def test_an_awq_smoothed_nvfp4_layer_is_refused_where_comfyui_applies_its_input_scale(comfy_server, layout_set):
+    """An NVFP4 layer with a ``pre_quant_scale`` (AWQ smoothing: the layer computes ``(x * s) W^T``). Where this
+    ComfyUI applies that scale, the stored weight is not the layer's: the drift node fails with a sentence
+    naming the layer instead of computing a wrong drift; where it ignores it, the stored weight is what runs
+    and the drift is computed. The command line, which cannot know, refuses the file by name."""
+    import json
+
+    from safetensors.torch import save_file
+
+    import comfy.quant_ops
+    from casa_core.errors import CasaError
+    from casa_core.formats.checkpoint import Checkpoint
+
+    ts, files = layout_set
+    applies = "pre_quant_scale" in comfy.quant_ops.QUANT_ALGOS["nvfp4"]["parameters"]
+    name = "casa_qlayout_distilled_nvfp4_awq.safetensors"
+    layer = "blocks.0.self_attn.q"
+    out = {}
+    for key, t in ts.distilled_sd.items():
+        if key == layer + ".weight":
+            q = comfy.quant_ops.QuantizedTensor.from_float(t.float(), "TensorCoreNVFP4Layout")
+            out.update({k: v.contiguous() for k, v in q.state_dict(key).items()})
+            out[f"{layer}.comfy_quant"] = torch.tensor(list(json.dumps({"format": "nvfp4"}).encode()),
+                                                       dtype=torch.uint8)
+            out[f"{layer}.pre_quant_scale"] = torch.linspace(0.5, 2.0, t.shape[1])
+        else:
+            out[key] = t.contiguous()
+    save_file(out, str(ts.unet_path(name)))
+
+    g = casa_transfer_graph(ts.base, name, ts.style_lora)
+    add_save(g, "save", f"casa_tests/awq_{uuid.uuid4().hex[:6]}")
+    entry = comfy_server.wait(comfy_server.post_prompt(g), timeout=300)
+    if applies:
+        assert entry["status"]["status_str"] == "error"
+        err = next(d for kind, d in entry["status"]["messages"] if kind == "execution_error")
+        assert err["node_type"] == "CASAComputeDrift", err
+        msg = err["exception_message"]
+        assert layer in msg and "pre_quant_scale" in msg, msg
+    else:
+        assert entry["status"]["status_str"] == "success", entry["status"]
+    with pytest.raises(CasaError) as e:
+        Checkpoint(ts.unet_path(name))
+    assert f"layer {layer}" in str(e.value) and "pre_quant_scale" in str(e.value)
+
+
 # -- namings ---------------------------------------------------------------------------------------------
 
 
