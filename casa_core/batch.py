@@ -20,6 +20,7 @@ import glob
 import json
 import os
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,7 +71,7 @@ def expand_loras(args: list[str]) -> list[Path]:
     return out
 
 
-def plan_jobs(loras: list[Path], methods: list[str], out: str) -> Plan:
+def plan_jobs(loras: list[Path], methods: list[str], out: str, models: dict[str, str] | None = None) -> Plan:
     """Output paths: one LoRA keeps today's rule (``--out`` is the file; ``_<method>`` appended with
     several methods). Several LoRAs, or ``--out`` an existing folder or ending in a slash: ``--out`` is
     a folder and each output is named after its LoRA (``<name>.safetensors``, or
@@ -96,11 +97,27 @@ def plan_jobs(loras: list[Path], methods: list[str], out: str) -> Plan:
                 name = f"{lora.stem}.safetensors" if len(methods) == 1 else f"{lora.stem}_{method}.safetensors"
                 jobs.append(Job(lora, method, out_path / name))
     inputs = {os.path.realpath(p) for p in loras}
+    given = {os.path.realpath(p): opt for opt, p in (models or {}).items() if p is not None}
     for job in jobs:
         if os.path.realpath(job.out) in inputs:
             raise CasaError(f"the output {job.out} would overwrite an input LoRA; choose another --out",
                             file=str(job.out))
+        if os.path.realpath(job.out) in given:
+            raise CasaError(f"the output {job.out} would overwrite the {given[os.path.realpath(job.out)]} file; "
+                            f"choose another --out", file=str(job.out))
     return Plan(jobs, batch, list(loras))
+
+
+def check_writable(path: Path, what: str) -> None:
+    """Fail at once (CasaError) where ``path`` could not be written after the long computations: its folder
+    is made if missing, then a scratch file is created in it and removed."""
+    folder = path.parent if str(path.parent) else Path(".")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder, prefix=".casa-check-"):
+            pass
+    except OSError as e:
+        raise CasaError(f"{what} {path} cannot be written: {e.strerror or e} ({folder})", file=str(path)) from None
 
 
 def check_and_resume(plan: Plan, layer_shapes: dict[str, tuple[int, int]], strength: float, memo_dir,

@@ -212,7 +212,13 @@ def cmd_transfer(a) -> int:
     methods = a.method
     # fail fast: every input file is opened and checked before the long computations start
     loras = B.expand_loras(a.lora)
-    plan = B.plan_jobs(loras, methods, a.out)
+    plan = B.plan_jobs(loras, methods, a.out,
+                       {"--source": a.source, "--target": a.target, "--distill-lora": a.distill_lora,
+                        "--report": a.report})
+    for job in plan.jobs:
+        B.check_writable(job.out, "the output")
+    if a.report:
+        B.check_writable(Path(a.report), "the report")
     source = open_model(a.source, memo_dir=cache)
     target = open_model(a.target, memo_dir=cache) if a.target is not None else None
     dsrc = None
@@ -230,7 +236,7 @@ def cmd_transfer(a) -> int:
         basis = load_or_build_basis(source, cache, device=a.device, progress=Bar("basis"))
         drift = load_or_build_drift(basis, dsrc, cache, device=a.device, progress=Bar("drift"))
     if plan.batch:
-        return _run_batch(a, plan, source.layers, basis, drift, cfgs, dtype, cache)
+        return _run_batch(a, plan, source, basis, drift, cfgs, dtype, cache)
     lora = read_lora(loras[0], source.layers, strength=a.strength, memo_dir=cache, model_keys=source.param_names)
     # where the LoRA's layers go: most of them nowhere is an error (exit 2), a few a warning
     warnings = check_coverage(
@@ -258,7 +264,8 @@ def cmd_transfer(a) -> int:
     if lora.unmatched:
         notes.append(f"{len(lora.unmatched)} LoRA key(s) matched no layer and were left out, e.g. {lora.unmatched[0]}")
     if lora.passthrough:
-        notes.append(f"{len(lora.passthrough)} non-low-rank key(s) carried through unchanged")
+        how = "unchanged" if a.strength == 1.0 else f"at strength {a.strength:g}"
+        notes.append(f"{len(lora.passthrough)} non-low-rank key(s) carried through {how}")
     if lora.dropped:
         key, why = next(iter(lora.dropped.items()))
         notes.append(f"{len(lora.dropped)} key(s) ComfyUI cannot load were not written, e.g. {key} ({why})")
@@ -270,7 +277,7 @@ def cmd_transfer(a) -> int:
     return 0
 
 
-def _run_batch(a, plan, layers: dict, basis, drift, cfgs, dtype, cache: Path) -> int:
+def _run_batch(a, plan, source, basis, drift, cfgs, dtype, cache: Path) -> int:
     """Several LoRAs: one line per LoRA (and method) while they run, a table at the end."""
     from . import batch as B
     from .formats.lora import read_lora
@@ -288,7 +295,9 @@ def _run_batch(a, plan, layers: dict, basis, drift, cfgs, dtype, cache: Path) ->
                 continue
             try:
                 if lora_path != job.lora:
-                    lora = read_lora(job.lora, layers, strength=a.strength, memo_dir=cache)
+                    # the model's own tensor names: keys ComfyUI could not load are dropped, as for one LoRA
+                    lora = read_lora(job.lora, source.layers, strength=a.strength, memo_dir=cache,
+                                     model_keys=source.param_names)
                     lora_path = job.lora
                     if lora.unmatched:
                         warnings.append(f"{job.lora.name}: {len(lora.unmatched)} LoRA key(s) matched no layer and "

@@ -326,6 +326,10 @@ class _Reader:
         if t.ndim < 2:
             raise CasaError(f"{self.path}, layer {layer}: tensor '{key}' is {list(t.shape)}, not a matrix",
                             file=self.path, layer=layer)
+        if t.numel() == 0:
+            raise CasaError(f"{self.path}, layer {layer}: tensor '{key}' is {list(t.shape)}, empty (a rank-0 "
+                            f"LoRA pair, as some pruning tools leave); remove that layer's keys from the file",
+                            file=self.path, layer=layer)
         return t.reshape(t.shape[0], -1).float()
 
     def size_error(self, layer: str, a: int, b: int) -> CasaError:

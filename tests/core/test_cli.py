@@ -78,6 +78,77 @@ def test_bad_input_is_one_sentence_and_exit_code_2(tmp_path, capsys):
     assert not (tmp_path / "o.safetensors").exists()
 
 
+@pytest.mark.parametrize("out_is", ["--source", "--target", "--report"])
+def test_an_output_that_would_overwrite_an_input_model_is_refused_before_any_work(tmp_path, capsys, out_is):
+    base, _ = synth.wan_state_dict(synth.WanShape(dim=64, ffn_dim=128, blocks=1), dtype=torch.float32)
+    write_file(str(tmp_path / "base.safetensors"), base)
+    write_file(str(tmp_path / "target.safetensors"), base)
+    write_file(str(tmp_path / "l.safetensors"), base)  # read only after the check
+    before = {n: (tmp_path / n).read_bytes() for n in ("base.safetensors", "target.safetensors")}
+    paths = {"--source": tmp_path / "base.safetensors", "--target": tmp_path / "target.safetensors",
+             "--report": tmp_path / "r.json"}
+    out = paths[out_is]
+    code = main(["transfer", "--source", str(paths["--source"]), "--target", str(paths["--target"]),
+                 "--lora", str(tmp_path / "l.safetensors"), "--out", str(out), "--report", str(paths["--report"]),
+                 "--cache-dir", str(tmp_path / "c"), "--method", "direct"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert f"would overwrite the {out_is} file" in err, err
+    assert {n: (tmp_path / n).read_bytes() for n in before} == before
+    assert not (tmp_path / "c").exists()  # refused before any basis or drift
+
+
+def test_an_output_folder_that_cannot_be_written_fails_at_once(tmp_path, capsys):
+    (tmp_path / "blocker").write_text("a file where the output folder should be")
+    base, svd = synth.wan_state_dict(synth.WanShape(dim=64, ffn_dim=128, blocks=1), dtype=torch.float32)
+    write_file(str(tmp_path / "base.safetensors"), base)
+    write_file(str(tmp_path / "style.safetensors"), synth.style_lora(svd, rank=4, seed=1))
+    for flag, value in (("--out", tmp_path / "blocker" / "o.safetensors"),
+                        ("--report", tmp_path / "blocker" / "r.json")):
+        args = {"--out": str(tmp_path / "o.safetensors"), "--report": str(tmp_path / "r.json")}
+        args[flag] = str(value)
+        code = main(["transfer", "--source", str(tmp_path / "base.safetensors"), "--target",
+                     str(tmp_path / "base.safetensors"), "--lora", str(tmp_path / "style.safetensors"),
+                     "--out", args["--out"], "--report", args["--report"], "--cache-dir", str(tmp_path / "c")])
+        assert code == 2
+        err = capsys.readouterr().err
+        assert f"{value} cannot be written" in err and "Traceback" not in err, err
+        assert not (tmp_path / "c").exists()
+
+
+def test_an_output_in_a_new_folder_is_written_there(tmp_path):
+    base, svd = synth.wan_state_dict(synth.WanShape(dim=64, ffn_dim=128, blocks=1), dtype=torch.float32)
+    write_file(str(tmp_path / "base.safetensors"), base)
+    write_file(str(tmp_path / "style.safetensors"), synth.style_lora(svd, rank=4, seed=1))
+    out = tmp_path / "new" / "sub" / "o.safetensors"
+    assert main(["transfer", "--source", str(tmp_path / "base.safetensors"), "--target",
+                 str(tmp_path / "base.safetensors"), "--lora", str(tmp_path / "style.safetensors"),
+                 "--out", str(out), "--cache-dir", str(tmp_path / "c"), "--method", "direct"]) == 0
+    assert load_file(str(out))
+
+
+def test_a_folder_of_loras_drops_the_keys_comfyui_cannot_load_as_one_lora_does(tmp_path):
+    """``blocks.0.norm1`` has no weight in Wan (an affine-free LayerNorm): a ``.diff`` for it is a key ComfyUI
+    logs as not loaded. A single LoRA's output leaves it out; so must every output of a folder run."""
+    base, svd = synth.wan_state_dict(synth.WanShape(dim=64, ffn_dim=128, blocks=1), dtype=torch.float32)
+    write_file(str(tmp_path / "base.safetensors"), base)
+    (tmp_path / "loras").mkdir()
+    for i in (1, 2):
+        lora = synth.style_lora(svd, rank=4, seed=i)
+        lora["diffusion_model.blocks.0.norm1.diff"] = torch.ones(64) * 1e-3  # nothing to patch
+        lora["diffusion_model.blocks.0.norm3.diff"] = torch.ones(64) * 1e-3  # a real weight: kept
+        write_file(str(tmp_path / "loras" / f"s{i}.safetensors"), lora)
+    common = ["transfer", "--source", str(tmp_path / "base.safetensors"), "--target", str(tmp_path / "base.safetensors"),
+              "--cache-dir", str(tmp_path / "c"), "--method", "direct"]
+    assert main([*common, "--lora", str(tmp_path / "loras" / "s1.safetensors"),
+                 "--out", str(tmp_path / "one.safetensors")]) == 0
+    assert main([*common, "--lora", str(tmp_path / "loras"), "--out", str(tmp_path / "many") + "/"]) == 0
+    for out in (tmp_path / "one.safetensors", tmp_path / "many" / "s1.safetensors", tmp_path / "many" / "s2.safetensors"):
+        keys = set(load_file(str(out)))
+        assert "diffusion_model.blocks.0.norm3.diff" in keys, out
+        assert "diffusion_model.blocks.0.norm1.diff" not in keys, out
+
+
 def test_outputs_are_reproducible_and_carry_no_local_path(tmp_path, demo_out):
     """The same inputs in two different folders give byte-identical LoRA files, and nothing the pack
     writes (LoRAs, report, cache manifests, the digest memo) contains the folder it ran in."""

@@ -353,3 +353,15 @@ def test_identity(tmp_path, shapes):
     digest = hashlib.blake2b(path.read_bytes(), digest_size=20).hexdigest()
     assert read_lora(path, shapes, strength=0.5).identity() == f"lora:{digest}:strength=0.5"
     assert read_lora(path, shapes, strength=1, memo_dir=tmp_path / "m").identity() == f"lora:{digest}:strength=1.0"
+
+
+def test_a_rank_0_pair_is_refused_naming_the_layer(tmp_path, shapes):
+    """Some pruning and resizing tools leave a layer with an empty pair (``[out, 0]`` and ``[0, in]``)."""
+    layer = "blocks.0.self_attn.q"
+    m, n = shapes[layer]
+    path = tmp_path / "rank0.safetensors"
+    save_file({f"diffusion_model.{layer}.lora_up.weight": torch.zeros(m, 0),
+               f"diffusion_model.{layer}.lora_down.weight": torch.zeros(0, n)}, str(path))
+    with pytest.raises(CasaError) as e:
+        read_lora(path, shapes)
+    assert str(e.value).startswith(f"{path}, layer {layer}: tensor ") and "empty (a rank-0" in str(e.value)
