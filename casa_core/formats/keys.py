@@ -453,12 +453,14 @@ class LayerMatcher:
                 return translated
         return None
 
-    def canonical_module(self, module_path: str) -> str | None:
+    def canonical_module(self, module_path: str, model_keys=None) -> str | None:
         """The canonical path of any module (layer or not), or None when it is not recognised.
 
         A module is recognised when it is a layer, or its path (after the LoRA-side prefix is removed
         and diffusers names are translated) starts with a known module of the model (``blocks.0``,
-        ``head``, …). Used to give pass-through keys (norm diffs, bias diffs) ComfyUI-loadable names.
+        ``head``, …), or, given the model's tensor names (``model_keys``), when it has a weight or a bias
+        there (a top-level module that is no layer: Wan's ``patch_embedding`` convolution). Used to give
+        pass-through keys (norm diffs, bias diffs) ComfyUI-loadable names.
         """
         layer = self.match(module_path)
         if layer is not None:
@@ -468,4 +470,8 @@ class LayerMatcher:
             return self._from_underscore(rest)
         path = diffusers_to_original(rest) if self.diffusers_naming else rest
         root = path.split(".", 1)[0]
-        return path if root in self._modules else None
+        if root in self._modules:
+            return path
+        if model_keys is not None and (f"{path}.weight" in model_keys or f"{path}.bias" in model_keys):
+            return path
+        return None

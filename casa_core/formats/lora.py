@@ -510,7 +510,7 @@ def read_lora(path: str | os.PathLike[str], layer_shapes: dict[str, tuple[int, i
             if module is not None:
                 siblings.setdefault(module, []).append(suffix[1:])
         for key, module, suffix in sorted(loose, key=lambda item: position[item[0]]):
-            canonical = r.matcher.canonical_module(module) if module is not None else None
+            canonical = r.matcher.canonical_module(module, model_keys) if module is not None else None
             if canonical is None:
                 dropped[key] = ("no module of the model has this name" if module is not None
                                 else "not a key ComfyUI's LoRA loader knows")

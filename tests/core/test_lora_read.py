@@ -365,3 +365,20 @@ def test_a_rank_0_pair_is_refused_naming_the_layer(tmp_path, shapes):
     with pytest.raises(CasaError) as e:
         read_lora(path, shapes)
     assert str(e.value).startswith(f"{path}, layer {layer}: tensor ") and "empty (a rank-0" in str(e.value)
+
+
+def test_a_patch_embedding_diff_is_carried_through_where_the_model_has_that_convolution(tmp_path, shapes):
+    """lightx2v / CausVid LoRAs carry ``patch_embedding.diff`` (the 5-D conv kernel) and ``.diff_b``: ComfyUI
+    applies them, so they must be written, not dropped as "no module of the model has this name"."""
+    layer = "blocks.0.self_attn.q"
+    m, n = shapes[layer]
+    path = tmp_path / "pe.safetensors"
+    save_file({f"diffusion_model.{layer}.lora_up.weight": torch.ones(m, 2),
+               f"diffusion_model.{layer}.lora_down.weight": torch.ones(2, n),
+               "diffusion_model.patch_embedding.diff": torch.ones(8, 16, 1, 2, 2) * 1e-3,
+               "diffusion_model.patch_embedding.diff_b": torch.ones(8) * 1e-3,
+               "diffusion_model.no_such_module.diff_b": torch.ones(8)}, str(path))
+    model_keys = {f"{k}.weight" for k in shapes} | {"patch_embedding.weight", "patch_embedding.bias"}
+    lora = read_lora(path, shapes, model_keys=model_keys)
+    assert {"diffusion_model.patch_embedding.diff", "diffusion_model.patch_embedding.diff_b"} <= set(lora.passthrough)
+    assert "diffusion_model.no_such_module.diff_b" in lora.dropped
