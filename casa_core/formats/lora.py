@@ -539,6 +539,14 @@ def read_lora(path: str | os.PathLike[str], layer_shapes: dict[str, tuple[int, i
                 loose_schemes[_scheme(module, [key])] += 1
 
         if not updates and not passthrough_layers:
+            if not keys:
+                raise CasaError(f"{f.path} holds no tensors: it is not a LoRA (an empty or metadata-only file)",
+                                file=f.path)
+            weights = [k for k in keys if k.endswith(".weight") and len(f.shape(k)) >= 2]
+            lora_like = any(tok in k.lower() for k in keys for tok in ("lora", "hada_", "lokr_", ".diff", ".alpha"))
+            if weights and not lora_like:
+                raise CasaError(f"{f.path} looks like a model checkpoint, not a LoRA (plain weights such as "
+                                f"{weights[0]}, and no LoRA update among its {len(keys)} tensors)", file=f.path)
             raise CasaError(f"{f.path}: none of its {len(keys)} keys matches a layer of the model "
                             f"(first keys: {', '.join(keys[:3])})", file=f.path)
 

@@ -382,3 +382,16 @@ def test_a_patch_embedding_diff_is_carried_through_where_the_model_has_that_conv
     lora = read_lora(path, shapes, model_keys=model_keys)
     assert {"diffusion_model.patch_embedding.diff", "diffusion_model.patch_embedding.diff_b"} <= set(lora.passthrough)
     assert "diffusion_model.no_such_module.diff_b" in lora.dropped
+
+
+def test_an_empty_file_and_a_model_checkpoint_are_named_for_what_they_are(tmp_path, sd, shapes):
+    empty = tmp_path / "empty.safetensors"
+    save_file({}, str(empty), metadata={"ss_network_dim": "16"})
+    with pytest.raises(CasaError) as e:
+        read_lora(empty, shapes)
+    assert str(e.value) == f"{empty} holds no tensors: it is not a LoRA (an empty or metadata-only file)"
+    model = tmp_path / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(model))
+    with pytest.raises(CasaError) as e:
+        read_lora(model, shapes)
+    assert str(e.value).startswith(f"{model} looks like a model checkpoint, not a LoRA")
