@@ -207,10 +207,8 @@ class StorageGrid:
             return lo, hi, (hi - lo).square_().div_(12.0)
         if self.kind == "nvfp4":
             return _nvfp4_cells(w)
-        if self.kind.startswith("gguf:") and self.kind[5:] in GGUF_GRIDS:
-            return _gguf_cells(w, self.kind[5:])
-        if self.kind.startswith("gguf:") and self.kind[5:] in CODEBOOK_GRIDS:
-            return _codebook_cells(w, self.kind[5:])
+        if self.kind.startswith("gguf:") and (self.kind[5:] in GGUF_GRIDS or self.kind[5:] in CODEBOOK_GRIDS):
+            return _stored_rows(w, self.kind[5:])
         raise ValueError(f"no noise model for storage {self.kind!r}")
 
 
@@ -313,6 +311,20 @@ def _nvfp4_cells(w: torch.Tensor):
         hi = torch.where(tiny, reach - w, hi)
         lo = torch.where(tiny, -reach - w, lo)
     return lo, hi, (hi - lo).square_().div_(12.0)
+
+
+def _stored_rows(w: torch.Tensor, qtype: str):
+    """GGUF cells on the layout the blocks were made on. A weight whose rows are not a whole number of
+    super-blocks (256 values for the K-quants and IQ4_XS, a block otherwise) is stored by city96's converter
+    as rows of 256 values of the flat weight, its shape kept aside (``comfy.gguf.orig_shape``): its blocks
+    run across the logical rows, so the cells are computed on that flat layout and given back in shape."""
+    block = GGUF_GRIDS[qtype][0] if qtype in GGUF_GRIDS else _CODEBOOK_BLOCK
+    whole = 256 if qtype in _K_SCALE_MAX or qtype == "IQ4_XS" else block
+    m, n = w.shape
+    flat = n % whole != 0 and w.numel() % 256 == 0
+    x = w.reshape(-1, 256) if flat else w
+    lo, hi, var = _gguf_cells(x, qtype) if qtype in GGUF_GRIDS else _codebook_cells(x, qtype)
+    return (lo.reshape(m, n), hi.reshape(m, n), var.reshape(m, n)) if flat else (lo, hi, var)
 
 
 def _gguf_cells(w: torch.Tensor, qtype: str):

@@ -281,3 +281,19 @@ def test_an_edge_margin_brings_a_coarse_grid_estimate_closer_to_the_drift(scaled
     x, _ = _pocs(d0, lo_b, hi_b, v, 5, margin=edge_margin(noise, (m, n), k))
     assert torch.allclose(lo_b, before[0], rtol=0, atol=1e-9) and torch.allclose(hi_b, before[1], rtol=0, atol=1e-9)
     assert lo_b[0, 0] == -math.inf and hi_b[0, 0] == math.inf and torch.isfinite(x).all()
+
+
+@pytest.mark.parametrize("qtype", ["Q4_K", "Q6_K", "IQ4_XS"])
+def test_gguf_cells_of_rows_stored_across_super_blocks(qtype):
+    """Rows of 384 values are not whole 256-value super-blocks: city96's converter stores such a weight as
+    rows of 256 of its flat values (the shape kept aside), so its blocks run across the logical rows. The
+    cells of the weight in its own shape must hold the unrounded values (they crashed before)."""
+    from helpers.gguf_files import dequantize, quantize
+
+    w = _weights(64, 384, seed=8)
+    flat = w.reshape(-1, 256)
+    q = dequantize(quantize(flat, qtype), qtype, flat.shape).reshape(64, 384)
+    lo, hi = StorageGrid.gguf(qtype).cells(q)
+    err = w - q
+    assert float(err.norm()) > 0
+    assert bool(((err >= lo) & (err <= hi)).all())
