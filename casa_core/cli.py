@@ -260,7 +260,13 @@ def cmd_transfer(a) -> int:
     notes = list(noise_summary(drift, Path(a.target).name)) if drift is not None and a.target else []
     rep = next(iter(reports.values()), None)
     if rep is not None and rep.no_drift:
-        notes.append(f"{len(rep.no_drift)} layer(s) have identical weights in both models (LoRA applied as is)")
+        lost = [n for n in rep.no_drift if drift is not None and drift.entry(n).noise is not None]
+        same = len(rep.no_drift) - len(lost)
+        if same:
+            notes.append(f"{same} layer(s) have identical weights in both models (LoRA applied as is)")
+        if lost:
+            notes.append(f"{len(lost)} layer(s) differ, but their drift does not stand out from the target's "
+                         f"storage noise and was estimated as zero (LoRA applied as is), e.g. {lost[0]}")
     if lora.unmatched:
         notes.append(f"{len(lora.unmatched)} LoRA key(s) matched no layer and were left out, e.g. {lora.unmatched[0]}")
     if lora.passthrough:

@@ -248,7 +248,14 @@ class TargetDrift:
 
     def identical(self) -> list[str]:
         """Layers present in both models with exactly the same weights."""
-        return [n for n, i in self.info.items() if i.get("mode") == "zero" and not i.get("missing")]
+        return [n for n, i in self.info.items() if i.get("mode") == "zero" and not i.get("missing")
+                and "noise" not in i]
+
+    def lost_in_noise(self) -> list[str]:
+        """Layers whose weights differ, but whose drift, separated from the target's rounding noise, is zero
+        (nothing in it stands out from that noise)."""
+        return [n for n, i in self.info.items() if i.get("mode") == "zero" and not i.get("missing")
+                and "noise" in i]
 
     def noisy(self, layers=None) -> dict[str, dict]:
         """Layers (of ``layers``, default all) whose target is stored with rounding noise: layer -> report."""

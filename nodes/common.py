@@ -105,9 +105,12 @@ class DriftHandle:
         how = f"reused from the cache in {self.seconds:.1f} s" if self.reused else f"computed in {self.seconds:.1f} s, cached"
         text = (f"Distilled model compared with the base {self.basis.name}: {self.moved()} of {len(self.drift.info)} "
                 f"layers differ ({how})")
-        same, missing = self.drift.identical(), self.drift.missing()
+        same, missing, lost = self.drift.identical(), self.drift.missing(), self.drift.lost_in_noise()
         if same:
             text += f"; {len(same)} identical in both models"
+        if lost:
+            text += (f"; {len(lost)} differ but their drift does not stand out from the storage noise "
+                     f"(estimated as zero, e.g. {lost[0]})")
         if missing:
             text += f"; {len(missing)} not in the connected MODEL (e.g. {missing[0]})"
         return text

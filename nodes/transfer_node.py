@@ -216,7 +216,13 @@ def _summary(h: ReportHandle, method: str, injection: str, rank: int, q_act: flo
         warnings.append(f"the low-rank patch keeps only {fmt_share(t['kept_energy'])} of the update: raise rank "
                         "(or set kept_energy, or use exact injection)")
     if h.report.no_drift:
-        lines.append(f"{len(h.report.no_drift)} layer(s) identical in both models: the LoRA applies there as trained")
+        lost = [n for n in h.report.no_drift if drift is not None and drift.entry(n).noise is not None]
+        if len(lost) < len(h.report.no_drift):
+            lines.append(f"{len(h.report.no_drift) - len(lost)} layer(s) identical in both models: the LoRA applies "
+                         f"there as trained")
+        if lost:
+            lines.append(f"{len(lost)} layer(s) whose drift does not stand out from the storage noise (estimated "
+                         f"as zero, e.g. {lost[0]}): the LoRA applies there as trained")
     if h.report.missing_in_target:
         warnings.append(f"{len(h.report.missing_in_target)} layer(s) missing from the target model, e.g. "
                         f"{h.report.missing_in_target[0]}")

@@ -149,6 +149,22 @@ def test_a_folder_of_loras_drops_the_keys_comfyui_cannot_load_as_one_lora_does(t
         assert "diffusion_model.blocks.0.norm1.diff" not in keys, out
 
 
+def test_layers_whose_drift_is_lost_in_fp8_noise_are_not_called_identical(tmp_path, capsys):
+    """The target is the base stored in fp8: every block linear differs from the base, by rounding only, so
+    the separated drift is zero there. The summary must not say those layers have identical weights."""
+    base, svd = synth.wan_state_dict(synth.WanShape(dim=64, ffn_dim=128, blocks=1), dtype=torch.float32)
+    write_file(str(tmp_path / "base.safetensors"), base)
+    target = {k: (v.to(torch.float8_e4m3fn) if k.startswith("blocks.") and v.ndim == 2 else v) for k, v in base.items()}
+    write_file(str(tmp_path / "fp8.safetensors"), target)
+    write_file(str(tmp_path / "style.safetensors"), synth.style_lora(svd, rank=4, seed=1))
+    assert main(["transfer", "--source", str(tmp_path / "base.safetensors"), "--target", str(tmp_path / "fp8.safetensors"),
+                 "--lora", str(tmp_path / "style.safetensors"), "--out", str(tmp_path / "o.safetensors"),
+                 "--cache-dir", str(tmp_path / "c")]) == 0
+    out = capsys.readouterr().out
+    assert "identical weights" not in out, out
+    assert "does not stand out from the target's storage noise and was estimated as zero" in out, out
+
+
 def test_outputs_are_reproducible_and_carry_no_local_path(tmp_path, demo_out):
     """The same inputs in two different folders give byte-identical LoRA files, and nothing the pack
     writes (LoRAs, report, cache manifests, the digest memo) contains the folder it ran in."""
