@@ -441,6 +441,9 @@ def load_or_build_drift(
             d = L.compute_drift(b, delta.to(device=device, dtype=torch.float32))
         tensors, info = encode_drift(d, basis.storage)
         info["norm"] = norm
+        w_norm = float(torch.linalg.vector_norm(b.S.double()))
+        if w_norm > 0:
+            info["rel"] = norm / w_norm  # of the base weight's norm
         info["missing"] = False
         return tensors, annotate(info)
 

@@ -194,15 +194,17 @@ def check_coverage(lora, drift: TargetDrift | None, *, source: str, target: str,
     lost = sorted(set(missing) | set(not_landed or []))
     total = len(layers) + len(unmatched)
     bad = len(unmatched) + len(lost)
+    far = _far_drift(drift, layers, source, target)
     if total == 0 or bad == 0:
-        return []
+        return far
     src = f"{source}" + (f" ({source_naming})" if source_naming else "")
     tgt = f"{target}" + (f" ({target_naming})" if target_naming else "")
     parts = []
     if unmatched:
         parts.append(f"{len(unmatched)} match no layer of the base model {src} (e.g. {unmatched[0]})")
     if missing:
-        parts.append(f"{len(missing)} are layers of the base that the target {tgt} does not have (e.g. {missing[0]})")
+        parts.append(f"{len(missing)} are layers of the base that the target {tgt} does not have (e.g. {missing[0]}; "
+                     f"written as the LoRA has them)")
     extra = sorted(set(not_landed or []) - set(missing))
     if extra:
         parts.append(f"{len(extra)} found no weight to patch in the target {tgt} (e.g. {extra[0]})")
@@ -210,7 +212,25 @@ def check_coverage(lora, drift: TargetDrift | None, *, source: str, target: str,
     if bad > MOSTLY * total:
         raise CasaError(f"{lora_name}: {bad} of its {total} layers cannot be transferred — {what}; the files use "
                         f"namings that do not correspond, or are for different models", file=str(lora.path))
-    return [f"{lora_name}: {bad} of its {total} layers were left out — {what}"]
+    return [f"{lora_name}: {bad} of its {total} layers could not be transferred — {what}"] + far
+
+
+#: a median drift above this share of the base weight's norm is no distillation's (they move weights by a
+#: few per cent at most): the target is another model, another Wan2.2 expert, or a heavy fine-tune
+FAR_DRIFT = 0.10
+
+
+def _far_drift(drift: TargetDrift | None, layers: list[str], source: str, target: str) -> list[str]:
+    """A warning when the target is far from the base: the median relative drift of the LoRA's layers (the
+    drift's norm over the base weight's, recorded in the drift cache) above :data:`FAR_DRIFT`."""
+    if drift is None:
+        return []
+    rel = sorted(drift.info[n]["rel"] for n in layers if n in drift.info and "rel" in drift.info[n])
+    if not rel or rel[len(rel) // 2] < FAR_DRIFT:
+        return []
+    return [f"the target {target} differs from the base {source} by {rel[len(rel) // 2]:.0%} of the weights' norm "
+            f"(median over the LoRA's layers), far more than a distillation moves them: check that it is a "
+            f"distilled version of this base (for Wan2.2 A14B: the same expert, high-noise or low-noise)"]
 
 
 def config_dict(cfg: TransferConfig, strength: float) -> dict:

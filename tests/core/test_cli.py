@@ -165,6 +165,24 @@ def test_layers_whose_drift_is_lost_in_fp8_noise_are_not_called_identical(tmp_pa
     assert "does not stand out from the target's storage noise and was estimated as zero" in out, out
 
 
+def test_a_target_far_from_the_base_is_warned_about(tmp_path, capsys):
+    """Another model of the same shapes (or the other Wan2.2 expert) is no distillation of the base: the
+    summary says so; a real distillation (1 % drift) gets no such warning."""
+    shape = synth.WanShape(dim=64, ffn_dim=128, blocks=1)
+    base, svd = synth.wan_state_dict(shape, seed=0, dtype=torch.float32)
+    other, _ = synth.wan_state_dict(shape, seed=5, dtype=torch.float32)
+    write_file(str(tmp_path / "base.safetensors"), base)
+    write_file(str(tmp_path / "other.safetensors"), other)
+    write_file(str(tmp_path / "distilled.safetensors"), synth.distill(base, svd, rel_drift=0.01, seed=1))
+    write_file(str(tmp_path / "style.safetensors"), synth.style_lora(svd, rank=4, seed=1))
+    for target, warned in (("other", True), ("distilled", False)):
+        assert main(["transfer", "--source", str(tmp_path / "base.safetensors"), "--target",
+                     str(tmp_path / f"{target}.safetensors"), "--lora", str(tmp_path / "style.safetensors"),
+                     "--out", str(tmp_path / f"o_{target}.safetensors"), "--cache-dir", str(tmp_path / "c")]) == 0
+        out = capsys.readouterr().out
+        assert ("far more than a distillation moves them" in out) == warned, (target, out)
+
+
 def test_outputs_are_reproducible_and_carry_no_local_path(tmp_path, demo_out):
     """The same inputs in two different folders give byte-identical LoRA files, and nothing the pack
     writes (LoRAs, report, cache manifests, the digest memo) contains the folder it ran in."""
