@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Mapping
 
 from . import __version__
-from .drift import DriftEntry
+from .drift import UNMODELLED, DriftEntry
 from .errors import CasaError
 from .methods import METHOD_LABELS, ProLoRAStats
 from .routing import RoutingStats
@@ -225,7 +225,9 @@ def _far_drift(drift: TargetDrift | None, layers: list[str], source: str, target
     drift's norm over the base weight's, recorded in the drift cache) above :data:`FAR_DRIFT`."""
     if drift is None:
         return []
-    rel = sorted(drift.info[n]["rel"] for n in layers if n in drift.info and "rel" in drift.info[n])
+    # (a lossy storage without a noise model holds its rounding in the drift: not a measure of the models)
+    rel = sorted(drift.info[n]["rel"] for n in layers if n in drift.info and "rel" in drift.info[n]
+                 and not any(k in drift.info[n] for k in UNMODELLED.values()))
     if not rel or rel[len(rel) // 2] < FAR_DRIFT:
         return []
     return [f"the target {target} differs from the base {source} by {rel[len(rel) // 2]:.0%} of the weights' norm "
