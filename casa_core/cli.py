@@ -260,7 +260,7 @@ def cmd_transfer(a) -> int:
     notes = list(noise_summary(drift, Path(a.target).name)) if drift is not None and a.target else []
     rep = next(iter(reports.values()), None)
     if rep is not None and rep.no_drift:
-        lost = [n for n in rep.no_drift if drift is not None and drift.entry(n).noise is not None]
+        lost = drift.lost_in_noise(rep.no_drift) if drift is not None else []
         same = len(rep.no_drift) - len(lost)
         if same:
             notes.append(f"{same} layer(s) have identical weights in both models (LoRA applied as is)")

@@ -246,16 +246,21 @@ class TargetDrift:
         """Layers of the source that the target does not have (not the same as "no drift")."""
         return [n for n, i in self.info.items() if i.get("missing")]
 
-    def identical(self) -> list[str]:
-        """Layers present in both models with exactly the same weights."""
-        return [n for n, i in self.info.items() if i.get("mode") == "zero" and not i.get("missing")
-                and "noise" not in i]
+    def _zero(self, noisy: bool, layers=None) -> list[str]:
+        """Layers (of ``layers``, default all) present in both models whose drift is zero: with a noise report
+        (``noisy``: separated to zero from the storage noise) or without (identical weights)."""
+        names = self.info if layers is None else [n for n in layers if n in self.info]
+        return [n for n in names if self.info[n].get("mode") == "zero" and not self.info[n].get("missing")
+                and ("noise" in self.info[n]) == noisy]
 
-    def lost_in_noise(self) -> list[str]:
+    def identical(self, layers=None) -> list[str]:
+        """Layers present in both models with exactly the same weights."""
+        return self._zero(False, layers)
+
+    def lost_in_noise(self, layers=None) -> list[str]:
         """Layers whose weights differ, but whose drift, separated from the target's rounding noise, is zero
         (nothing in it stands out from that noise)."""
-        return [n for n, i in self.info.items() if i.get("mode") == "zero" and not i.get("missing")
-                and "noise" in i]
+        return self._zero(True, layers)
 
     def noisy(self, layers=None) -> dict[str, dict]:
         """Layers (of ``layers``, default all) whose target is stored with rounding noise: layer -> report."""

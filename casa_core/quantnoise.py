@@ -159,9 +159,9 @@ class StorageGrid:
 
     @property
     def supported(self) -> bool:
-        return self.kind in _FLOAT_GRIDS or self.kind == "int8" or self.kind in BLOCK_GRIDS or (
-            self.kind.startswith("gguf:")
-                                              and (self.kind[5:] in GGUF_GRIDS or self.kind[5:] in CODEBOOK_GRIDS))
+        if self.kind.startswith("gguf:"):
+            return self.kind[5:] in GGUF_GRIDS or self.kind[5:] in CODEBOOK_GRIDS
+        return self.kind in _FLOAT_GRIDS or self.kind == "int8" or self.kind in BLOCK_GRIDS
 
     @property
     def coarse(self) -> bool:

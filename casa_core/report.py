@@ -228,9 +228,10 @@ def _far_drift(drift: TargetDrift | None, layers: list[str], source: str, target
     # (a lossy storage without a noise model holds its rounding in the drift: not a measure of the models)
     rel = sorted(drift.info[n]["rel"] for n in layers if n in drift.info and "rel" in drift.info[n]
                  and not any(k in drift.info[n] for k in UNMODELLED.values()))
-    if not rel or rel[len(rel) // 2] < FAR_DRIFT:
+    median = rel[len(rel) // 2] if rel else 0.0
+    if median < FAR_DRIFT:
         return []
-    return [f"the target {target} differs from the base {source} by {rel[len(rel) // 2]:.0%} of the weights' norm "
+    return [f"the target {target} differs from the base {source} by {median:.0%} of the weights' norm "
             f"(median over the LoRA's layers), far more than a distillation moves them: check that it is a "
             f"distilled version of this base (for Wan2.2 A14B: the same expert, high-noise or low-noise)"]
 

@@ -216,7 +216,7 @@ def _summary(h: ReportHandle, method: str, injection: str, rank: int, q_act: flo
         warnings.append(f"the low-rank patch keeps only {fmt_share(t['kept_energy'])} of the update: raise rank "
                         "(or set kept_energy, or use exact injection)")
     if h.report.no_drift:
-        lost = [n for n in h.report.no_drift if drift is not None and drift.entry(n).noise is not None]
+        lost = drift.lost_in_noise(h.report.no_drift) if drift is not None else []
         if len(lost) < len(h.report.no_drift):
             lines.append(f"{len(h.report.no_drift) - len(lost)} layer(s) identical in both models: the LoRA applies "
                          f"there as trained")

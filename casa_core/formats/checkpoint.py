@@ -147,7 +147,8 @@ class Checkpoint(FileIdentity):
                 self._scale_key.pop(layer, None)
 
         self.layers: dict[str, tuple[int, int]] = {
-            layer: (f.shape(key)[0], f.shape(key)[1] * (2 if self._packed.get(layer, ("",))[0] == "nvfp4" else 1))
+            layer: (f.shape(key)[0],
+                    f.shape(key)[1] * comfy_quant.VALUES_PER_ELEMENT.get(self._packed.get(layer, ("",))[0], 1))
             for layer, key in self._weight_key.items()
         }
         self.other_keys: list[str] = [k for k in keys if k not in used]
@@ -188,7 +189,7 @@ class Checkpoint(FileIdentity):
                             file=self.path, layer=layer)
         if fmt in comfy_quant.FORMATS and not rotated:
             scales = {}
-            for suffix in comfy_quant.scale_suffixes(fmt):
+            for suffix in comfy_quant.FORMATS[fmt]:
                 if f"{raw_module}.{suffix}" not in self._file:
                     raise CasaError(f"{self.path}, layer {layer}: weights quantised as '{fmt}' need "
                                     f"'{raw_module}.{suffix}', which the file does not have",

@@ -23,7 +23,7 @@ import torch
 
 from ..quantnoise import E2M1_LEVELS, StorageGrid
 
-__all__ = ["FORMATS", "decode", "grid", "scale_suffixes", "unswizzle"]
+__all__ = ["FORMATS", "VALUES_PER_ELEMENT", "decode", "grid", "unswizzle"]
 
 #: format -> the tensors beside ``<module>.weight`` it needs
 FORMATS: dict[str, tuple[str, ...]] = {
@@ -31,11 +31,9 @@ FORMATS: dict[str, tuple[str, ...]] = {
     "mxfp8": ("weight_scale",),
     "nvfp4": ("weight_scale", "weight_scale_2"),
 }
+#: values per stored element (NVFP4 packs two per byte): the layer's columns over the stored tensor's
+VALUES_PER_ELEMENT = {"nvfp4": 2}
 _BLOCK = {"mxfp8": 32, "nvfp4": 16}
-
-
-def scale_suffixes(fmt: str) -> tuple[str, ...]:
-    return FORMATS[fmt]
 
 
 def unswizzle(tiled: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
