@@ -27,6 +27,7 @@ from pathlib import Path
 
 from .errors import CasaError
 from .formats.safetensors_io import SafeTensorsFile
+from .formats.sharded import model_files
 from .methods import METHOD_LABELS
 
 
@@ -71,6 +72,10 @@ def expand_loras(args: list[str]) -> list[Path]:
     return out
 
 
+#: the options of :func:`plan_jobs`'s ``models`` that name a model (which may be shards or a folder)
+MODEL_OPTIONS = ("--source", "--target")
+
+
 def plan_jobs(loras: list[Path], methods: list[str], out: str, models: dict[str, str] | None = None) -> Plan:
     """Output paths: one LoRA keeps today's rule (``--out`` is the file; ``_<method>`` appended with
     several methods). Several LoRAs, or ``--out`` an existing folder or ending in a slash: ``--out`` is
@@ -97,7 +102,9 @@ def plan_jobs(loras: list[Path], methods: list[str], out: str, models: dict[str,
                 name = f"{lora.stem}.safetensors" if len(methods) == 1 else f"{lora.stem}_{method}.safetensors"
                 jobs.append(Job(lora, method, out_path / name))
     inputs = {os.path.realpath(p) for p in loras}
-    given = {os.path.realpath(p): opt for opt, p in (models or {}).items() if p is not None}
+    # a model in shards is read from its index and every shard, a model folder from the file it holds
+    given = {os.path.realpath(f): opt for opt, p in (models or {}).items() if p is not None
+             for f in (model_files(p) if opt in MODEL_OPTIONS else [p])}
     for job in jobs:
         if os.path.realpath(job.out) in inputs:
             raise CasaError(f"the output {job.out} would overwrite an input LoRA; choose another --out",

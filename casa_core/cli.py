@@ -346,9 +346,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--drift", type=float, default=3e-3, help="relative drift of the distilled model (default 0.003)")
     _add_common(d)
     t = sub.add_parser("transfer", help="transfer a LoRA between real checkpoint files")
-    t.add_argument("--source", required=True, help="base model checkpoint (.safetensors)")
-    t.add_argument("--target", help="distilled model checkpoint (.safetensors, fp8 included, or .gguf with the "
-                                    "optional gguf package)")
+    t.add_argument("--source", required=True,
+                   help="base model checkpoint (.safetensors, or the *.safetensors.index.json of a model in shards, "
+                   "or a folder holding one model)")
+    t.add_argument("--target", help="distilled model checkpoint (.safetensors, fp8 included, a shard index or a "
+                                    "folder, or .gguf with the optional gguf package)")
     t.add_argument("--distill-lora", help="instead of --target: a distillation LoRA applied to the base (lightx2v, CausVid …)")
     t.add_argument("--distill-strength", type=float, default=1.0, help="strength of --distill-lora (default 1.0)")
     t.add_argument("--lora", required=True, nargs="+",

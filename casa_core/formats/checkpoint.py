@@ -37,7 +37,8 @@ from .. import linalg
 from ..errors import CasaError
 from . import comfy_quant
 from .keys import canonical_names, naming_of
-from .safetensors_io import SafeTensorsFile, file_digest
+from .safetensors_io import file_digest
+from .sharded import open_tensors, resolve_model_path
 
 __all__ = ["Checkpoint", "WeightProvider", "check_finite", "open_model"]
 
@@ -83,7 +84,8 @@ class FileIdentity:
     def digest(self) -> str:
         """blake2b digest of the file content (memoised in ``memo_dir`` when one was given)."""
         if self._digest is None:
-            self._digest = file_digest(self.path, self._memo_dir)
+            own = getattr(getattr(self, "_file", None), "digest", None)  # a sharded model: over its files
+            self._digest = own(self._memo_dir) if own is not None else file_digest(self.path, self._memo_dir)
         return self._digest
 
     def identity(self) -> str:
@@ -91,12 +93,14 @@ class FileIdentity:
 
 
 class Checkpoint(FileIdentity):
-    """A safetensors model file as a :class:`WeightProvider`; tensors are read only when asked for."""
+    """A safetensors model file as a :class:`WeightProvider`; tensors are read only when asked for. A model
+    in shards is given by its ``*.safetensors.index.json`` (or a folder holding it) and read as one file
+    (:mod:`.sharded`)."""
 
     concurrent_reads = True  # its reads are locked (casa_core.parallel)
 
     def __init__(self, path: str | os.PathLike[str], memo_dir: str | os.PathLike[str] | None = None):
-        self._file = SafeTensorsFile(path)
+        self._file = open_tensors(resolve_model_path(path))
         self.path: str = self._file.path
         self._memo_dir = memo_dir
         self._digest: str | None = None
@@ -279,10 +283,12 @@ class Checkpoint(FileIdentity):
 
 
 def open_model(path: str | os.PathLike[str], memo_dir: str | os.PathLike[str] | None = None):
-    """A model file as a weight provider: :class:`Checkpoint` for safetensors, a
-    :class:`~casa_core.formats.gguf_file.GGUFCheckpoint` for GGUF (needs the optional ``gguf`` package)."""
+    """A model file as a weight provider: :class:`Checkpoint` for safetensors (one file, or shards through
+    their index), a :class:`~casa_core.formats.gguf_file.GGUFCheckpoint` for GGUF (needs the optional ``gguf``
+    package). ``path`` may also be a folder holding one model (:func:`.sharded.resolve_model_path`)."""
     from .gguf_file import GGUFCheckpoint, is_gguf
 
+    path = resolve_model_path(path)
     if is_gguf(path):
         return GGUFCheckpoint(path, memo_dir)
     return Checkpoint(path, memo_dir)

@@ -10,7 +10,7 @@ from helpers.lora_formats import save_checkpoint, tiny_wan_state_dict
 from safetensors.torch import load_file, save_file
 
 from casa_core.errors import CasaError
-from casa_core.formats.checkpoint import Checkpoint, WeightProvider
+from casa_core.formats.checkpoint import Checkpoint, WeightProvider, open_model
 
 LAYOUTS = ("original", "comfy_repack", "comfy_repack_prefix", "diffusers")
 
@@ -234,3 +234,79 @@ def test_identity_is_the_content_digest(tmp_path, sd):
         assert ckpt.digest() == digest
         assert ckpt.identity() == "file:" + digest
     assert (tmp_path / "memo" / "file_digests.json").exists()
+
+
+def _write_shards(folder, sd, n_shards: int = 3, prefix: str = "diffusion_pytorch_model") -> dict[str, str]:
+    """``sd`` split over ``n_shards`` files the way diffusers / the Wan releases name them, with the index
+    beside them (written here from the format's definition: a ``weight_map`` of tensor -> shard file)."""
+    keys = sorted(sd)
+    weight_map = {}
+    for i in range(n_shards):
+        name = f"{prefix}-{i + 1:05d}-of-{n_shards:05d}.safetensors"
+        part = {k: sd[k] for k in keys[i::n_shards]}
+        save_file(part, str(folder / name))
+        weight_map.update({k: name for k in part})
+    index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in sd.values())},
+             "weight_map": weight_map}
+    (folder / f"{prefix}.safetensors.index.json").write_text(json.dumps(index))
+    return weight_map
+
+
+def test_a_model_in_shards_reads_as_one_file_through_its_index_or_its_folder(tmp_path, sd):
+    _write_shards(tmp_path, sd)
+    index = tmp_path / "diffusion_pytorch_model.safetensors.index.json"
+    for given in (index, tmp_path):
+        with open_model(given, memo_dir=tmp_path / "memo") as ckpt:
+            assert ckpt.layers == expected_layers(sd)
+            for layer in ckpt.layers:
+                assert torch.equal(ckpt.get(layer), sd[f"{layer}.weight"]), layer
+            assert len(ckpt.other_keys) == len(sd) - len(expected_layers(sd))
+            first = ckpt.identity()
+    # the identity follows every shard's content: one value changed in one shard changes it
+    shard = tmp_path / "diffusion_pytorch_model-00002-of-00003.safetensors"
+    part = load_file(str(shard))
+    key = next(k for k in part if part[k].dim() == 2)
+    part[key] = part[key].clone()
+    part[key][0, 0] += 1.0
+    save_file(part, str(shard))
+    with open_model(index, memo_dir=tmp_path / "memo") as ckpt:
+        assert ckpt.identity() != first
+
+
+def test_a_broken_shard_set_is_one_sentence_naming_the_index(tmp_path, sd):
+    weight_map = _write_shards(tmp_path, sd)
+    index = tmp_path / "diffusion_pytorch_model.safetensors.index.json"
+    data = json.loads(index.read_text())
+    # a tensor the index puts in the wrong shard
+    key = next(iter(weight_map))
+    wrong = next(s for s in set(weight_map.values()) if s != weight_map[key])
+    bad = dict(data, weight_map=dict(weight_map, **{key: wrong}))
+    (tmp_path / "bad.safetensors.index.json").write_text(json.dumps(bad))
+    with pytest.raises(CasaError, match=rf"puts tensor '{key}' in {wrong}, which does not hold it"):
+        open_model(tmp_path / "bad.safetensors.index.json")
+    # a missing shard
+    (tmp_path / "diffusion_pytorch_model-00003-of-00003.safetensors").unlink()
+    with pytest.raises(CasaError, match="its shard diffusion_pytorch_model-00003-of-00003.safetensors is missing"):
+        open_model(index)
+    # not an index at all
+    (tmp_path / "x.safetensors.index.json").write_text('{"hello": 1}')
+    with pytest.raises(CasaError, match="has no 'weight_map'"):
+        open_model(tmp_path / "x.safetensors.index.json")
+
+
+def test_a_folder_is_read_when_it_holds_one_model(tmp_path, sd):
+    one = tmp_path / "one"
+    one.mkdir()
+    save_checkpoint(one / "model.safetensors", sd)
+    (one / "config.json").write_text("{}")
+    with open_model(one) as ckpt:
+        assert ckpt.layers == expected_layers(sd)
+    two = tmp_path / "two"
+    two.mkdir()
+    save_checkpoint(two / "a.safetensors", sd)
+    save_checkpoint(two / "b.safetensors", sd)
+    with pytest.raises(CasaError, match=r"is a folder with 2 model files \(a.safetensors, b.safetensors\)"):
+        open_model(two)
+    (tmp_path / "none").mkdir()
+    with pytest.raises(CasaError, match="is a folder without a model file"):
+        open_model(tmp_path / "none")

@@ -201,3 +201,42 @@ def test_outputs_are_reproducible_and_carry_no_local_path(tmp_path, demo_out):
                 data = data[8:8 + int.from_bytes(data[:8], "little")]
             for needle in {str(out.parent), str(out), str(out.resolve().parent)}:
                 assert needle.encode() not in data, f"{p.relative_to(out)} contains the local path {needle}"
+
+
+def test_a_distilled_model_in_shards_transfers_as_its_single_file_does(tmp_path, capsys):
+    """The original Wan releases and diffusers repositories ship big models as shards plus an index: given
+    the index (or its folder) as --target, the transfer is the one the same model in one file gives; an --out
+    onto one of the shards is refused before any work."""
+    shape = synth.WanShape(dim=64, ffn_dim=128, blocks=1)
+    base, svd = synth.wan_state_dict(shape, seed=0, dtype=torch.float32)
+    distilled = synth.distill(base, svd, rel_drift=0.01, seed=1)
+    write_file(str(tmp_path / "base.safetensors"), base)
+    write_file(str(tmp_path / "distilled.safetensors"), distilled)
+    write_file(str(tmp_path / "style.safetensors"), synth.style_lora(svd, rank=4, seed=1))
+    shards = tmp_path / "distilled_shards"
+    shards.mkdir()
+    keys = sorted(distilled)
+    weight_map = {}
+    for i in range(2):
+        name = f"diffusion_pytorch_model-{i + 1:05d}-of-00002.safetensors"
+        write_file(str(shards / name), {k: distilled[k] for k in keys[i::2]})
+        weight_map.update({k: name for k in keys[i::2]})
+    (shards / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    common = ["--source", str(tmp_path / "base.safetensors"), "--lora", str(tmp_path / "style.safetensors"),
+              "--cache-dir", str(tmp_path / "c")]
+    outs = {}
+    for name, target in (("file", tmp_path / "distilled.safetensors"),
+                         ("index", shards / "diffusion_pytorch_model.safetensors.index.json"), ("folder", shards)):
+        outs[name] = tmp_path / f"o_{name}.safetensors"
+        assert main(["transfer", *common, "--target", str(target), "--out", str(outs[name])]) == 0
+    ref = load_file(str(outs["file"]))
+    for name in ("index", "folder"):
+        got = load_file(str(outs[name]))
+        assert got.keys() == ref.keys()
+        assert all(torch.equal(got[k], ref[k]) for k in ref), name
+    capsys.readouterr()
+    shard = shards / "diffusion_pytorch_model-00001-of-00002.safetensors"
+    before = shard.read_bytes()
+    assert main(["transfer", *common, "--target", str(shards), "--out", str(shard)]) == 2
+    assert "would overwrite the --target file" in capsys.readouterr().err
+    assert shard.read_bytes() == before
