@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from types import TracebackType
 from typing import Protocol, runtime_checkable
 
@@ -45,6 +46,9 @@ __all__ = ["Checkpoint", "WeightProvider", "check_finite", "open_model"]
 _FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 _FP8_FORMATS = {"float8_e4m3fn": torch.float8_e4m3fn, "float8_e5m2": torch.float8_e5m2}
 _SCALE_SUFFIXES = ("scale_weight", "weight_scale")
+#: the 2-D factors of the LoRA formats (lora_down/up, lora_A/B, lora.down/up, LoHa, LoKr): a file made of
+#: them is a LoRA, not a model
+_LORA_FACTOR = re.compile(r"(?:[._]lora[._](?:up|down)|\.lora_(?:up|down|A|B)|\.lora_linear_layer\.|\.hada_w|\.lokr_w)")
 
 
 @runtime_checkable
@@ -150,6 +154,7 @@ class Checkpoint(FileIdentity):
                 used.update(self._packed[layer][1].values())
                 self._scale_key.pop(layer, None)
 
+        self._refuse_a_lora()
         self.layers: dict[str, tuple[int, int]] = {
             layer: (f.shape(key)[0],
                     f.shape(key)[1] * comfy_quant.VALUES_PER_ELEMENT.get(self._packed.get(layer, ("",))[0], 1))
@@ -161,6 +166,15 @@ class Checkpoint(FileIdentity):
             canonical[k] for k in keys
             if k in self._weight_key.values() or (k in self.other_keys and not k.endswith(("comfy_quant", "scaled_fp8")))
         )
+
+    def _refuse_a_lora(self) -> None:
+        """A LoRA given where a model goes (its "layers" would be its factors): one sentence saying so."""
+        factors = [key for key in self._file.keys() if _LORA_FACTOR.search(key)]
+        if factors and len(factors) * 2 >= len(self._weight_key):
+            raise CasaError(f"{self.path} is a LoRA (its weights are LoRA factors such as '{factors[0]}'), not a "
+                            f"model checkpoint: a distillation LoRA (lightx2v, CausVid …) is given as --distill-lora "
+                            f"(in ComfyUI: loaded onto the base model with a LoRA loader), a style LoRA as --lora",
+                            file=self.path)
 
     def _quantization_metadata(self) -> dict[str, dict]:
         raw = self._file.metadata.get("_quantization_metadata")

@@ -66,6 +66,13 @@ class GGUFCheckpoint(FileIdentity):
                             file=self.path) from None
         self._memo_dir = memo_dir
         self._digest: str | None = None
+        self.architecture: str | None = self._string_field("general.architecture")
+        if self.architecture in set(getattr(gguf, "MODEL_ARCH_NAMES", {}).values()):
+            # llama.cpp's own architectures are language and text-encoder models (a Wan UMT5, a HunyuanVideo
+            # llava-llama, a Qwen text encoder), never a diffusion model
+            raise CasaError(f"{self.path} is a GGUF of a language or text-encoder model (architecture "
+                            f"'{self.architecture}'), not of a diffusion model: give the diffusion model's own "
+                            f"GGUF (the one ComfyUI loads with Unet Loader (GGUF))", file=self.path)
         tensors = {t.name: t for t in self._reader.tensors}
         canonical = canonical_names(tensors)
         self.naming: str = naming_of(tensors)
@@ -87,6 +94,15 @@ class GGUFCheckpoint(FileIdentity):
             else:
                 self.other_keys.append(name)
         self.param_names: frozenset[str] = frozenset(canonical.values())
+
+    def _string_field(self, key: str) -> str | None:
+        field = self._reader.get_field(key)
+        if field is None or not field.data:
+            return None
+        try:
+            return bytes(field.parts[field.data[0]]).decode("utf-8")
+        except (UnicodeDecodeError, IndexError, TypeError):
+            return None
 
     def _orig_shape(self, name: str) -> tuple[int, ...] | None:
         field = self._reader.get_field(f"comfy.gguf.orig_shape.{name}")

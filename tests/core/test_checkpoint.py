@@ -310,3 +310,22 @@ def test_a_folder_is_read_when_it_holds_one_model(tmp_path, sd):
     (tmp_path / "none").mkdir()
     with pytest.raises(CasaError, match="is a folder without a model file"):
         open_model(tmp_path / "none")
+
+
+@pytest.mark.parametrize("fmt", ["musubi", "peft", "loha"])
+def test_a_lora_given_as_a_model_is_named_as_one(tmp_path, fmt):
+    """Its "layers" would be its factors: the drift would be nonsense. One sentence, pointing to where a
+    LoRA goes."""
+    down, up = torch.randn(4, 64), torch.randn(64, 4)
+    if fmt == "musubi":
+        sd = {"lora_unet_blocks_0_self_attn_q.lora_down.weight": down, "lora_unet_blocks_0_self_attn_q.lora_up.weight": up,
+              "lora_unet_blocks_0_self_attn_q.alpha": torch.tensor(4.0)}
+    elif fmt == "peft":
+        sd = {"diffusion_model.blocks.0.self_attn.q.lora_A.weight": down,
+              "diffusion_model.blocks.0.self_attn.q.lora_B.weight": up}
+    else:
+        sd = {f"lycoris_blocks_0_self_attn_q.hada_w{i}_{ab}": (up if ab == "a" else down).clone()
+              for i in (1, 2) for ab in ("a", "b")}
+    save_file(sd, str(tmp_path / "l.safetensors"))
+    with pytest.raises(CasaError, match=r"l.safetensors is a LoRA \(its weights are LoRA factors such as .*--distill-lora"):
+        Checkpoint(tmp_path / "l.safetensors")

@@ -204,6 +204,19 @@ def test_gguf_target_file(tmp_path):
         assert "patch_embedding.weight" in g.param_names
 
 
+@pytest.mark.parametrize("arch", ["llama", "t5encoder", "qwen2vl"])
+def test_a_gguf_text_encoder_is_not_taken_for_the_diffusion_model(tmp_path, arch):
+    """HunyuanVideo's llava-llama, Wan's UMT5 and Qwen text encoders come as GGUF files beside the diffusion
+    model's: given as a model, one sentence says what the file is; the diffusion model's own GGUF opens."""
+    sd = tiny_wan_state_dict(dim=128, ffn_dim=256, layers=1)
+    path = save_gguf(tmp_path / f"{arch}.gguf", sd, "Q8_0", arch=arch)
+    with pytest.raises(CasaError, match=rf"{arch}\.gguf is a GGUF of a language or text-encoder model "
+                                        rf"\(architecture '{arch}'\), not of a diffusion model"):
+        open_model(path)
+    with open_model(save_gguf(tmp_path / "wan.gguf", sd, "Q8_0", arch="wan")) as g:
+        assert g.architecture == "wan" and g.layers == layer_shapes(sd)
+
+
 def test_gguf_without_the_package_says_how_to_install_it(tmp_path, monkeypatch):
     path = save_gguf(tmp_path / "m.gguf", tiny_wan_state_dict(dim=128, ffn_dim=256, layers=1), "Q8_0")
     monkeypatch.setitem(sys.modules, "gguf", None)
