@@ -72,6 +72,8 @@ def expand_loras(args: list[str]) -> list[Path]:
     return out
 
 
+#: file name extensions of a written LoRA that ComfyUI lists among its models (safetensors, and its short form)
+LORA_SUFFIXES = (".safetensors", ".sft")
 #: the options of :func:`plan_jobs`'s ``models`` that name a model (which may be shards or a folder)
 MODEL_OPTIONS = ("--source", "--target")
 
@@ -112,6 +114,10 @@ def plan_jobs(loras: list[Path], methods: list[str], out: str, models: dict[str,
         if os.path.realpath(job.out) in given:
             raise CasaError(f"the output {job.out} would overwrite the {given[os.path.realpath(job.out)]} file; "
                             f"choose another --out", file=str(job.out))
+    if not batch and out_path.suffix.lower() not in LORA_SUFFIXES:
+        raise CasaError(f"--out {out}: a LoRA file needs the .safetensors extension, or ComfyUI will not list it "
+                        f"among its LoRAs (give {out_path.with_name(out_path.name + '.safetensors')}, or end "
+                        f"--out with / for a folder)", file=out)
     return Plan(jobs, batch, list(loras))
 
 

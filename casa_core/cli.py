@@ -81,7 +81,8 @@ def summary_table(reports: dict, stream=None) -> None:
         t = rep.totals()
         dom = f"{t['dominant_share']:.1%}" if "dominant_share" in t else "-"
         arb = f"{t['arbitrated_share']:.2%}" if "arbitrated_share" in t else "-"
-        print(f"{METHOD_LABELS[method]:<34}{t['layers']:>7}{t['kept_energy']:>8.1%}{dom:>10}{arb:>9}{rep.seconds:>7.1f}s", file=stream)
+        kept = f"{t['kept_energy']:.1%}" if t["update_norm"] > 0 else "—"  # a zero update keeps nothing
+        print(f"{METHOD_LABELS[method]:<34}{t['layers']:>7}{kept:>8}{dom:>10}{arb:>9}{rep.seconds:>7.1f}s", file=stream)
 
 
 def _write_report(path: Path, reports: dict, extra: dict) -> None:
@@ -275,6 +276,8 @@ def cmd_transfer(a) -> int:
     if lora.dropped:
         key, why = next(iter(lora.dropped.items()))
         notes.append(f"{len(lora.dropped)} key(s) ComfyUI cannot load were not written, e.g. {key} ({why})")
+    if lora.peft_scale_note():
+        notes.append(lora.peft_scale_note())
     notes += [f"WARNING: {w}" for w in warnings]
     if notes:
         print()

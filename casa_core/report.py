@@ -125,6 +125,7 @@ class TransferReport:
     dropped: dict[str, str] = field(default_factory=dict)  # LoRA keys left out of the output, and why
     warnings: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    scale_note: str | None = None  # layers scaled by a PEFT configuration ComfyUI's loader ignores
 
     def totals(self) -> dict:
         t = layer_totals(self.layers)
@@ -166,6 +167,8 @@ def start_report(lora, cfg: TransferConfig, strength: float) -> "TransferReport"
     report.passthrough = sorted(lora.passthrough)
     report.unmatched = list(lora.unmatched)
     report.dropped = dict(getattr(lora, "dropped", {}))
+    note = getattr(lora, "peft_scale_note", None)
+    report.scale_note = note() if note is not None else None
     return report
 
 
@@ -194,7 +197,7 @@ def check_coverage(lora, drift: TargetDrift | None, *, source: str, target: str,
     lost = sorted(set(missing) | set(not_landed or []))
     total = len(layers) + len(unmatched)
     bad = len(unmatched) + len(lost)
-    far = _far_drift(drift, layers, source, target)
+    far = _far_drift(drift, layers, source, target) + _all_zero(lora, lora_name)
     if total == 0 or bad == 0:
         return far
     src = f"{source}" + (f" ({source_naming})" if source_naming else "")
@@ -213,6 +216,24 @@ def check_coverage(lora, drift: TargetDrift | None, *, source: str, target: str,
         raise CasaError(f"{lora_name}: {bad} of its {total} layers cannot be transferred — {what}; the files use "
                         f"namings that do not correspond, or are for different models", file=str(lora.path))
     return [f"{lora_name}: {bad} of its {total} layers could not be transferred — {what}"] + far
+
+
+def _all_zero(lora, lora_name: str) -> list[str]:
+    """A warning when every update of the LoRA is exactly zero (a LoRA saved before training: its up
+    factors start at zero; or strength 0): there is nothing to transfer, and CASA's restoration (``-C_F``
+    outside the dominant mask) would be all that is left of the result."""
+    updates = list(getattr(lora, "updates", {}).values())
+    if not updates or getattr(lora, "passthrough", None):
+        return []
+    for u in updates:
+        left, right = u.factors()
+        if bool(left.any()) and (right is None or bool(right.any())):
+            return []
+    why = "at strength 0" if getattr(lora, "strength", 1.0) == 0 else \
+        "an untrained LoRA? its up (or down) factors are all zero"
+    return [f"{lora_name}: its update is zero in every one of its {len(updates)} layers ({why}): there is nothing "
+            f"of it to transfer (direct reuse changes nothing; CASA and ProLoRA would only move the target back "
+            f"towards the base where they restore it)"]
 
 
 #: a median drift above this share of the base weight's norm is no distillation's (they move weights by a

@@ -210,8 +210,8 @@ def _summary(h: ReportHandle, method: str, injection: str, rank: int, q_act: flo
                  (kinds.count("larger"), "changed far more by distillation than by the LoRA (protected)")]
         lines.append("Layers: " + ", ".join(f"{n} {what}" for n, what in parts if n))
     patch = f"the low-rank patch (rank {rank})" if injection == "low-rank" else "the exact update"
-    lines.append(f"{patch[0].upper()}{patch[1:]} keeps {fmt_share(t['kept_energy'])} of the update and holds "
-                 f"{held / 2**20:.1f} MiB")
+    kept = f"keeps {fmt_share(t['kept_energy'])} of the update" if t["update_norm"] > 0 else "is zero (so is the update)"
+    lines.append(f"{patch[0].upper()}{patch[1:]} {kept} and holds {held / 2**20:.1f} MiB")
     if injection == "low-rank" and t["kept_energy"] < 0.9:
         warnings.append(f"the low-rank patch keeps only {fmt_share(t['kept_energy'])} of the update: raise rank "
                         "(or set kept_energy, or use exact injection)")
@@ -242,5 +242,7 @@ def _summary(h: ReportHandle, method: str, injection: str, rank: int, q_act: flo
     if h.report.dropped:
         key, why = next(iter(h.report.dropped.items()))
         lines.append(f"{len(h.report.dropped)} key(s) left out (ComfyUI cannot load them), e.g. {key}: {why}")
+    if h.report.scale_note:
+        lines.append(h.report.scale_note)
     warnings += list(h.report.warnings)
     return "\n".join(lines), warnings

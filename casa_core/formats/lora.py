@@ -146,6 +146,18 @@ class LoRAFile:
     def identity(self) -> str:
         return "lora:" + self.digest() + ":strength=" + repr(self.strength)
 
+    def peft_scale_note(self) -> str | None:
+        """A sentence when layers were scaled by a PEFT configuration (``lora_alpha`` in the file's metadata
+        or an ``adapter_config.json``), which ComfyUI's own LoRA loader does not read; None otherwise."""
+        scaled = {n: u for n, u in self.updates.items() if getattr(u, "alpha_rule", "").startswith("peft")}
+        if not scaled:
+            return None
+        scales = sorted({round(u.scale / self.strength, 6) for u in scaled.values()}) if self.strength else [0.0]
+        how = f"x{scales[0]:g}" if len(scales) == 1 else f"x{scales[0]:g} to x{scales[-1]:g}"
+        return (f"{len(scaled)} layer(s) scaled {how} by the LoRA's PEFT configuration (lora_alpha / rank); "
+                f"ComfyUI's own LoRA loader ignores that configuration, so the original file loaded directly "
+                f"in ComfyUI acts at x1 instead (the written files carry the scale in their factors)")
+
     def passthrough_at_strength(self) -> dict[str, torch.Tensor]:
         """``passthrough`` with the additive differences (``.diff``, ``.diff_b``, ``.diff_m``,
         ``.w_norm``, ``.b_norm``) multiplied by the strength, for a file applied at strength 1;

@@ -98,6 +98,20 @@ def test_an_output_that_would_overwrite_an_input_model_is_refused_before_any_wor
     assert not (tmp_path / "c").exists()  # refused before any basis or drift
 
 
+def test_an_output_without_the_safetensors_extension_is_refused_before_any_work(tmp_path, capsys):
+    """ComfyUI lists LoRAs by extension: a file written as ``--out result`` would never show up in it."""
+    base, svd = synth.wan_state_dict(synth.WanShape(dim=64, ffn_dim=128, blocks=1), dtype=torch.float32)
+    write_file(str(tmp_path / "base.safetensors"), base)
+    write_file(str(tmp_path / "style.safetensors"), synth.style_lora(svd, rank=4, seed=1))
+    code = main(["transfer", "--source", str(tmp_path / "base.safetensors"), "--target", str(tmp_path / "base.safetensors"),
+                 "--lora", str(tmp_path / "style.safetensors"), "--out", str(tmp_path / "result"),
+                 "--cache-dir", str(tmp_path / "c")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "a LoRA file needs the .safetensors extension" in err and f"{tmp_path / 'result.safetensors'}" in err, err
+    assert not (tmp_path / "result").exists() and not (tmp_path / "c").exists()
+
+
 def test_an_output_folder_that_cannot_be_written_fails_at_once(tmp_path, capsys):
     (tmp_path / "blocker").write_text("a file where the output folder should be")
     base, svd = synth.wan_state_dict(synth.WanShape(dim=64, ffn_dim=128, blocks=1), dtype=torch.float32)
@@ -240,3 +254,25 @@ def test_a_distilled_model_in_shards_transfers_as_its_single_file_does(tmp_path,
     assert main(["transfer", *common, "--target", str(shards), "--out", str(shard)]) == 2
     assert "would overwrite the --target file" in capsys.readouterr().err
     assert shard.read_bytes() == before
+
+
+def test_an_all_zero_lora_is_warned_about_and_keeps_no_energy(tmp_path, capsys):
+    """A LoRA saved before training (its up factors start at zero) has nothing to transfer: the summary says so,
+    and direct reuse's row shows no energy kept instead of 100 % (CASA's row keeps its restoration of the
+    drift, which is not zero); a trained LoRA gets no such warning."""
+    base, svd = synth.wan_state_dict(synth.WanShape(dim=64, ffn_dim=128, blocks=1), dtype=torch.float32)
+    write_file(str(tmp_path / "base.safetensors"), base)
+    write_file(str(tmp_path / "distilled.safetensors"), synth.distill(base, svd, rel_drift=0.01, seed=1))
+    trained = synth.style_lora(svd, rank=4, seed=1)
+    untrained = {k: (torch.zeros_like(v) if "lora_up" in k else v) for k, v in trained.items()}
+    assert any("lora_up" in k for k in untrained)
+    for name, sd, warned in (("untrained", untrained, True), ("trained", trained, False)):
+        write_file(str(tmp_path / f"{name}.safetensors"), sd)
+        assert main(["transfer", "--source", str(tmp_path / "base.safetensors"), "--target",
+                     str(tmp_path / "distilled.safetensors"), "--lora", str(tmp_path / f"{name}.safetensors"),
+                     "--out", str(tmp_path / f"o_{name}.safetensors"), "--cache-dir", str(tmp_path / "c"),
+                     "--method", "casa", "direct"]) == 0
+        out = capsys.readouterr().out
+        assert ("its update is zero in every one of its 10 layers" in out) == warned, (name, out)
+        row = next(line for line in out.splitlines() if line.startswith("Direct"))
+        assert ("100.0%" in row) != warned and ("—" in row) == warned, (name, row)

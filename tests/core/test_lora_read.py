@@ -96,6 +96,7 @@ def test_peft_without_alpha_is_scale_one(tmp_path, shapes, fmt):
     for layer, (B, A) in factors.items():
         assert lora.updates[layer].alpha_rule == "none"
         assert close(lora.updates[layer].dense(), B @ A)
+    assert lora.peft_scale_note() is None
 
 
 @pytest.mark.parametrize("fmt", ("diffusers_peft", "peft_base_model"))
@@ -107,6 +108,10 @@ def test_peft_alpha_from_metadata(tmp_path, shapes, fmt):
     for layer, (B, A) in factors.items():
         assert lora.updates[layer].alpha_rule == "peft"
         assert close(lora.updates[layer].dense(), 0.5 * 8.0 / RANK * (B @ A))
+    # ComfyUI's loader reads no PEFT metadata: the summary says what was applied instead (strength apart)
+    note = lora.peft_scale_note()
+    assert note.startswith(f"{len(factors)} layer(s) scaled x{8.0 / RANK:g} by the LoRA's PEFT configuration"), note
+    assert "ComfyUI's own LoRA loader ignores that configuration" in note
 
 
 def test_peft_rslora_and_alpha_pattern(tmp_path, shapes):
@@ -122,6 +127,8 @@ def test_peft_rslora_and_alpha_pattern(tmp_path, shapes):
         else:
             assert upd.alpha_rule == "peft_rslora"
             assert close(upd.dense(), 8.0 / math.sqrt(RANK) * (B @ A))
+    lo, hi = sorted((2.0 / math.sqrt(RANK), 8.0 / math.sqrt(RANK)))
+    assert f"scaled x{lo:g} to x{hi:g} by the LoRA's PEFT configuration" in lora.peft_scale_note()
 
 
 def test_peft_adapter_config_beside_the_file(tmp_path, shapes):

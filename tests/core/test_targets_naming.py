@@ -104,9 +104,13 @@ def test_unresolvable_naming_mismatch_fails_with_one_sentence(tmp_path, hy, caps
 
 
 def test_a_few_missing_layers_warn_and_most_fail():
+    class U:  # a non-zero rank-1 update
+        def factors(self):
+            return torch.ones(4, 1), torch.ones(1, 4)
+
     class L:
         path = "x/style.safetensors"
-        updates = {f"blocks.{i}.self_attn.q": None for i in range(10)}
+        updates = {f"blocks.{i}.self_attn.q": U() for i in range(10)}
         unmatched_modules: list = []
 
     class D:
