@@ -42,7 +42,7 @@ from .quantnoise import EDGE_MARGIN, DriftEstimate, grid_of, separate_drift_part
 UNMODELLED = {False: "unmodelled_storage", True: "unmodelled_base_storage"}
 
 #: bumped whenever the drift a target gives changes for the same files (part of the cache key)
-DRIFT_MODEL = "noise-aware-5"
+DRIFT_MODEL = "noise-aware-6"
 
 
 class DriftSource(Protocol):
