@@ -71,7 +71,10 @@ def check_finite(tensor: torch.Tensor, *, file: str, layer: str | None, what: st
     # pool's hand-off costs more than the pass over a LoRA factor)
     with linalg.layer_threads(tensor.numel(), tensor.device):
         t = tensor.float() if tensor.dtype in _FP8 else tensor
-        finite = bool(torch.isfinite(t).all())
+        # one reducing pass (NaN and Inf make the sum non-finite); only a non-finite sum, which an overflow
+        # of huge but finite values could also give, is looked at entry by entry
+        total = t.sum(dtype=torch.float32) if t.dtype == torch.float16 else t.sum()  # (float16 would overflow)
+        finite = bool(torch.isfinite(total)) or bool(torch.isfinite(t).all())
     if not finite:
         where = f"{file}, layer {layer}" if layer is not None else file
         raise CasaError(f"{where}: {what} contains NaN/Inf values", file=file, layer=layer)

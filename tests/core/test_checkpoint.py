@@ -10,7 +10,7 @@ from helpers.lora_formats import save_checkpoint, tiny_wan_state_dict
 from safetensors.torch import load_file, save_file
 
 from casa_core.errors import CasaError
-from casa_core.formats.checkpoint import Checkpoint, WeightProvider, open_model
+from casa_core.formats.checkpoint import Checkpoint, WeightProvider, check_finite, open_model
 
 LAYOUTS = ("original", "comfy_repack", "comfy_repack_prefix", "diffusers")
 
@@ -219,6 +219,22 @@ def test_nan_weight_is_reported(tmp_path, sd):
             ckpt.get("blocks.0.self_attn.q")
     assert str(e.value) == f"{path}, layer blocks.0.self_attn.q: weight contains NaN/Inf values"
     assert e.value.layer == "blocks.0.self_attn.q"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_the_finiteness_check_catches_every_nan_and_inf_and_only_them(dtype):
+    """One reducing pass decides for most tensors: a NaN, +Inf, -Inf or both infinities (whose sum is NaN) are
+    caught; huge finite values whose sum overflows, and float16 weights whose float16 sum would, are not."""
+    base = torch.randn(512, 256).to(dtype)
+    for bad in ([float("nan")], [float("inf")], [float("-inf")], [float("inf"), float("-inf")]):
+        t = base.clone()
+        for i, v in enumerate(bad):
+            t[7 + i, 3] = v
+        with pytest.raises(CasaError, match="contains NaN/Inf values"):
+            check_finite(t, file="f", layer="l", what="weight")
+    big = torch.full((512, 256), 6e4 if dtype == torch.float16 else 3e35).to(dtype)  # the sum overflows
+    check_finite(big, file="f", layer="l", what="weight")
+    check_finite(base, file="f", layer="l", what="weight")
 
 
 def test_unknown_layer(tmp_path, sd):
