@@ -128,13 +128,20 @@ class LayerCache:
                 write_file(str(shard), tensors, meta)
             return info
 
-        # closed on any exit (an interruption raised by ``progress``): the layers running are waited for
-        with contextlib.closing(map_layers(one, layers, size or (lambda _: 0), device,
-                                           workers=None if size is not None else 1)) as infos:
-            for i, (layer, info) in enumerate(zip(layers, infos)):
-                entries[layer] = info
-                if progress is not None:
-                    progress(i + 1, total, layer)
+        # closed on any exit (an interruption raised by ``progress``): the layers running are waited for.
+        # An interruption keeps the layers done, for the next run to resume from; a clear error on the inputs
+        # (CasaError: a NaN, a wrong shape) removes them: the key follows the files' content, so the folder
+        # could only be resumed by inputs that fail again, and would stay on disk for good
+        try:
+            with contextlib.closing(map_layers(one, layers, size or (lambda _: 0), device,
+                                               workers=None if size is not None else 1)) as infos:
+                for i, (layer, info) in enumerate(zip(layers, infos)):
+                    entries[layer] = info
+                    if progress is not None:
+                        progress(i + 1, total, layer)
+        except CasaError:
+            shutil.rmtree(self.partial, ignore_errors=True)
+            raise
         manifest = {"version": FORMAT_VERSION, "key": self.key, "kind": self.kind, "layers": entries, **manifest_extra}
         tmp = self.partial / (MANIFEST + ".tmp")
         tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True))

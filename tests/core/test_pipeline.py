@@ -153,6 +153,23 @@ def test_interrupted_basis_leaves_no_cache_and_resumes(tmp_path):
     assert len(seen) == len(src.layers)
 
 
+def test_a_clear_error_on_the_inputs_leaves_no_partial_cache_behind(tmp_path):
+    """A NaN in a late layer stops the basis with a CasaError: the shards of the layers before it are removed
+    (the key follows the file's content, so no later run could resume them), unlike an interruption's."""
+    base, _ = synth.wan_state_dict(SHAPE, seed=3, dtype=torch.float32)
+    last = sorted(k for k in base if k.endswith(".weight") and base[k].dim() == 2)[-1]
+    base[last] = base[last].clone()
+    base[last][0, 0] = float("nan")
+    write_file(str(tmp_path / "b.safetensors"), base)
+    src = Checkpoint(tmp_path / "b.safetensors")
+    cache = tmp_path / "cache"
+    seen = []
+    with pytest.raises(CasaError, match="NaN"):
+        load_or_build_basis(src, cache, progress=lambda d, t, n: seen.append(n), device=DEVICE)
+    assert seen, "no layer was computed before the bad one: the test would not show the clean-up"
+    assert not [p.name for p in cache.iterdir() if p.name.startswith("basis-")]
+
+
 def test_cache_of_another_source_is_not_reused(tmp_path):
     cache = tmp_path / "cache"
     for seed in (1, 2):
