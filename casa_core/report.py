@@ -220,8 +220,8 @@ def check_coverage(lora, drift: TargetDrift | None, *, source: str, target: str,
 
 def _all_zero(lora, lora_name: str) -> list[str]:
     """A warning when every update of the LoRA is exactly zero (a LoRA saved before training: its up
-    factors start at zero; or strength 0): there is nothing to transfer, and CASA's restoration (``-C_F``
-    outside the dominant mask) would be all that is left of the result."""
+    factors start at zero; alpha 0; or strength 0): there is nothing to transfer, and every method leaves such
+    layers as they are (:func:`casa_core.transfer._transfer_layer`)."""
     updates = list(getattr(lora, "updates", {}).values())
     if not updates or getattr(lora, "passthrough", None):
         return []
@@ -229,11 +229,14 @@ def _all_zero(lora, lora_name: str) -> list[str]:
         left, right = u.factors()
         if bool(left.any()) and (right is None or bool(right.any())):
             return []
-    why = "at strength 0" if getattr(lora, "strength", 1.0) == 0 else \
-        "an untrained LoRA? its up (or down) factors are all zero"
+    if getattr(lora, "strength", 1.0) == 0:
+        why = "at strength 0"
+    elif all(getattr(u, "alpha", None) == 0 for u in updates):
+        why = "its alpha is 0 in every layer, which scales the update to zero"
+    else:
+        why = "an untrained LoRA? its up (or down) factors are all zero"
     return [f"{lora_name}: its update is zero in every one of its {len(updates)} layers ({why}): there is nothing "
-            f"of it to transfer (direct reuse changes nothing; CASA and ProLoRA would only move the target back "
-            f"towards the base where they restore it)"]
+            f"of it to transfer, and every method leaves the model as it is"]
 
 
 #: a median drift above this share of the base weight's norm is no distillation's (they move weights by a

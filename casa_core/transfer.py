@@ -115,11 +115,10 @@ def _transfer_layer(lora, name: str, basis: SourceBasis | None, drift: TargetDri
     upd = lora.updates[name]
     left, right = upd.factors()
     summary = stats = drift_norm = snr = storage = None
-    if method == "direct":
-        out = realize_direct(left, right, cfg.output)
-    else:
-        b = basis.layer(name, dev)
-        d = drift.layer(name, b, dev)
+    # a layer the LoRA leaves as it is (a zero update: strength 0, alpha 0, an untrained LoRA) stays as it is
+    # under every method: CASA's and ProLoRA's restoration alone would move the target back towards the base
+    zero = not bool(left.any()) or (right is not None and not bool(right.any()))
+    if method != "direct":
         entry = drift.entry(name)
         if entry.missing:
             target_has = "missing"
@@ -129,6 +128,12 @@ def _transfer_layer(lora, name: str, basis: SourceBasis | None, drift: TargetDri
             snr, storage = entry.noise["snr"], entry.noise.get("storage")
         else:
             storage = entry.unmodelled  # lossy, no noise model: no SNR
+        drift_norm = entry.norm
+    if method == "direct" or zero:
+        out = realize_direct(left, right, cfg.output)
+    else:
+        b = basis.layer(name, dev)
+        d = drift.layer(name, b, dev)
         coords = L.coordinates(b, d, left.to(dev), right.to(dev) if right is not None else None)
         if method == "prolora":
             cu = prolora_layer(coords, cfg.params)
@@ -137,7 +142,6 @@ def _transfer_layer(lora, name: str, basis: SourceBasis | None, drift: TargetDri
             summary = cu.summary
         stats = cu.stats
         out = realize(coords, cu, cfg.output)
-        drift_norm = entry.norm
     lora_norm = linalg.product_norm(left, right)
     rec = LayerRecord(upd.shape, int(left.shape[1]) if right is not None else None, lora_norm, out.norm,
                       out.rel_error, out.rank, out.kind, drift_norm, snr, storage, stats)

@@ -258,8 +258,8 @@ def test_a_distilled_model_in_shards_transfers_as_its_single_file_does(tmp_path,
 
 def test_an_all_zero_lora_is_warned_about_and_keeps_no_energy(tmp_path, capsys):
     """A LoRA saved before training (its up factors start at zero) has nothing to transfer: the summary says so,
-    and direct reuse's row shows no energy kept instead of 100 % (CASA's row keeps its restoration of the
-    drift, which is not zero); a trained LoRA gets no such warning."""
+    and every method's row shows no energy kept instead of 100 %: CASA too leaves the model as it is (its
+    restoration alone would move the target back towards the base); a trained LoRA gets no such warning."""
     base, svd = synth.wan_state_dict(synth.WanShape(dim=64, ffn_dim=128, blocks=1), dtype=torch.float32)
     write_file(str(tmp_path / "base.safetensors"), base)
     write_file(str(tmp_path / "distilled.safetensors"), synth.distill(base, svd, rel_drift=0.01, seed=1))
@@ -276,3 +276,37 @@ def test_an_all_zero_lora_is_warned_about_and_keeps_no_energy(tmp_path, capsys):
         assert ("its update is zero in every one of its 10 layers" in out) == warned, (name, out)
         row = next(line for line in out.splitlines() if line.startswith("Direct"))
         assert ("100.0%" in row) != warned and ("—" in row) == warned, (name, row)
+        row = next(line for line in out.splitlines() if line.startswith("CASA"))
+        assert ("—" in row) == warned, (name, row)
+
+
+def test_a_layer_the_lora_leaves_unchanged_stays_unchanged_under_every_method(tmp_path, capsys):
+    """One layer's up factor zero in a trained LoRA: that layer's written update is exactly zero for CASA and
+    ProLoRA too (their restoration alone would undo the distillation there), the others are not; a LoRA whose
+    alpha is 0 everywhere is named as such, not as an untrained one."""
+    from safetensors.torch import load_file
+
+    base, svd = synth.wan_state_dict(synth.WanShape(dim=64, ffn_dim=128, blocks=1), dtype=torch.float32)
+    write_file(str(tmp_path / "base.safetensors"), base)
+    write_file(str(tmp_path / "distilled.safetensors"), synth.distill(base, svd, rel_drift=0.01, seed=1))
+    lora = synth.style_lora(svd, rank=4, seed=1)
+    lora["lora_unet_blocks_0_self_attn_q.lora_up.weight"] = torch.zeros_like(
+        lora["lora_unet_blocks_0_self_attn_q.lora_up.weight"])
+    write_file(str(tmp_path / "part.safetensors"), lora)
+    args = ["transfer", "--source", str(tmp_path / "base.safetensors"), "--target",
+            str(tmp_path / "distilled.safetensors"), "--cache-dir", str(tmp_path / "c")]
+    for method in ("casa", "prolora"):
+        out = tmp_path / f"o_{method}.safetensors"
+        assert main([*args, "--lora", str(tmp_path / "part.safetensors"), "--out", str(out), "--method", method,
+                     "--injection", "exact"]) == 0
+        written = load_file(str(out))
+        diffs = {k: v for k, v in written.items() if k.endswith(".diff")}
+        zero = [k for k, v in diffs.items() if not bool(v.any())]
+        assert len(diffs) == 10 and [k for k in zero if "self_attn.q" in k] == zero and len(zero) == 1, (method, zero)
+    capsys.readouterr()
+    no_alpha = {k: (torch.zeros_like(v) if k.endswith(".alpha") else v) for k, v in synth.style_lora(svd, rank=4,
+                                                                                                      seed=1).items()}
+    write_file(str(tmp_path / "alpha0.safetensors"), no_alpha)
+    assert main([*args, "--lora", str(tmp_path / "alpha0.safetensors"), "--out", str(tmp_path / "o_a.safetensors")]) == 0
+    text = capsys.readouterr().out
+    assert "its alpha is 0 in every layer" in text and "untrained" not in text, text
