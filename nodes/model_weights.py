@@ -162,6 +162,23 @@ def _hash_value(h, v) -> None:
         h.update(repr(v).encode())
 
 
+#: the ``model_options`` entry where CASA Transfer LoRA records the patches it added, as the ids of their
+#: values: a clone copies the patch lists (the same value objects, kept alive by them) and this entry with them
+OWN_PATCHES = "casa_lora_own_patches"
+
+
+def own_patch_ids(patcher) -> frozenset[int]:
+    return frozenset((getattr(patcher, "model_options", None) or {}).get(OWN_PATCHES, ()))
+
+
+def mark_own_patches(patcher, before: dict[str, int]) -> None:
+    """Record the patches added to ``patcher`` since ``before`` (``{key: patches held then}``) as its own."""
+    own = set(own_patch_ids(patcher))
+    for key, patches in patcher.patches.items():
+        own.update(id(p[1]) for p in patches[before.get(key, 0):])
+    patcher.model_options[OWN_PATCHES] = frozenset(own)
+
+
 class ComfyModelWeights:
     """casa_core weight provider over a ComfyUI ModelPatcher (the effective weights)."""
 
@@ -218,6 +235,21 @@ class ComfyModelWeights:
                 return w.to(torch.float32)
             w = w.to(torch.float64).clone()
             return comfy.lora.calculate_weight(patches, w, key, intermediate_dtype=torch.float64)
+
+    def without_own(self, layer: str) -> torch.Tensor:
+        """The effective weight without the patches CASA Transfer LoRA added (:data:`OWN_PATCHES`): the model
+        a drift measured, also after a transfer was chained onto it."""
+        own = own_patch_ids(self.patcher)
+        patches = self.patcher.patches.get(patch_key(layer), [])
+        if not own or not any(id(p[1]) in own for p in patches):
+            return self.get(layer)
+        kept = [p for p in patches if id(p[1]) not in own]
+        with torch.no_grad():
+            w = self.original(layer)
+            if not kept:
+                return w.to(torch.float32)
+            return comfy.lora.calculate_weight(kept, w.to(torch.float64).clone(), patch_key(layer),
+                                               intermediate_dtype=torch.float64)
 
     def identity(self) -> str:
         """The loaded file's digest + how it was loaded + this patcher's patches when ComfyUI says which

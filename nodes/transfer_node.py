@@ -17,6 +17,7 @@ from ..casa_core.drift import noise_summary
 from ..casa_core.formats.keys import patch_key, strip_patch_prefix
 from ..casa_core.formats.lora import read_lora
 from ..casa_core.formats.safetensors_io import file_digest
+from ..casa_core.model_probe import ModelProbe
 from ..casa_core.pictures import fmt_share, verdict_kind
 from ..casa_core.transfer import check_coverage
 from .common import (
@@ -30,6 +31,7 @@ from .common import (
     progress_callback,
     summary_ui,
 )
+from .model_weights import ComfyModelWeights, mark_own_patches
 
 log = logging.getLogger(__name__)
 D = CASA_DEFAULTS
@@ -148,6 +150,11 @@ class CASATransferLoRA(io.ComfyNode):
         warnings = check_coverage(lora, drift.drift, source=drift.basis.name, target="the connected MODEL",
                                   source_naming=getattr(drift.basis.source, "naming", ""),
                                   not_landed=not_landed)
+        if getattr(drift, "probe", None) is not None:  # the MODEL here must be the one the drift measured
+            weights = ComfyModelWeights(model)
+            off = drift.probe.compare(weights.without_own, lambda n: n in weights.layers)
+            if off is not None:
+                warnings.append(ModelProbe.describe(off))
         cfg = from_inputs(method, tau=tau, q_dom=q_dom, q_act=q_act, energy=energy, injection=injection, rank=rank,
                           kept_energy=kept_energy, device=compute_device())
         transfer = Transfer(lora, basis, drift.drift, cfg, strength, progress_callback(len(lora.updates)))
@@ -159,16 +166,19 @@ class CASATransferLoRA(io.ComfyNode):
         with contextlib.closing(iter(transfer)) as layers:  # layers still running are waited for on any exit
             for res in layers:
                 out = res.output
+                handle.outputs[res.layer] = out
+                if res.summary is not None:
+                    handle.summaries[res.layer] = res.summary
+                if out.norm == 0:  # nothing to patch (a layer the LoRA leaves as it is)
+                    continue
                 if out.kind == "diff":
                     out.tensors = (out.tensors[0].to(dtype),)
                     patches[patch_key(res.layer)] = ("diff", out.tensors)
                 else:
                     up, down = out.tensors
                     patches[patch_key(res.layer)] = LoRAAdapter(set(), (up, down, None, None, None, None))
-                handle.outputs[res.layer] = out
-                if res.summary is not None:
-                    handle.summaries[res.layer] = res.summary
         patched = model.clone()
+        before = {k: len(v) for k, v in patched.patches.items()}
         added = set(patched.add_patches(patches, 1.0))
         missing = sorted(set(patches) - added)
         if patches and not added:
@@ -177,6 +187,7 @@ class CASATransferLoRA(io.ComfyNode):
         if passthrough:
             key_map = comfy.lora.model_lora_keys_unet(patched.model, {})
             patched.add_patches(comfy.lora.load_lora(passthrough, key_map), 1.0)
+        mark_own_patches(patched, before)  # a transfer chained after this one still sees the measured model
         report.warnings = warnings
         for w in warnings:
             log.warning("casa-lora: %s", w)
@@ -207,10 +218,13 @@ def _summary(h: ReportHandle, method: str, injection: str, rank: int, q_act: flo
         kinds = [verdict_kind(r) for r in layers]
         parts = [(kinds.count("little") + kinds.count("unchanged"),
                   "barely moved by distillation (LoRA kept nearly as trained)"), (kinds.count("similar"), "similar in size"),
-                 (kinds.count("larger"), "changed far more by distillation than by the LoRA (protected)")]
-        lines.append("Layers: " + ", ".join(f"{n} {what}" for n, what in parts if n))
+                 (kinds.count("larger"), "changed far more by distillation than by the LoRA (protected)"),
+                 (kinds.count("no_lora"), "not changed by the LoRA (left as they are)"),
+                 (kinds.count("unknown"), "without a drift to compare the LoRA with")]
+        if any(n for n, _ in parts):
+            lines.append("Layers: " + ", ".join(f"{n} {what}" for n, what in parts if n))
     patch = f"the low-rank patch (rank {rank})" if injection == "low-rank" else "the exact update"
-    kept = f"keeps {fmt_share(t['kept_energy'])} of the update" if t["update_norm"] > 0 else "is zero (so is the update)"
+    kept = f"keeps {fmt_share(t['kept_energy'])} of the update" if t["update_norm"] > 0 else "is zero in every layer"
     lines.append(f"{patch[0].upper()}{patch[1:]} {kept} and holds {held / 2**20:.1f} MiB")
     if injection == "low-rank" and t["kept_energy"] < 0.9:
         warnings.append(f"the low-rank patch keeps only {fmt_share(t['kept_energy'])} of the update: raise rank "

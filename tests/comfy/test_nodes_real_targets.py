@@ -395,3 +395,44 @@ def test_lora_rewritten_under_the_same_name_is_transferred_again(comfy_server, t
     for layer, d in exp.deltas.items():
         assert rel_err(second[layer], d) < TOL, f"{layer}: the rewritten LoRA was not transferred"
         assert rel_err(first[layer], d) > 0.1, layer
+
+
+# -- the MODEL at the transfer is the one the drift measured ------------------------------------------------
+
+
+def test_a_transfer_onto_another_model_than_the_drift_measured_is_warned_about(comfy_server, tiny_set):
+    """Drift measured on the distilled model; a transfer onto that model says nothing, one onto the base model
+    (a wiring slip, e.g. the two Wan2.2 experts' drifts swapped) warns, on the node and in the log; a second
+    transfer chained after the first (its MODEL carries the first's patches) is still the measured model."""
+    ts = tiny_set
+    g = casa_transfer_graph(ts.base, ts.distilled, ts.style_lora)
+    g["base_unet"] = api_node("UNETLoader", unet_name=ts.base, weight_dtype="default")
+    g["onto_base"] = dict(g["transfer"], inputs=dict(g["transfer"]["inputs"], model=["base_unet", 0]))
+    g["chained"] = dict(g["transfer"], inputs=dict(g["transfer"]["inputs"], model=["transfer", 0], strength=0.5))
+    for nid in ("transfer", "onto_base", "chained"):
+        add_patch_info(g, f"p_{nid}", [nid, 0])
+    offset = comfy_server.log_size()
+    entry = comfy_server.run(g, timeout=300)
+    said = "not the model CASA Compute Drift measured"
+    assert said not in ui_text(entry, "transfer") and said not in ui_text(entry, "chained"), entry
+    warned = [line for line in ui_text(entry, "onto_base").splitlines() if line.startswith("warning: ")]
+    assert any(said in w and "looks like the base model itself" in w for w in warned), warned
+    assert said in comfy_server.log_since(offset)
+    # the chained transfer did land: two patches per layer on its MODEL, one on the first transfer's
+    first, chained = patch_info(entry, "p_transfer"), patch_info(entry, "p_chained")
+    assert first and all(len(chained[k]) == 2 * len(first[k]) for k in first), (first, chained)
+
+
+def test_strength_zero_leaves_the_model_as_it_is_under_casa(comfy_server, tiny_set):
+    """At strength 0 the patched MODEL's weights are the distilled model's, bit for bit (before, CASA's restoration
+    alone moved them back towards the base), and the summary says so instead of an empty "Layers:" line."""
+    ts = tiny_set
+    g = casa_transfer_graph(ts.base, ts.distilled, ts.style_lora, strength=0.0, injection="exact")
+    add_dump(g, "dump", ["transfer", 0], f"strength0_{uuid.uuid4().hex[:6]}")
+    entry = comfy_server.run(g, timeout=300)
+    w, _ = fetch_dump(comfy_server, entry, "dump")
+    layers = ts.block_layers()
+    assert layers and all(torch.equal(w[n], ts.distilled_sd[n + ".weight"].to(w[n].dtype)) for n in layers)
+    text = ui_text(entry, "transfer")
+    assert "its update is zero in every one of its" in text and "at strength 0" in text, text
+    assert "Layers:" not in [line.strip() for line in text.splitlines()], text
