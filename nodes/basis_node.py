@@ -9,7 +9,8 @@ from comfy_api.latest import io
 
 from ..casa_core.basis import basis_cache, load_or_build_basis
 from ..casa_core.formats.checkpoint import Checkpoint
-from .common import CATEGORY, BasisHandle, BasisType, advanced, cache_dir, compute_device, progress_callback, summary_ui
+from .common import (CATEGORY, BasisHandle, BasisType, advanced, cache_dir, compute_device, progress_callback,
+                     safetensors_files, summary_ui)
 
 
 class CASALoadSourceBasis(io.ComfyNode):
@@ -27,7 +28,7 @@ class CASALoadSourceBasis(io.ComfyNode):
             inputs=[
                 io.Combo.Input(
                     "base_model",
-                    options=folder_paths.get_filename_list("diffusion_models"),
+                    options=safetensors_files("diffusion_models"),
                     tooltip="The original model your LoRA was trained on (e.g. Wan2.1 T2V 1.3B), not the fast "
                     "distilled one. Its file is read layer by layer; it is not loaded next to the distilled model.",
                 ),

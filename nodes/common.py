@@ -50,6 +50,15 @@ def summary_ui(node: str, summary: str, warnings=(), **extra) -> dict:
     return {"text": (text,), SUMMARY_KEY: [{"node": node, "summary": summary, "warnings": warnings}], **extra}
 
 
+#: what the nodes' file lists offer: the files casa-lora reads (never a pickle: .pt, .ckpt, .bin)
+SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
+
+
+def safetensors_files(folder: str) -> list[str]:
+    """The safetensors files of one of ComfyUI's model folders (``loras``, ``diffusion_models``)."""
+    return [f for f in folder_paths.get_filename_list(folder) if f.lower().endswith(SAFETENSORS_SUFFIXES)]
+
+
 def advanced() -> dict:
     """Keyword arguments that mark an input as advanced (listed under "Advanced inputs" in the properties panel,
     hidden by Vue nodes until "show advanced"): ComfyUI 0.33.0 has the ``advanced`` argument, 0.8.0 does not."""

@@ -36,7 +36,7 @@ def pick_layer(report, layer: str) -> str:
         method = getattr(getattr(report, "report", None), "method", "?")
         raise ValueError(f"this report (method {method}) has no routing data: layer heatmaps exist for the CASA "
                          "methods only; set view to 'overview' for the per-layer statistics")
-    layer = (layer or "auto").strip()
+    layer = (layer or "").strip() or "auto"
     if layer == "auto":
         return auto_layer(_layer_stats(report), list(summaries)) or next(iter(summaries))
     if layer not in summaries:  # ComfyUI's key form: diffusion_model.<layer>.weight

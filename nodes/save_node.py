@@ -11,14 +11,33 @@ from ..casa_core.formats.lora_write import write_comfy_lora
 from .common import CATEGORY, ReportType, advanced, summary_ui
 
 
+#: characters a Windows file name cannot hold, and the longest file or folder name (bytes) most file systems allow
+WINDOWS_RESERVED = frozenset('<>:"|?*')
+MAX_NAME_BYTES = 255
+
+
 def next_path(folder: str, prefix: str) -> tuple[str, str]:
     """``<folder>/<prefix>_00001.safetensors`` with the first free counter; also the name relative to folder."""
     prefix = prefix.strip().replace("\\", "/").lstrip("/") or "casa/transferred"
-    if ".." in prefix.split("/"):
+    parts = prefix.split("/")
+    if ".." in parts:
         raise ValueError(f"filename_prefix must stay inside the loras folder, got {prefix!r}")
+    bad = sorted({c for c in prefix if c in WINDOWS_RESERVED or ord(c) < 32})
+    if bad:
+        raise ValueError(f"filename_prefix {prefix!r} holds {' '.join(repr(c) for c in bad)}, which Windows cannot "
+                         "have in a file name: leave them out, so that the workflow works on every machine")
+    if prefix.endswith("/"):  # a folder: the default file name inside it
+        prefix += "transferred"
+    too_long = [p for p in parts[:-1] + [parts[-1] + "_00001.safetensors"] if len(p.encode()) > MAX_NAME_BYTES]
+    if too_long:
+        raise ValueError(f"filename_prefix is too long: {too_long[0][:40]!r}… has {len(too_long[0].encode())} "
+                         f"bytes, and a file or folder name may have at most {MAX_NAME_BYTES}")
     sub, base = os.path.split(prefix)
     target = os.path.join(folder, sub)
-    os.makedirs(target, exist_ok=True)
+    try:
+        os.makedirs(target, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"filename_prefix {prefix!r}: cannot make the folder {target} ({exc.strerror})") from None
     n = 1
     while os.path.exists(os.path.join(target, f"{base}_{n:05d}.safetensors")):
         n += 1

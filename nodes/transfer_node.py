@@ -29,6 +29,7 @@ from .common import (
     cache_dir,
     compute_device,
     progress_callback,
+    safetensors_files,
     summary_ui,
 )
 from .model_weights import ComfyModelWeights, mark_own_patches
@@ -73,7 +74,7 @@ class CASATransferLoRA(io.ComfyNode):
                                "connected to CASA Compute Drift. Do not also load the LoRA with a normal LoRA "
                                "loader: this node applies it."),
                 DriftType.Input("drift", tooltip="From CASA Compute Drift."),
-                io.Combo.Input("lora_name", options=folder_paths.get_filename_list("loras"),
+                io.Combo.Input("lora_name", options=safetensors_files("loras"),
                                tooltip="Your LoRA, trained on the BASE model (any trainer's format: musubi/kohya, "
                                "diffusion-pipe, ai-toolkit, diffusers/PEFT, DiffSynth, VideoX-Fun)."),
                 io.Float.Input("strength", default=1.0, min=-4.0, max=4.0, step=0.01,

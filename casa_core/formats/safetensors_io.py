@@ -98,6 +98,19 @@ class SafeTensorsFile:
     # -- header -------------------------------------------------------------------------------------
 
     def _not_safetensors(self, why: str) -> CasaError:
+        try:
+            size = os.fstat(self._fh.fileno()).st_size
+            head = self._read_exact(0, 8) if size >= 8 else b""
+        except (OSError, CasaError):
+            size, head = 0, b""
+        # torch.save's zip; or a bare pickle (protocol 2-5), whose first 8 bytes read as a header length beyond
+        # the file (a damaged safetensors file whose length happens to start with those two bytes is not one)
+        pickled = head[:2] in (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05") and \
+            struct.unpack("<Q", head)[0] > size
+        if head.startswith(b"PK\x03\x04") or pickled:
+            why = ("it is a PyTorch pickle file (.pt, .ckpt, .bin): casa-lora reads only safetensors, because "
+                   "loading a pickle can run any code; convert it to .safetensors, which ComfyUI and the trainers "
+                   "also write")
         return CasaError(f"{self.path} is not a safetensors file ({why})", file=self.path)
 
     def _read_header(self) -> tuple[dict[str, tuple[torch.dtype, tuple[int, ...], int, int]], dict[str, str], int]:

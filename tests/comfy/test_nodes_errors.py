@@ -214,3 +214,34 @@ def test_interrupt_during_drift_leaves_no_reusable_cache(comfy_server, big_set, 
                         target_path=ts.unet_path(name))
     for layer, d in exp.deltas.items():
         assert rel_err(got[layer], d) < TOL, f"{layer}: resumed drift gives another transfer"
+
+
+def test_file_lists_offer_safetensors_only_and_save_names_are_checked(comfy_server, tiny_set):
+    """A pickle LoRA (.pt) beside the safetensors ones is not offered (casa-lora never unpickles); a save name
+    that is too long for a file system, or holds characters Windows cannot name a file with, ends the prompt
+    with one sentence naming filename_prefix (not a raw OSError); a prefix ending in "/" saves inside that
+    folder under the default name; a heatmap layer of blanks means auto."""
+    from graphs import add_heatmap
+    from test_nodes_registration import spec_type_and_options
+
+    ts = tiny_set
+    pt = f"casa_t_pickle_{uuid.uuid4().hex[:6]}.pt"
+    ts.lora_path(pt).write_bytes(b"PK\x03\x04" + b"\x00" * 64)
+    try:
+        info = comfy_server.object_info()["CASATransferLoRA"]["input"]["required"]["lora_name"]
+    finally:
+        ts.lora_path(pt).unlink()
+    _, options, _ = spec_type_and_options(info)
+    assert ts.style_lora in options and pt not in options and all(o.endswith((".safetensors", ".sft")) for o in options)
+    for prefix, said in (("a" * 300, "filename_prefix is too long"), ("casa_tests/x:y", "Windows cannot")):
+        g = casa_transfer_graph(ts.base, ts.distilled, ts.style_lora)
+        add_save(g, "save", prefix)
+        err = expect_node_error(comfy_server, comfy_server.post_prompt(g), "CASASaveLoRA")
+        assert said in err["exception_message"] and "OSError" not in err["exception_type"], err
+    folder = f"casa_tests/folder_{uuid.uuid4().hex[:6]}/"
+    g = casa_transfer_graph(ts.base, ts.distilled, ts.style_lora)
+    add_save(g, "save", folder)
+    add_heatmap(g, "heat", layer="   ")
+    entry = comfy_server.run(g, timeout=300)
+    assert (comfy_server.base_dir / "models" / "loras" / folder / "transferred_00001.safetensors").is_file()
+    assert entry["outputs"]["heat"], entry["outputs"]

@@ -166,11 +166,23 @@ def test_too_short_file(tmp_path):
 
 
 def test_absurd_header_length(tmp_path):
-    path = tmp_path / "pickle.ckpt"
-    path.write_bytes(b"PK\x03\x04" + b"\x00" * 60)  # a zip (torch.save) file
+    path = tmp_path / "odd.safetensors"
+    path.write_bytes(struct.pack("<Q", 1 << 40) + b"\x00" * 60)
     with pytest.raises(CasaError) as e:
         SafeTensorsFile(path)
     assert str(e.value).startswith(f"{path} is not a safetensors file (its header length ")
+
+
+@pytest.mark.parametrize("head", [b"PK\x03\x04", b"\x80\x02\x8a\x0a"], ids=["torch-save-zip", "bare-pickle"])
+def test_a_pickle_file_is_named_as_one(tmp_path, head):
+    """torch.save's zip and an older bare pickle (protocol 2, what .ckpt / .bin / .pt files hold) are said to be
+    pickles, with the way out; nothing of them is unpickled."""
+    path = tmp_path / "lora.pt"
+    path.write_bytes(head + b"\x00" * 60)
+    with pytest.raises(CasaError) as e:
+        SafeTensorsFile(path)
+    assert str(e.value).startswith(f"{path} is not a safetensors file (it is a PyTorch pickle file"), str(e.value)
+    assert "convert it to .safetensors" in str(e.value)
 
 
 def test_header_not_json(tmp_path):
