@@ -50,8 +50,8 @@ class CasaParams:
     arbitrate: bool = True
 
     def validate(self) -> None:
-        if not self.tau > 0:
-            raise ValueError(f"tau must be positive, got {self.tau}")
+        if not 0 < self.tau < float("inf"):
+            raise ValueError(f"tau must be a positive number, got {self.tau}")
         for name in ("q_dom", "q_act", "energy"):
             v = getattr(self, name)
             if not 0.0 <= v <= 1.0:

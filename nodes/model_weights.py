@@ -171,12 +171,25 @@ def own_patch_ids(patcher) -> frozenset[int]:
     return frozenset((getattr(patcher, "model_options", None) or {}).get(OWN_PATCHES, ()))
 
 
-def mark_own_patches(patcher, before: dict[str, int]) -> None:
-    """Record the patches added to ``patcher`` since ``before`` (``{key: patches held then}``) as its own."""
+#: the ``model_options`` entry where CASA Transfer LoRA records the LoRA files it transferred onto the model
+#: (``{content digest: file name}``), to tell the user when one is applied a second time down a chain
+APPLIED_LORAS = "casa_lora_applied"
+
+
+def mark_own_patches(patcher, before: dict[str, int], lora_digest: str | None = None, lora_name: str = "") -> None:
+    """Record the patches added to ``patcher`` since ``before`` (``{key: patches held then}``) as its own, and
+    the LoRA they came from."""
     own = set(own_patch_ids(patcher))
     for key, patches in patcher.patches.items():
         own.update(id(p[1]) for p in patches[before.get(key, 0):])
     patcher.model_options[OWN_PATCHES] = frozenset(own)
+    if lora_digest is not None:
+        patcher.model_options[APPLIED_LORAS] = {**applied_loras(patcher), lora_digest: lora_name}
+
+
+def applied_loras(patcher) -> dict[str, str]:
+    """``{content digest: file name}`` of the LoRAs CASA Transfer LoRA already put on this model."""
+    return dict((getattr(patcher, "model_options", None) or {}).get(APPLIED_LORAS, {}))
 
 
 class ComfyModelWeights:

@@ -32,7 +32,7 @@ from .common import (
     safetensors_files,
     summary_ui,
 )
-from .model_weights import ComfyModelWeights, mark_own_patches
+from .model_weights import ComfyModelWeights, applied_loras, mark_own_patches
 
 log = logging.getLogger(__name__)
 D = CASA_DEFAULTS
@@ -156,6 +156,11 @@ class CASATransferLoRA(io.ComfyNode):
             off = drift.probe.compare(weights.without_own, lambda n: n in weights.layers)
             if off is not None:
                 warnings.append(ModelProbe.describe(off))
+        earlier = applied_loras(model).get(lora.digest())
+        if earlier is not None:
+            warnings.append(f"{lora_name} was already transferred onto this MODEL by an earlier CASA Transfer LoRA"
+                            + (f" (as {earlier})" if earlier != lora_name else "") + ": it now applies twice; "
+                            "chain each LoRA once (for more of it, raise its strength)")
         cfg = from_inputs(method, tau=tau, q_dom=q_dom, q_act=q_act, energy=energy, injection=injection, rank=rank,
                           kept_energy=kept_energy, device=compute_device())
         transfer = Transfer(lora, basis, drift.drift, cfg, strength, progress_callback(len(lora.updates)))
@@ -188,7 +193,8 @@ class CASATransferLoRA(io.ComfyNode):
         if passthrough:
             key_map = comfy.lora.model_lora_keys_unet(patched.model, {})
             patched.add_patches(comfy.lora.load_lora(passthrough, key_map), 1.0)
-        mark_own_patches(patched, before)  # a transfer chained after this one still sees the measured model
+        mark_own_patches(patched, before, lora.digest(), lora_name)  # a transfer chained after this one still
+        # sees the measured model, and knows this LoRA is on it
         report.warnings = warnings
         for w in warnings:
             log.warning("casa-lora: %s", w)

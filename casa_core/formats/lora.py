@@ -471,6 +471,8 @@ def read_lora(path: str | os.PathLike[str], layer_shapes: dict[str, tuple[int, i
     layer at all.
     """
     strength = float(strength)
+    if not math.isfinite(strength):
+        raise CasaError(f"{path}: the strength must be a finite number, got {strength}", file=str(path))
     with SafeTensorsFile(path) as f:
         r = _Reader(f, layer_shapes, strength, aliases)
         keys = f.keys()

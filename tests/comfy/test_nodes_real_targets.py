@@ -403,7 +403,8 @@ def test_lora_rewritten_under_the_same_name_is_transferred_again(comfy_server, t
 def test_a_transfer_onto_another_model_than_the_drift_measured_is_warned_about(comfy_server, tiny_set):
     """Drift measured on the distilled model; a transfer onto that model says nothing, one onto the base model
     (a wiring slip, e.g. the two Wan2.2 experts' drifts swapped) warns, on the node and in the log; a second
-    transfer chained after the first (its MODEL carries the first's patches) is still the measured model."""
+    transfer chained after the first (its MODEL carries the first's patches) is still the measured model, and
+    since it is the same LoRA again, that is said."""
     ts = tiny_set
     g = casa_transfer_graph(ts.base, ts.distilled, ts.style_lora)
     g["base_unet"] = api_node("UNETLoader", unet_name=ts.base, weight_dtype="default")
@@ -418,6 +419,8 @@ def test_a_transfer_onto_another_model_than_the_drift_measured_is_warned_about(c
     warned = [line for line in ui_text(entry, "onto_base").splitlines() if line.startswith("warning: ")]
     assert any(said in w and "looks like the base model itself" in w for w in warned), warned
     assert said in comfy_server.log_since(offset)
+    twice = "was already transferred onto this MODEL by an earlier CASA Transfer LoRA"
+    assert twice in ui_text(entry, "chained") and twice not in ui_text(entry, "transfer") + ui_text(entry, "onto_base")
     # the chained transfer did land: two patches per layer on its MODEL, one on the first transfer's
     first, chained = patch_info(entry, "p_transfer"), patch_info(entry, "p_chained")
     assert first and all(len(chained[k]) == 2 * len(first[k]) for k in first), (first, chained)

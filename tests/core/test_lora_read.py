@@ -402,3 +402,20 @@ def test_an_empty_file_and_a_model_checkpoint_are_named_for_what_they_are(tmp_pa
     with pytest.raises(CasaError) as e:
         read_lora(model, shapes)
     assert str(e.value).startswith(f"{model} looks like a model checkpoint, not a LoRA")
+
+
+@pytest.mark.parametrize("strength", [float("nan"), float("inf"), -float("inf")])
+def test_a_strength_that_is_not_a_finite_number_is_refused_by_name(tmp_path, strength):
+    """What ComfyUI's API lets through (JSON NaN passes its min/max check) ends in one sentence naming the file,
+    not a linear-algebra error on non-finite values later."""
+    from casa_core.routing import CasaParams
+
+    sd = tiny_wan_state_dict(layers=1)
+    shapes = layer_shapes(sd)
+    path = tmp_path / "l.safetensors"
+    save_lora(path, make_lora(shapes, rank=2, seed=1), "kohya", alpha=2.0)
+    with pytest.raises(CasaError, match="the strength must be a finite number") as e:
+        read_lora(path, shapes, strength=strength)
+    assert str(path) in str(e.value)
+    with pytest.raises(ValueError, match="tau must be a positive number"):
+        CasaParams(tau=float("inf")).validate()
