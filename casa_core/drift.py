@@ -35,6 +35,7 @@ from .cache import LayerCache, Progress, decode, encode, settings_key
 from .errors import CasaError
 from .formats.checkpoint import check_finite
 from .formats.keys import comfy_key
+from .model_probe import PROBE_LAYERS, ModelProbe, sketch
 from .parallel import concurrent
 from .quantnoise import EDGE_MARGIN, DriftEstimate, grid_of, separate_drift_parts
 
@@ -71,6 +72,9 @@ class WeightDifference:
 
     def __init__(self, source: WeightProvider, target: WeightProvider):
         self.source, self.target = source, target
+        #: per layer read, the sketches ``(W_t g, W_s g)`` of :mod:`casa_core.model_probe`, taken from the
+        #: weights the drift reads anyway; the drift cache stores them (one key per layer: safe in threads)
+        self.sketches: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @property
     def concurrent_reads(self) -> bool:
@@ -148,6 +152,7 @@ class WeightDifference:
             grid = grid_of(stored)
         ws = self.source.get(layer)
         check_finite(ws, file=_name(self.source), layer=layer, what="weight")
+        self.sketches[layer] = (sketch(wt, layer).float(), sketch(ws, layer).float())
         if grid is not None and stored.shape == ws.shape and bool(torch.equal(stored.to(ws.dtype), ws)):
             # the target's stored weights ARE the source's (e.g. base + distillation LoRA patches): their
             # rounding is common to both and cancels, so there is no storage noise to separate
@@ -237,10 +242,29 @@ class TargetDrift:
             n = basis_layer.S.numel()
             return L.LayerDrift(name, torch.zeros(n, n, device=device))
         with self.cache.open_layer(name) as f:
-            return decode_drift(name, {k: f.get(k) for k in f.keys()}, info, device)
+            return decode_drift(name, {k: f.get(k) for k in f.keys() if k not in (PROBE_TARGET, PROBE_BASE)}, info,
+                                device)
 
     def bytes_on_disk(self) -> int:
         return self.cache.bytes_on_disk()
+
+    def probe(self) -> ModelProbe | None:
+        """The sketches of the measured model (:mod:`casa_core.model_probe`) on the smallest layers that moved,
+        read from the cache; None for a drift cached without them (before they existed, or from a
+        distillation LoRA file) or without any layer that moved."""
+        moved = sorted((n for n, i in self.info.items() if i.get("mode") != "zero" and n in self.basis.layers),
+                       key=lambda n: (math.prod(self.basis.layers[n]), n))
+        measured, base = {}, {}
+        for name in moved:
+            with self.cache.open_layer(name) as f:
+                if PROBE_TARGET not in f.keys():
+                    return None
+                measured[name], base[name] = f.get(PROBE_TARGET), f.get(PROBE_BASE)
+            if len(measured) == PROBE_LAYERS:
+                break
+        if not measured:
+            return None
+        return ModelProbe(measured, base, {n: tuple(self.basis.layers[n]) for n in measured})
 
     def missing(self) -> list[str]:
         """Layers of the source that the target does not have (not the same as "no drift")."""
@@ -372,6 +396,10 @@ def decode_drift(name: str, tensors: dict[str, torch.Tensor], info: dict, device
 COORDINATE_STORAGE = "float32"
 
 
+#: the shard tensors holding a layer's sketches of the target and the base weights (casa_core.model_probe)
+PROBE_TARGET, PROBE_BASE = "probe_W_t", "probe_W_s"
+
+
 def encode_drift(d: L.LayerDrift, storage: str) -> tuple[dict[str, torch.Tensor], dict]:
     """The tensors stored for one layer's drift: ``C_F`` (float32), the complement's ``Q2`` (in
     the basis storage) and ``C_F2`` (float32; its upper triangle only when it is triangular)."""
@@ -437,6 +465,7 @@ def load_or_build_drift(
             info.update(unmodelled)
             return info
 
+        sketches = getattr(drift, "sketches", {}).pop(name, None)
         if delta is None or norm == 0.0:
             return {}, annotate({"mode": "zero", "norm": 0.0, "missing": delta is None})
         b = basis.layer(name, device)
@@ -445,6 +474,8 @@ def load_or_build_drift(
         else:
             d = L.compute_drift(b, delta.to(device=device, dtype=torch.float32))
         tensors, info = encode_drift(d, basis.storage)
+        if sketches is not None:
+            tensors[PROBE_TARGET], tensors[PROBE_BASE] = sketches
         info["norm"] = norm
         w_norm = float(torch.linalg.vector_norm(b.S.double()))
         if w_norm > 0:

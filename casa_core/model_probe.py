@@ -4,9 +4,10 @@ A transfer is computed for the distilled model whose drift was measured. In a gr
 its own MODEL input, and nothing forces it to be that model: a user may wire the base model, the other
 Wan2.2 expert, or a model with another distillation LoRA strength, and the result is then silently wrong.
 
-The drift keeps, for a few of the layers that moved (the smallest ones, so that checking costs little),
-a sketch ``W g`` of the measured model's weight and of the base's, with ``g`` a fixed Gaussian ``in x 4``
-matrix drawn from the layer's name. Another model's sketch is compared with the measured one in units
+The drift cache keeps, for every layer that moved, a sketch ``W g`` of the measured model's weight and of
+the base's, with ``g`` a fixed Gaussian ``in x 4`` matrix drawn from the layer's name, taken from the
+weights the drift reads anyway (:class:`casa_core.drift.WeightDifference`); a check reads the other
+model's weights of the two smallest such layers only, so that it costs little. Another model's sketch is compared with the measured one in units
 of the distillation's own change, ``||W_m g - W_t g|| / ||W_t g - W_s g||``: the very same weights give
 float64 rounding (about 1e-12); the same model stored in another precision (an fp8 copy of a bf16
 model) gives about its rounding noise over the drift (1-3 at a 1.5 % drift); the base gives 1; another
@@ -31,11 +32,16 @@ SAME_MODEL = 0.05
 LIKE_BASE = 0.1
 
 
+#: rows of a weight taken to float64 at a time (a 14B FFN weight whole would be 0.5 GiB more)
+SKETCH_ROWS = 1024
+
+
 def sketch(w: torch.Tensor, layer: str) -> torch.Tensor:
     """``w @ g`` in float64 (``out x PROBE_COLUMNS``), ``g`` standard Gaussian drawn from the layer's name."""
     gen = torch.Generator().manual_seed(zlib.crc32(layer.encode()))
     g = torch.randn(int(w.shape[1]), PROBE_COLUMNS, generator=gen, dtype=torch.float64)
-    return w.detach().to("cpu", torch.float64) @ g
+    w = w.detach()
+    return torch.cat([w[i:i + SKETCH_ROWS].to("cpu", torch.float64) @ g for i in range(0, int(w.shape[0]), SKETCH_ROWS)])
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,6 @@ from comfy_api.latest import io
 
 from ..casa_core.drift import WeightDifference, drift_cache, load_or_build_drift, noise_summary
 from ..casa_core.errors import CasaError
-from ..casa_core.model_probe import ModelProbe
 from .common import (
     CATEGORY,
     BasisType,
@@ -66,10 +65,7 @@ class CASAComputeDrift(io.ComfyNode):
             basis.basis, source, root, device=compute_device(),
             progress=progress_callback(len(basis.basis.layers)),
         )
-        moved = {n: target.layers[n] for n in drift.info
-                 if n in target.layers and not drift.entry(n).zero and not drift.entry(n).missing}
-        probe = ModelProbe.measure(target.without_own, basis.source.get, moved)
-        handle = DriftHandle(basis, drift, reused, time.perf_counter() - t0, probe)
+        handle = DriftHandle(basis, drift, reused, time.perf_counter() - t0, drift.probe())
         noise = noise_summary(drift, "the connected MODEL")
         summary = "\n".join([handle.describe(), *(n for n in noise if not n.startswith("WARNING"))])
         warnings = [*handle.warnings(), *(n[len("WARNING: "):] for n in noise if n.startswith("WARNING"))]

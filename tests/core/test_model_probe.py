@@ -59,3 +59,29 @@ def test_a_missing_layer_or_another_shape_is_a_mismatch():
     assert reshaped is not None and math.isinf(reshaped.off)
     assert "absent or has another shape" in ModelProbe.describe(reshaped)
     assert ModelProbe.measure(target.__getitem__, base.__getitem__, {}) is None
+
+
+def test_the_drift_cache_keeps_the_sketches_of_the_weights_it_read(tmp_path):
+    """A drift built from two files stores the sketches (no weight is read again for them); its probe passes the
+    target's own weights, tells the base apart, and equals sketches computed here from the files."""
+    from casa_core import synth
+    from casa_core.basis import load_or_build_basis
+    from casa_core.drift import WeightDifference, load_or_build_drift
+    from casa_core.formats.checkpoint import Checkpoint
+    from casa_core.formats.safetensors_io import write_file
+    from casa_core.model_probe import sketch
+
+    base, svd = synth.wan_state_dict(synth.WanShape(dim=64, ffn_dim=128, blocks=1), dtype=torch.float32)
+    write_file(str(tmp_path / "b.safetensors"), base)
+    write_file(str(tmp_path / "t.safetensors"), synth.distill(base, svd, rel_drift=0.01, seed=1))
+    src, tgt = Checkpoint(tmp_path / "b.safetensors"), Checkpoint(tmp_path / "t.safetensors")
+    basis = load_or_build_basis(src, tmp_path / "c")
+    drift = load_or_build_drift(basis, WeightDifference(src, tgt), tmp_path / "c")
+    probe = drift.probe()
+    assert probe is not None and len(probe.measured) == 2
+    for name, s_t in probe.measured.items():
+        assert torch.allclose(s_t.double(), sketch(tgt.get(name), name), rtol=1e-6, atol=1e-6)
+        assert torch.allclose(probe.base[name].double(), sketch(src.get(name), name), rtol=1e-6, atol=1e-6)
+    assert probe.compare(tgt.get, tgt.layers.__contains__) is None
+    m = probe.compare(src.get, src.layers.__contains__)
+    assert m is not None and abs(m.off - 1.0) < 1e-4 and m.to_base < 1e-4
