@@ -17,3 +17,11 @@ class CasaError(Exception):
 
 class CasaInterrupted(CasaError):
     """The user (or the host application) asked the computation to stop."""
+
+
+# ComfyUI shows an error's type as ``<module>.<name>``, and it imports a node pack under a module named after
+# its folder's full path: without this, the page and /history would read
+# "/home/<user>/ComfyUI/custom_nodes/casa-lora.casa_core.errors.CasaError"
+for _cls in (CasaError, CasaInterrupted):
+    _cls.__module__ = "casa_lora"
+del _cls

@@ -255,9 +255,6 @@ def _summary(h: ReportHandle, method: str, injection: str, rank: int, q_act: flo
                 lines.append(line)
     if h.report.passthrough:
         lines.append(f"{len(h.report.passthrough)} non-low-rank key(s) carried through unchanged")
-    if h.report.unmatched:
-        warnings.append(f"{len(h.report.unmatched)} LoRA key(s) match no layer of the model and were left out, "
-                        f"e.g. {h.report.unmatched[0]}")
     if missing:
         warnings.append(f"{len(missing)} layer(s) of the transfer were not found in the model, e.g. {missing[0]}")
     if h.report.dropped:

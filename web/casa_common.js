@@ -182,9 +182,7 @@ function hook() {
     const d = e.detail || {};
     if (!q || q.key !== workflowKey()) return;
     const done = state.executedIn.get(d.prompt_id) || new Set();
-    const where = d.node_type ? ` in ${d.node_type}` : "";
-    const message = why === "error" ? `the last run failed${where}${d.exception_message ? `: ${d.exception_message}` : ""}`
-      : "the last run was cancelled";
+    const message = why === "error" ? failureText(d, q.graph) : "the last run was cancelled";
     const at = d.node_id != null ? String(d.node_id) : null;
     for (const id of Object.keys(q.graph)) {
       const node = nodeById(id);
@@ -234,9 +232,20 @@ export function staleness(node) {
 export function staleText(node) {
   const why = staleness(node);
   const rec = record(node);
-  if (why === "failed") return `Out of date: ${rec.failed.message}. This is from an earlier run.`;
+  if (why === "failed") {
+    return rec.output ? `Out of date: ${rec.failed.message}. This is from an earlier run.` : `${rec.failed.message}.`;
+  }
   if (why === "inputs") return "Out of date: inputs changed since this run. Run the workflow again to update.";
   return "";
+}
+
+// "the last run failed in <the node's title>: <the message>" (ComfyUI ends the message with a newline)
+function failureText(err, apiGraph) {
+  if (err?.exception_message == null) return "the last run was cancelled";  // execution_interrupted
+  const id = err.node_id != null ? String(err.node_id) : null;
+  const shown = (id && nodeById(id)?.title) || (id && apiGraph?.[id]?._meta?.title) || err.node_type;
+  const msg = String(err.exception_message ?? "").trim().replace(/\.$/, "");
+  return `the last run failed${shown ? ` in ${shown}` : ""}${msg ? `: ${msg}` : ""}`;
 }
 
 // the newest output in /history of a node of this class that computed the same thing
@@ -274,6 +283,7 @@ async function restoreFromHistory(node) {
   const hist = await fetchHistory();
   let found = null;
   let failedAfter = null;
+  let cachedRun = null;  // the newest run that served this node from ComfyUI's cache (no output of its own)
   for (const [promptId, entry] of Object.entries(hist || {})) {
     const prompt = entry?.prompt || [];
     const wf = prompt[3]?.extra_pnginfo?.workflow;
@@ -285,14 +295,22 @@ async function restoreFromHistory(node) {
       found = { promptId, output: out, sig: signature(apiGraph, node.id), struct: structure(apiGraph, node.id),
                 failed: null };
       failedAfter = null;
+      cachedRun = null;
     } else {
       const msgs = entry.status?.messages || [];
       const err = msgs.find(([k]) => k === "execution_error" || k === "execution_interrupted")?.[1];
       if (err && (err.node_id == null || upstream(apiGraph, node.id).has(String(err.node_id)))) {
-        failedAfter = { promptId, message: err.exception_message != null
-          ? `the last run failed in ${err.node_type}: ${err.exception_message}` : "the last run was cancelled" };
+        failedAfter = { promptId, message: failureText(err, apiGraph) };
+      } else if (entry.status?.status_str === "success") {
+        cachedRun = { promptId, sig: signature(apiGraph, node.id), struct: structure(apiGraph, node.id) };
+        failedAfter = null;
       }
     }
+  }
+  if (cachedRun) {  // its output is that of the run that computed the same thing, in any workflow
+    const output = found && found.struct === cachedRun.struct ? found.output
+      : await findInHistory(node.comfyClass ?? node.type, cachedRun.struct);
+    if (output) found = { ...cachedRun, output, failed: null };
   }
   if (!found || record(node)) return;
   found.failed = failedAfter;

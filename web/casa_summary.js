@@ -11,7 +11,8 @@ import { CASA_NODE_TYPES, fitTitle, onRecord, record, restore, restoreAll, stale
 const TYPES = new Set(CASA_NODE_TYPES.filter((t) => t !== "CASARoutingHeatmap"));
 const WIDGET = "casa_summary";
 const LINE_PX = 16;
-const MAX_PX = 360;
+const MAX_PX = 640;
+const MAX_LINES = 38;
 
 const CSS = `
 .casa-summary { box-sizing: border-box; width: 100%; height: 100%; overflow: auto; padding: 4px 6px;
@@ -57,10 +58,20 @@ class SummaryView {
     if (key === this.shown) return;
     this.shown = key;
     this.root.replaceChildren();
-    if (!t) {
+    // a first guess from the characters per line; measure() corrects it once the text is laid out
+    const chars = Math.max(20, Math.floor((this.node.size[0] - 40) / 6.2));
+    const wrap = (s) => s.split("\n").reduce((n, ln) => n + Math.max(1, Math.ceil(ln.length / chars)), 0);
+    if (!t && !stale) {
       this.root.className = "casa-summary casa-empty";
-      this.root.textContent = stale || "The summary of this node appears here after a run.";
-      this.lines = stale ? 2 : 1;
+      this.root.textContent = "The summary of this node appears here after a run.";
+      this.lines = 1;
+    } else if (!t) {  // a failure before any output: the whole reason, measured like a summary
+      this.root.className = "casa-summary";
+      const s = document.createElement("div");
+      s.className = "casa-stale";
+      s.textContent = stale;
+      this.root.appendChild(s);
+      this.lines = wrap(stale);
     } else {
       this.root.className = "casa-summary" + (stale ? " casa-is-stale" : "");
       if (stale) {
@@ -79,9 +90,6 @@ class SummaryView {
         d.textContent = `\u26a0 ${w}`;
         this.root.appendChild(d);
       }
-      // a first guess from the characters per line; measure() corrects it once the text is laid out
-      const chars = Math.max(20, Math.floor((this.node.size[0] - 40) / 6.2));
-      const wrap = (s) => s.split("\n").reduce((n, ln) => n + Math.max(1, Math.ceil(ln.length / chars)), 0);
       this.lines = wrap(t.summary) + t.warnings.reduce((n, w) => n + wrap(`! ${w}`), 0) + (stale ? wrap(stale) : 0);
     }
     this.root.dataset.stale = stale ? "1" : "";
@@ -116,7 +124,7 @@ class SummaryView {
   }
 
   height() {
-    return this.measured ?? Math.min(Math.min(this.lines, 14) * LINE_PX + 10, MAX_PX);
+    return this.measured ?? Math.min(Math.min(this.lines, MAX_LINES) * LINE_PX + 10, MAX_PX);
   }
 
   fit() {

@@ -251,6 +251,49 @@ def test_nodes_served_from_comfys_cache_show_the_summary_of_the_run_that_made_it
     for t in CASA[:3]:
         assert " ".join(made[t].split()) in " ".join(shown[t]["text"].split()), (t, made[t], shown[t]["text"])
         assert not shown[t]["stale"]
+    # a reload: /history holds no output of these nodes for this run (they were cached), only the run that
+    # made them, in the other workflow; the summaries come back all the same
+    page.reload()
+    page.wait_for("!!(window.comfyAPI?.app?.app?.graph?.nodes?.some(n => n.type === 'CASAComputeDrift'))", 120,
+                  "the page after the reload")
+    page.wait_for(f"""(() => {{ const s = {SHOWN};
+        return ["CASALoadSourceBasis", "CASAComputeDrift", "CASATransferLoRA"].every(t => s[t] &&
+          !s[t].text.includes("appears here after a run")); }})()""", 30, "the cached nodes' summaries after a reload")
+    shown = page.eval(SHOWN)
+    page.screenshot(page.artifacts / "1c_cached_nodes_after_reload.png")
+    for t in CASA[:3]:
+        assert " ".join(made[t].split()) in " ".join(shown[t]["text"].split()), (t, made[t], shown[t]["text"])
+
+
+def test_a_failure_before_any_summary_is_shown_whole_on_the_node(server, page, models):
+    """A new workflow whose transfer fails (a LoRA with a NaN): the transfer and save nodes, which never had a
+    summary, show the whole reason (named by the node's title, without ComfyUI's trailing newline and without
+    "from an earlier run"), not one cut line."""
+    from safetensors.torch import load_file, save_file
+
+    loras = server.base_dir / "models" / "loras"
+    sd = load_file(str(loras / models["style"]))
+    up = next(k for k in sd if k.endswith(".lora_up.weight"))
+    sd[up] = sd[up].clone()
+    sd[up][0, 0] = float("nan")
+    bad = f"casa_web_nan_{uuid.uuid4().hex[:6]}.safetensors"
+    save_file(sd, str(loras / bad))
+    load_example(page, "casa_save_lora", scale=1.0)
+    for t, w, v in [("CASALoadSourceBasis", "base_model", models["base"]), ("CASALoadSourceBasis", "storage", "float32"),
+                    ("UNETLoader", "unet_name", models["distilled"]), ("CASATransferLoRA", "lora_name", bad)]:
+        set_widget(page, t, w, v)
+    page.eval("""(async () => { await window.comfyAPI.app.app.queuePrompt(0, 1); return true; })()""")
+    page.wait_for(f"""(() => {{ const s = {SHOWN}; return !!s.CASATransferLoRA && s.CASATransferLoRA.stale &&
+        s.CASASaveLoRA && s.CASASaveLoRA.stale; }})()""", 120, "the failure on the transfer and save nodes")
+    time.sleep(1.0)  # measure() settles the height over a few frames
+    shown = page.eval(SHOWN)
+    page.press("Escape", 27)  # the frontend's own error dialog
+    page.screenshot(page.artifacts / "1d_failure_before_any_summary.png")
+    for t in ("CASATransferLoRA", "CASASaveLoRA"):
+        text = shown[t]["text"]
+        assert "the last run failed in CASA Transfer LoRA:" in text and "NaN" in text, (t, text)
+        assert "earlier run" not in text and "\n." not in text and not text.rstrip().endswith("\n"), (t, text)
+        assert shown[t]["scroll"] <= shown[t]["client"] + 1, (t, shown[t])
 
 
 # ---------------------------------------------------------------------------------------------------
