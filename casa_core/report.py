@@ -197,7 +197,7 @@ def check_coverage(lora, drift: TargetDrift | None, *, source: str, target: str,
     lost = sorted(set(missing) | set(not_landed or []))
     total = len(layers) + len(unmatched)
     bad = len(unmatched) + len(lost)
-    far = _far_drift(drift, layers, source, target) + _all_zero(lora, lora_name)
+    far = _far_drift(drift, layers, source, target) + _all_zero(lora, lora_name) + _already_transferred(lora, lora_name)
     if total == 0 or bad == 0:
         return far
     src = f"{source}" + (f" ({source_naming})" if source_naming else "")
@@ -216,6 +216,19 @@ def check_coverage(lora, drift: TargetDrift | None, *, source: str, target: str,
         raise CasaError(f"{lora_name}: {bad} of its {total} layers cannot be transferred — {what}; the files use "
                         f"namings that do not correspond, or are for different models", file=str(lora.path))
     return [f"{lora_name}: {bad} of its {total} layers could not be transferred — {what}"] + far
+
+
+def _already_transferred(lora, lora_name: str) -> list[str]:
+    """A warning when the LoRA is itself one casa-lora wrote (its provenance metadata): it is fitted to a
+    distilled model already, and a second transfer moves it twice."""
+    meta = getattr(lora, "metadata", None) or {}
+    if "casa_lora.method" not in meta:
+        return []
+    made_from = str(meta.get("casa_lora.lora", "")).split(" (")[0] or "another LoRA"
+    onto = meta.get("casa_lora.target_description", "")
+    return [f"{lora_name} is itself a transfer casa-lora made ({meta['casa_lora.method']} of {made_from}"
+            + (f", for {onto}" if onto else "") + "): transferring it again moves it twice. Transfer the LoRA "
+            "trained on the base model, or load this one as it is with a LoRA loader"]
 
 
 def _all_zero(lora, lora_name: str) -> list[str]:

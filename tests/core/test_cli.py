@@ -310,3 +310,19 @@ def test_a_layer_the_lora_leaves_unchanged_stays_unchanged_under_every_method(tm
     assert main([*args, "--lora", str(tmp_path / "alpha0.safetensors"), "--out", str(tmp_path / "o_a.safetensors")]) == 0
     text = capsys.readouterr().out
     assert "its alpha is 0 in every layer" in text and "untrained" not in text, text
+
+
+def test_a_lora_casa_lora_wrote_is_named_as_a_transfer_when_given_again(tmp_path, capsys):
+    """The output of a transfer carries its provenance; given as --lora again it is warned about (it is fitted
+    to the distilled model already), an original LoRA is not."""
+    base, svd = synth.wan_state_dict(synth.WanShape(dim=64, ffn_dim=128, blocks=1), dtype=torch.float32)
+    write_file(str(tmp_path / "base.safetensors"), base)
+    write_file(str(tmp_path / "distilled.safetensors"), synth.distill(base, svd, rel_drift=0.01, seed=1))
+    write_file(str(tmp_path / "style.safetensors"), synth.style_lora(svd, rank=4, seed=1))
+    args = ["transfer", "--source", str(tmp_path / "base.safetensors"), "--target",
+            str(tmp_path / "distilled.safetensors"), "--cache-dir", str(tmp_path / "c")]
+    assert main([*args, "--lora", str(tmp_path / "style.safetensors"), "--out", str(tmp_path / "once.safetensors")]) == 0
+    assert "is itself a transfer" not in capsys.readouterr().out
+    assert main([*args, "--lora", str(tmp_path / "once.safetensors"), "--out", str(tmp_path / "twice.safetensors")]) == 0
+    out = capsys.readouterr().out
+    assert "once.safetensors is itself a transfer casa-lora made (casa of style.safetensors" in out, out
