@@ -466,7 +466,8 @@ def test_widget_picks_layers_redraws_and_reads_out_cells(server, page, artifacts
     # (the changed layer alone marks it "inputs changed" at once; the run's failure then says why)
     page.wait_for("window.__casa.widget().staleBanner.textContent.includes('failed')", 120,
                   "the mark after the failed run")
-    assert "failed" in state(page)["banner"] and "CASARoutingHeatmap" in state(page)["banner"], state(page)
+    # the failed node named as the page names it (its title)
+    assert "failed" in state(page)["banner"] and "CASA Routing Heatmap" in state(page)["banner"], state(page)
     assert state(page)["url"] == s6["url"], "the picture of the earlier run stays, marked"
     page.screenshot(artifacts / "9_after_failed_run.png")
     problems = [line for line in page.console if line.startswith(("error", "exception")) and "casa" in line.lower()

@@ -97,13 +97,14 @@ def models(server):
     return {"base": base, "distilled": distilled, "style": style, "style_extra": extra}
 
 
-def load_example(page, name: str, scale: float = 1.0) -> None:
-    """The example as a new workflow (a fresh id: no earlier run of it on this server to restore)."""
+def load_example(page, name: str, scale: float = 1.0, as_name: str | None = None) -> None:
+    """The example as a new workflow (a fresh id: no earlier run of it on this server to restore); ``as_name``:
+    the name the frontend keeps it under (the example's by default, whose outputs it may keep from before)."""
     wf = json.loads((REPO / "workflows" / f"{wf_title(name)}.json").read_text())
     wf["id"] = str(uuid.uuid4())
     for attempt in range(5):
         n = page.eval(f"""(async () => {{ const app = window.comfyAPI.app.app;
-            await app.loadGraphData({json.dumps(wf)}, true, true, {json.dumps(name)});
+            await app.loadGraphData({json.dumps(wf)}, true, true, {json.dumps(as_name or name)});
             await new Promise(r => setTimeout(r, 300));
             const ds = app.canvas.ds; ds.scale = {scale}; ds.offset = [80, 90]; app.canvas.setDirty(true, true);
             return app.graph.nodes.length; }})()""")
@@ -278,7 +279,7 @@ def test_a_failure_before_any_summary_is_shown_whole_on_the_node(server, page, m
     sd[up][0, 0] = float("nan")
     bad = f"casa_web_nan_{uuid.uuid4().hex[:6]}.safetensors"
     save_file(sd, str(loras / bad))
-    load_example(page, "casa_save_lora", scale=1.0)
+    load_example(page, "casa_save_lora", scale=1.0, as_name=f"casa_failure_{uuid.uuid4().hex[:6]}")
     for t, w, v in [("CASALoadSourceBasis", "base_model", models["base"]), ("CASALoadSourceBasis", "storage", "float32"),
                     ("UNETLoader", "unet_name", models["distilled"]), ("CASATransferLoRA", "lora_name", bad)]:
         set_widget(page, t, w, v)
