@@ -279,6 +279,11 @@ def test_a_failure_before_any_summary_is_shown_whole_on_the_node(server, page, m
     sd[up][0, 0] = float("nan")
     bad = f"casa_web_nan_{uuid.uuid4().hex[:6]}.safetensors"
     save_file(sd, str(loras / bad))
+    # a fresh page: the frontend keeps no node outputs of earlier graphs (1.35.9 keeps them by node id across
+    # loadGraphData), so these nodes really have no earlier summary
+    page.reload()
+    page.wait_for("!!window.comfyAPI?.app?.app?.graph", 120, "the page after the reload")
+    time.sleep(1.0)
     load_example(page, "casa_save_lora", scale=1.0, as_name=f"casa_failure_{uuid.uuid4().hex[:6]}")
     for t, w, v in [("CASALoadSourceBasis", "base_model", models["base"]), ("CASALoadSourceBasis", "storage", "float32"),
                     ("UNETLoader", "unet_name", models["distilled"]), ("CASATransferLoRA", "lora_name", bad)]:
