@@ -267,9 +267,9 @@ def test_nodes_served_from_comfys_cache_show_the_summary_of_the_run_that_made_it
 
 
 def test_a_failure_before_any_summary_is_shown_whole_on_the_node(server, page, models):
-    """A new workflow whose transfer fails (a LoRA with a NaN): the transfer and save nodes, which never had a
-    summary, show the whole reason (named by the node's title, without ComfyUI's trailing newline and without
-    "from an earlier run"), not one cut line."""
+    """A new workflow whose transfer fails (a LoRA with a NaN): the transfer and save nodes show the whole reason
+    (named by the node's title, without ComfyUI's trailing newline; "from an earlier run" only with an earlier
+    summary), not one cut line."""
     from safetensors.torch import load_file, save_file
 
     loras = server.base_dir / "models" / "loras"
@@ -298,7 +298,10 @@ def test_a_failure_before_any_summary_is_shown_whole_on_the_node(server, page, m
     for t in ("CASATransferLoRA", "CASASaveLoRA"):
         text = shown[t]["text"]
         assert "the last run failed in CASA Transfer LoRA:" in text and "NaN" in text, (t, text)
-        assert "earlier run" not in text and "\n." not in text and not text.rstrip().endswith("\n"), (t, text)
+        assert "\n." not in text and not text.rstrip().endswith("\n"), (t, text)
+        # "from an earlier run" only where the node shows one (frontend 1.35.9 may hand it an earlier output
+        # of the same node id even on a fresh page, from the workflow it restores)
+        assert ("earlier run" in text) == text.startswith("Out of date:"), (t, text)
         assert shown[t]["scroll"] <= shown[t]["client"] + 1, (t, shown[t])
 
 
