@@ -13,7 +13,9 @@ from typing import Iterable
 import torch
 
 from . import layer as L
+from . import linalg
 from .cache import STORAGE_DTYPES, LayerCache, Progress, decode, encode, settings_key
+from .errors import CasaError
 from .formats.checkpoint import WeightProvider, check_finite
 from .formats.keys import natural_key as _natural_key
 from .parallel import concurrent
@@ -66,6 +68,17 @@ def load_or_build_basis(
 
     ``layers`` restricts the computation to some layers (default: every 2-D weight).
     """
+    if not hasattr(source, "layers") or not hasattr(source, "get"):
+        raise TypeError(f"source must be a weight provider (e.g. casa_core.Checkpoint(path)), got "
+                        f"{type(source).__name__}")
+    device = linalg.check_device(device)
+    if layers is not None:
+        layers = list(layers)
+        unknown = [n for n in layers if n not in source.layers]
+        if unknown:
+            what = getattr(source, "path", None) or type(source).__name__
+            raise CasaError(f"{what}: the model has no layer {unknown[0]} ({len(unknown)} of the {len(layers)} layers "
+                            f"asked for are not in it)", file=str(what), layer=unknown[0])
     cache = basis_cache(source, cache_dir, storage)
     if cache.complete:
         basis = SourceBasis(cache)

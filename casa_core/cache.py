@@ -115,7 +115,11 @@ class LayerCache:
         (:func:`casa_core.parallel.map_layers`): ``compute`` must then be safe to run in several threads.
         """
         layers = list(layers)
-        self.partial.mkdir(parents=True, exist_ok=True)
+        try:
+            self.partial.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise CasaError(f"{self.partial.parent} cannot hold the cache ({exc.strerror or exc}): give a folder this "
+                            "program may write to", file=str(self.partial.parent)) from None
         entries: dict[str, dict] = {}
         total = len(layers)
 

@@ -435,6 +435,9 @@ def load_or_build_drift(
     progress: Progress | None = None,
 ) -> TargetDrift:
     """The cached drift of ``drift`` in ``basis``' coordinates, computing it when needed."""
+    if not isinstance(basis, SourceBasis):
+        raise TypeError(f"basis must be a SourceBasis (from load_or_build_basis), got {type(basis).__name__}")
+    device = linalg.check_device(device)
     cache = drift_cache(basis, drift, cache_dir)
     names = list(layers if layers is not None else basis.layers)
     if cache.complete:

@@ -37,10 +37,17 @@ class OutputSpec:
         if self.mode == "lowrank":
             if self.rank is None and self.energy is None:
                 raise ValueError("low-rank injection needs a rank or an energy to keep")
-            if self.rank is not None and self.rank < 1:
-                raise ValueError(f"rank must be at least 1, got {self.rank}")
-            if self.energy is not None and not 0.0 < self.energy <= 1.0:
-                raise ValueError(f"energy must lie in (0, 1], got {self.energy}")
+            for name in ("rank", "max_rank"):
+                v = getattr(self, name)
+                if v is None and name == "rank":
+                    continue
+                if isinstance(v, bool) or not isinstance(v, int):
+                    raise ValueError(f"{name} must be a whole number, got {v!r}")
+                if v < 1:
+                    raise ValueError(f"{name} must be at least 1, got {v}")
+            if self.energy is not None and (isinstance(self.energy, bool) or not isinstance(self.energy, (int, float))
+                                            or not 0.0 < self.energy <= 1.0):
+                raise ValueError(f"energy must lie in (0, 1], got {self.energy!r}")
 
     def describe(self) -> str:
         if self.mode == "exact":

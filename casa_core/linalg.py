@@ -62,6 +62,31 @@ SMALL_CPU = 4
 SMALL_LAYER_ENTRIES = 16_000_000
 
 
+def check_device(device) -> torch.device:
+    """``device`` as a :class:`torch.device`; a :class:`~casa_core.errors.CasaError` in one sentence when it names no
+    device, or one this torch build or machine cannot use (``cuda`` without CUDA, a GPU index beyond the count)."""
+    from .errors import CasaError
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise CasaError(f"device {device!r} is not a torch device (cpu, cuda, cuda:1, mps, xpu, npu …)") from None
+    if dev.type in ("cpu", "meta"):
+        return dev
+    backend = getattr(torch, dev.type, None)  # torch.cuda, torch.mps, torch.xpu, torch.npu (torch_npu)
+    try:
+        ok = bool(backend.is_available()) if backend is not None and hasattr(backend, "is_available") else False
+        count = int(backend.device_count()) if ok and hasattr(backend, "device_count") else None
+    except Exception:  # noqa: BLE001 - a backend that cannot even answer is not usable
+        ok, count = False, None
+    if not ok:
+        raise CasaError(f"device {device!r} is not available here (torch {torch.__version__} on this machine cannot "
+                        f"use {dev.type}); use 'cpu' or a device it has")
+    if dev.index is not None and count is not None and dev.index >= count:
+        raise CasaError(f"device {device!r} is not available here: this machine has {count} {dev.type} device(s)")
+    return dev
+
+
 @contextlib.contextmanager
 def layer_threads(entries: int, device: torch.device | str = "cpu"):
     """Run one layer's kernel on one CPU thread on a small machine (see ``SMALL_LAYER_ENTRIES``)."""

@@ -60,7 +60,7 @@ def from_inputs(method: str = "casa", *, tau: float = CASA_DEFAULTS.tau, q_dom: 
     ``method`` is a casa_core method name or a label of :data:`METHOD_MENU`; the output arguments are
     those of :func:`output_spec`.
     """
-    cfg = TransferConfig(method=METHOD_MENU.get(method, method),
+    cfg = TransferConfig(method=METHOD_MENU.get(method, method) if isinstance(method, str) else method,
                          params=CasaParams(tau=tau, q_dom=q_dom, q_act=q_act, energy=energy),
                          output=output_spec(injection, rank, kept_energy, max_rank), device=str(device))
     return cfg

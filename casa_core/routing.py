@@ -50,6 +50,10 @@ class CasaParams:
     arbitrate: bool = True
 
     def validate(self) -> None:
+        for name in ("tau", "q_dom", "q_act", "energy"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise ValueError(f"{name} must be a number, got {v!r}")
         if not 0 < self.tau < float("inf"):
             raise ValueError(f"tau must be a positive number, got {self.tau}")
         for name in ("q_dom", "q_act", "energy"):

@@ -46,6 +46,7 @@ class TransferConfig:
         check_method(self.method)
         self.params.validate()
         self.output.validate()
+        linalg.check_device(self.device)
 
 
 @dataclass
@@ -80,6 +81,15 @@ def iter_transfer(
                 f"({len(missing)} LoRA layer(s) missing) — was the basis built from another model?",
                 file=str(lora.path), layer=missing[0],
             )
+        for n in names:
+            if tuple(lora.updates[n].shape) != tuple(basis.layers[n]):
+                (a, b), (c, d) = lora.updates[n].shape, basis.layers[n]
+                raise CasaError(f"{lora.path}, layer {n}: the LoRA update is {a}x{b} but the source basis's layer is "
+                                f"{c}x{d} — this LoRA was made for another model size", file=str(lora.path), layer=n)
+        made_in = getattr(drift, "manifest", {}).get("basis")
+        if made_in is not None and made_in != basis.key:
+            raise CasaError("the drift was computed in another source basis (another base model, or another storage "
+                            "of its basis) than the one given: compute the drift from this basis")
     dev = torch.device(cfg.device)
     total = len(names)
 
@@ -155,6 +165,7 @@ class Transfer:
 
     def __init__(self, lora, basis: SourceBasis | None, drift: TargetDrift | None, cfg: TransferConfig,
                  strength: float, progress: Progress | None = None):
+        _check_request(lora, strength)
         self.lora, self.basis, self.drift, self.cfg, self.strength = lora, basis, drift, cfg, strength
         self.progress = progress
         self.report = start_report(lora, cfg, strength)
@@ -166,6 +177,28 @@ class Transfer:
         return iter_transfer(self.lora, self.basis, self.drift, self.cfg, self.report, self.progress)
 
 
+#: the precisions a transferred LoRA is written in (torch dtypes, or their names)
+OUTPUT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def _output_dtype(dtype) -> torch.dtype:
+    dt = OUTPUT_DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
+    if dt not in OUTPUT_DTYPES.values():
+        raise ValueError(f"dtype must be one of {', '.join(OUTPUT_DTYPES)} (a torch dtype or its name), got {dtype!r}")
+    return dt
+
+
+def _check_request(lora, strength) -> None:
+    """The LoRA is a read one, and ``strength`` the one it was read at: strength and alpha are applied when the
+    file is read (:func:`casa_core.formats.lora.read_lora`), the value here is what the report records."""
+    if not hasattr(lora, "updates") or not hasattr(lora, "path"):
+        raise TypeError(f"lora must be a LoRA read by casa_core.read_lora (a LoRAFile), got {type(lora).__name__}")
+    read_at = getattr(lora, "strength", None)
+    if read_at is not None and not (isinstance(strength, (int, float)) and float(strength) == float(read_at)):
+        raise ValueError(f"strength {strength!r} is not the strength the LoRA was read at ({read_at:g}): strength "
+                         f"and alpha are applied by read_lora(..., strength=...); pass the same value here")
+
+
 def run_transfer_to_file(
     lora, basis, drift, cfg: TransferConfig, strength: float, out_path: str | Path,
     *, dtype: torch.dtype = torch.float16, progress: Progress | None = None,
@@ -174,6 +207,13 @@ def run_transfer_to_file(
     """Transfer and write a ComfyUI-loadable LoRA file (atomically); ``summaries``, when given, receives
     each layer's routing summary (CASA methods)."""
     t0 = time.perf_counter()
+    _check_request(lora, strength)
+    dtype = _output_dtype(dtype)
+    out = Path(out_path)
+    if out.is_dir():
+        raise CasaError(f"{out} is a folder: give the path of the .safetensors file to write", file=str(out))
+    if not out.parent.is_dir():
+        raise CasaError(f"{out}: the folder {out.parent} does not exist", file=str(out))
     report = start_report(lora, cfg, strength)
     if summaries is None and cfg.routing_data:
         # the heatmaps' routing data would be thrown away: not computing it changes nothing written

@@ -401,7 +401,10 @@ def file_digest(path: str | os.PathLike[str], memo_dir: str | os.PathLike[str] |
     digest = _hash_file(real)
     memo = _load_memo(memo_path)  # re-read: another process may have added entries meanwhile
     memo[slot] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "digest": digest}
-    _store_memo(memo_path, memo)
+    try:
+        _store_memo(memo_path, memo)
+    except OSError:  # a read-only or unusable memo folder: the digest is right, only not remembered
+        pass
     return digest
 
 

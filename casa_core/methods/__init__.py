@@ -22,7 +22,7 @@ METHOD_LABELS = {
 
 
 def check_method(name: str) -> str:
-    if name not in METHODS:
+    if not isinstance(name, str) or name not in METHODS:
         raise ValueError(f"unknown transfer method {name!r}; expected one of {', '.join(METHODS)}")
     return name
 
