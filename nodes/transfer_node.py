@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-
-import logging
 import time
 
 import comfy.lora
@@ -34,7 +32,6 @@ from .common import (
 )
 from .model_weights import ComfyModelWeights, applied_loras, mark_own_patches
 
-log = logging.getLogger(__name__)
 D = CASA_DEFAULTS
 
 
@@ -195,9 +192,7 @@ class CASATransferLoRA(io.ComfyNode):
             patched.add_patches(comfy.lora.load_lora(passthrough, key_map), 1.0)
         mark_own_patches(patched, before, lora.digest(), lora_name)  # a transfer chained after this one still
         # sees the measured model, and knows this LoRA is on it
-        report.warnings = warnings
-        for w in warnings:
-            log.warning("casa-lora: %s", w)
+        report.warnings = warnings  # logged once, with the node's name, by summary_ui
         report.seconds = time.perf_counter() - t0
         text, warnings = _summary(handle, method, injection, rank, q_act, missing, drift.drift)
         return io.NodeOutput(patched, handle, ui=summary_ui("CASA Transfer LoRA", text, warnings))
