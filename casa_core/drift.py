@@ -35,7 +35,7 @@ from .cache import LayerCache, Progress, decode, encode, settings_key
 from .errors import CasaError
 from .formats.checkpoint import check_finite
 from .formats.keys import comfy_key
-from .model_probe import PROBE_LAYERS, ModelProbe, sketch
+from .model_probe import ModelProbe, probe_layers, sketch
 from .parallel import concurrent
 from .quantnoise import EDGE_MARGIN, DriftEstimate, grid_of, separate_drift_parts
 
@@ -252,16 +252,14 @@ class TargetDrift:
         """The sketches of the measured model (:mod:`casa_core.model_probe`) on the smallest layers that moved,
         read from the cache; None for a drift cached without them (before they existed, or from a
         distillation LoRA file) or without any layer that moved."""
-        moved = sorted((n for n, i in self.info.items() if i.get("mode") != "zero" and n in self.basis.layers),
-                       key=lambda n: (math.prod(self.basis.layers[n]), n))
+        pick = probe_layers({n: self.basis.layers[n] for n, i in self.info.items()
+                             if i.get("mode") != "zero" and n in self.basis.layers})
         measured, base = {}, {}
-        for name in moved:
+        for name in pick:
             with self.cache.open_layer(name) as f:
                 if PROBE_TARGET not in f.keys():
                     return None
                 measured[name], base[name] = f.get(PROBE_TARGET), f.get(PROBE_BASE)
-            if len(measured) == PROBE_LAYERS:
-                break
         if not measured:
             return None
         return ModelProbe(measured, base, {n: tuple(self.basis.layers[n]) for n in measured})

@@ -12,6 +12,8 @@ import os
 
 import torch
 
+from .errors import CasaError
+
 # A fixed seed for the randomized range finder: the low-rank factorisation must give the same
 # bytes on every run with the same inputs.
 _RANGE_FINDER_SEED = 20260430
@@ -65,8 +67,6 @@ SMALL_LAYER_ENTRIES = 16_000_000
 def check_device(device) -> torch.device:
     """``device`` as a :class:`torch.device`; a :class:`~casa_core.errors.CasaError` in one sentence when it names no
     device, or one this torch build or machine cannot use (``cuda`` without CUDA, a GPU index beyond the count)."""
-    from .errors import CasaError
-
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError, ValueError):

@@ -44,6 +44,11 @@ def sketch(w: torch.Tensor, layer: str) -> torch.Tensor:
     return torch.cat([w[i:i + SKETCH_ROWS].to("cpu", torch.float64) @ g for i in range(0, int(w.shape[0]), SKETCH_ROWS)])
 
 
+def probe_layers(layers: dict[str, tuple[int, int]]) -> list[str]:
+    """The layers a probe sketches: the ``PROBE_LAYERS`` smallest of ``layers`` (``{name: (out, in)}``)."""
+    return sorted(layers, key=lambda n: (layers[n][0] * layers[n][1], n))[:PROBE_LAYERS]
+
+
 @dataclass(frozen=True)
 class Mismatch:
     """The layer where another model is farthest from the measured one: ``off`` its distance to the measured
@@ -66,7 +71,7 @@ class ModelProbe:
                 layers: dict[str, tuple[int, int]]) -> ModelProbe | None:
         """Sketches of the ``PROBE_LAYERS`` smallest of ``layers`` (``{name: (out, in)}``: layers whose drift is
         not zero); None without any."""
-        pick = sorted(layers, key=lambda n: (layers[n][0] * layers[n][1], n))[:PROBE_LAYERS]
+        pick = probe_layers(layers)
         if not pick:
             return None
         return cls({n: sketch(get_model(n), n) for n in pick}, {n: sketch(get_base(n), n) for n in pick},

@@ -15,7 +15,7 @@ import torch
 
 from .factorize import OutputSpec
 from .routing import CasaParams
-from .transfer import TransferConfig
+from .transfer import OUTPUT_DTYPES, TransferConfig
 
 #: CASA's parameters as the reference code sets them (tau, q_dom, q_act, energy)
 CASA_DEFAULTS = CasaParams()
@@ -33,7 +33,7 @@ METHOD_MENU = {
 #: the node's injection menu: label shown -> OutputSpec mode
 INJECTION_MENU = {"low-rank": "lowrank", "exact": "exact"}
 #: the dtypes a transferred LoRA file can be written in (name -> torch dtype); the first is the default
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+DTYPES = OUTPUT_DTYPES  # the one table, kept where the file is written (casa_core.transfer)
 
 
 def output_spec(injection: str = "lowrank", rank: int | None = OUTPUT_DEFAULTS.rank,

@@ -17,7 +17,6 @@ from comfy_api.latest import io
 from ..casa_core.basis import SourceBasis
 from ..casa_core.drift import TargetDrift
 from ..casa_core.formats.checkpoint import Checkpoint
-from ..casa_core.model_probe import ModelProbe
 
 CATEGORY = "casa-lora"
 CACHE_FOLDER = "casa_cache"
@@ -107,8 +106,6 @@ class DriftHandle:
     drift: TargetDrift
     reused: bool
     seconds: float
-    #: a few layers of the measured model, to tell it from another MODEL at the transfer
-    probe: ModelProbe | None = None
 
     def moved(self) -> int:
         return self.drift.moved()

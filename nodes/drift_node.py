@@ -65,7 +65,7 @@ class CASAComputeDrift(io.ComfyNode):
             basis.basis, source, root, device=compute_device(),
             progress=progress_callback(len(basis.basis.layers)),
         )
-        handle = DriftHandle(basis, drift, reused, time.perf_counter() - t0, drift.probe())
+        handle = DriftHandle(basis, drift, reused, time.perf_counter() - t0)
         noise = noise_summary(drift, "the connected MODEL")
         summary = "\n".join([handle.describe(), *(n for n in noise if not n.startswith("WARNING"))])
         warnings = [*handle.warnings(), *(n[len("WARNING: "):] for n in noise if n.startswith("WARNING"))]

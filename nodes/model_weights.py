@@ -239,30 +239,23 @@ class ComfyModelWeights:
 
         float64 is what casa_core's ``LoRAApplied`` uses for a distillation LoRA file, so the drift of
         base + distillation LoRA is the same here and in the command line (casa_core.drift)."""
-        key = patch_key(layer)
-        with torch.no_grad():
-            w = self.original(layer)
-            self._stored = (layer, w.to(torch.float32))
-            patches = self.patcher.patches.get(key, [])
-            if not patches:
-                return w.to(torch.float32)
-            w = w.to(torch.float64).clone()
-            return comfy.lora.calculate_weight(patches, w, key, intermediate_dtype=torch.float64)
+        return self._patched(layer, self.patcher.patches.get(patch_key(layer), []))
 
     def without_own(self, layer: str) -> torch.Tensor:
         """The effective weight without the patches CASA Transfer LoRA added (:data:`OWN_PATCHES`): the model
         a drift measured, also after a transfer was chained onto it."""
         own = own_patch_ids(self.patcher)
-        patches = self.patcher.patches.get(patch_key(layer), [])
-        if not own or not any(id(p[1]) in own for p in patches):
-            return self.get(layer)
-        kept = [p for p in patches if id(p[1]) not in own]
+        return self._patched(layer, [p for p in self.patcher.patches.get(patch_key(layer), []) if id(p[1]) not in own])
+
+    def _patched(self, layer: str, patches: list) -> torch.Tensor:
+        """The original weight with ``patches`` applied as :meth:`get` applies them."""
         with torch.no_grad():
             w = self.original(layer)
-            if not kept:
+            self._stored = (layer, w.to(torch.float32))
+            if not patches:
                 return w.to(torch.float32)
-            return comfy.lora.calculate_weight(kept, w.to(torch.float64).clone(), patch_key(layer),
-                                               intermediate_dtype=torch.float64)
+            w = w.to(torch.float64).clone()
+            return comfy.lora.calculate_weight(patches, w, patch_key(layer), intermediate_dtype=torch.float64)
 
     def identity(self) -> str:
         """The loaded file's digest + how it was loaded + this patcher's patches when ComfyUI says which

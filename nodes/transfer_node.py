@@ -148,9 +148,10 @@ class CASATransferLoRA(io.ComfyNode):
         warnings = check_coverage(lora, drift.drift, source=drift.basis.name, target="the connected MODEL",
                                   source_naming=getattr(drift.basis.source, "naming", ""),
                                   not_landed=not_landed)
-        if getattr(drift, "probe", None) is not None:  # the MODEL here must be the one the drift measured
+        probe = drift.drift.probe()
+        if probe is not None:  # the MODEL here must be the one the drift measured
             weights = ComfyModelWeights(model)
-            off = drift.probe.compare(weights.without_own, lambda n: n in weights.layers)
+            off = probe.compare(weights.without_own, lambda n: n in weights.layers)
             if off is not None:
                 warnings.append(ModelProbe.describe(off))
         earlier = applied_loras(model).get(lora.digest())
