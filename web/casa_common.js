@@ -7,9 +7,10 @@
 //
 //   { promptId, output, sig, struct, failed }
 //
-// * promptId / output: the last run that produced an output for the node (the "executed" message),
-//   or, after a reload, the newest entry of GET /history for this workflow (its id, saved in the
-//   prompt's extra_pnginfo) that holds an output for the node;
+// * promptId / output: the last run that produced an output for the node (the "executed" message, kept for
+//   the workflow the prompt was queued from even when another one is shown by then), or, after a reload,
+//   the newest entry of GET /history for this workflow (its id, saved in the prompt's extra_pnginfo) that
+//   holds an output for the node. Never the frontend's own kept outputs: it keeps them by node id alone;
 // * sig: the node's inputs in that run: the API graph's node and every node upstream of it, as queued
 //   (api.queuePrompt is wrapped to keep the graph; /history keeps it too);
 // * struct: the same without node ids (what ComfyUI's cache keys on): a node served from ComfyUI's cache
@@ -44,6 +45,11 @@ export function workflowKey(graph = app.graph) {
 
 function recordKey(node) {
   return `${workflowKey(node.graph ?? app.graph)}|${node.id}`;
+}
+
+// the node of that id in the workflow shown now, when the record of workflow `key` is one of its nodes'
+function shownNode(key, id) {
+  return key === workflowKey() ? nodeById(id) : null;
 }
 
 export function record(node) {
@@ -134,19 +140,25 @@ function hook() {
     state.waiting.get(promptId).push(() => fn(state.queued.get(promptId)));
     setTimeout(() => state.waiting.delete(promptId), 60000);
   };
+  // an output belongs to the workflow its prompt was queued from, which may no longer be the one shown (another
+  // workflow opened while the run went on): it is kept for that workflow and drawn only while it is shown
   api.addEventListener("executed", (e) => {
     const d = e.detail || {};
     const id = String(d.display_node ?? d.node ?? "");
-    const node = nodeById(id);
-    if (!node || !TYPES.has(node.comfyClass ?? node.type) || !d.output) return;
+    if (!d.output) return;
+    const queued = state.queued.get(d.prompt_id);
+    const key = queued ? queued.key : workflowKey();  // (not known yet: queued from the workflow shown)
+    const type = queued ? queued.graph?.[id]?.class_type : (nodeById(id)?.comfyClass ?? nodeById(id)?.type);
+    if (!TYPES.has(type)) return;
     if (!state.executedIn.has(d.prompt_id)) state.executedIn.set(d.prompt_id, new Set());
     state.executedIn.get(d.prompt_id).add(id);
     const rec = { promptId: d.prompt_id, output: d.output, sig: null, struct: null, failed: null };
-    state.results.set(recordKey(node), rec);
-    notify(node);
+    state.results.set(`${key}|${id}`, rec);
+    const draw = () => { const node = shownNode(key, id); if (node) notify(node); };
+    draw();
     withQueued(d.prompt_id, (q) => {
       Object.assign(rec, { sig: signature(q.graph, id), struct: structure(q.graph, id) });
-      notify(node);
+      draw();
     });
   });
   // nodes ComfyUI serves from its cache get no new output message: show the output of the run that made
@@ -278,8 +290,10 @@ function fetchHistory() {
 }
 
 async function restoreFromHistory(node) {
+  // the workflow and node asked about, fixed now: another workflow may be open by the time /history answers
   const key = workflowKey(node.graph ?? app.graph);
   if (!key) return;
+  const nodeKey = `${key}|${node.id}`;
   const hist = await fetchHistory();
   let found = null;
   let failedAfter = null;
@@ -312,23 +326,19 @@ async function restoreFromHistory(node) {
       : await findInHistory(node.comfyClass ?? node.type, cachedRun.struct);
     if (output) found = { ...cachedRun, output, failed: null };
   }
-  if (!found || record(node)) return;
+  if (!found || state.results.has(nodeKey)) return;
   found.failed = failedAfter;
-  state.results.set(recordKey(node), found);
-  notify(node);
+  state.results.set(nodeKey, found);
+  const shown = shownNode(key, node.id);
+  if (shown) notify(shown);
 }
 
-// the record of a node just created or loaded: what this page saw, else the frontend's kept output
-// (tab switch), else /history (reload)
+// the record of a node just created or loaded: what this page saw (a tab switch, a workflow opened again), else
+// /history (a reload). Not the frontend's own kept outputs (app.nodeOutputs): they are kept by node id alone,
+// so a workflow opened after another can be handed the other's outputs
 export function restore(node) {
   hook();
   if (record(node)) { notify(node); return; }
-  const kept = app.nodeOutputs?.[String(node.id)];
-  if (kept && TYPES.has(node.comfyClass ?? node.type)) {
-    state.results.set(recordKey(node), { promptId: null, output: kept, sig: null, failed: null });
-    notify(node);
-    return;
-  }
   restoreFromHistory(node);
 }
 

@@ -20,7 +20,7 @@
 // Size: the pictures are drawn with no text under 12 px (casa_core/pictures/), about 920 x 980 px for
 // a layer; at the node's default size (DEFAULT_SIZE) the widget shows them at >= 0.83x, so no text is
 // under 10 px on screen (tests/comfy/test_web_heatmap.py measures it in the real frontend).
-import { app, api, fitTitle, noteGraphChange, onRecord, restore, restoreAll, staleText } from "./casa_common.js";
+import { app, api, fitTitle, noteGraphChange, onRecord, record, restore, restoreAll, staleText } from "./casa_common.js";
 
 const NODE_TYPE = "CASARoutingHeatmap";
 const UI_KEY = "casa_heatmap";
@@ -467,7 +467,9 @@ app.registerExtension({
     const onExecuted = nodeType.prototype.onExecuted;
     nodeType.prototype.onExecuted = function (message) {
       const r = onExecuted?.apply(this, arguments);
-      this.casaHeatmap?.update(message);
+      // this workflow's record, not the message (see casa_summary.js)
+      const rec = record(this);
+      if (rec?.output) this.casaHeatmap?.update(rec.output);
       this.casaHeatmap?.setStale(staleText(this));
       this.imgs = undefined; // keep the default preview away
       return r;

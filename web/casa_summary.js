@@ -163,7 +163,9 @@ app.registerExtension({
     const onExecuted = nodeType.prototype.onExecuted;
     nodeType.prototype.onExecuted = function (message) {
       const r = onExecuted?.apply(this, arguments);
-      this.casaSummary?.show(message);
+      // what this workflow's record holds (casa_common.js), not the message: the frontend hands a message to
+      // the node of that id in the workflow shown, which may not be the workflow the run was queued from
+      this.casaSummary?.show(record(this)?.output);
       return r;
     };
 

@@ -266,6 +266,100 @@ def test_nodes_served_from_comfys_cache_show_the_summary_of_the_run_that_made_it
         assert " ".join(made[t].split()) in " ".join(shown[t]["text"].split()), (t, made[t], shown[t]["text"])
 
 
+def test_a_new_workflow_shows_no_summary_of_another_workflows_run(server, page, models):
+    """The frontend keeps node outputs by node id: a workflow opened after a run, whose CASA nodes have the same
+    ids as the nodes that ran (here: the same example again), shows the placeholder on them, not the other
+    workflow's summaries; going back to the workflow that ran shows its summaries again."""
+    load_example(page, "casa_save_lora", scale=0.8)
+    for t, w, v in [("CASALoadSourceBasis", "base_model", models["base"]), ("CASALoadSourceBasis", "storage", "float32"),
+                    ("UNETLoader", "unet_name", models["distilled"]), ("CASATransferLoRA", "lora_name", models["style"]),
+                    ("CASATransferLoRA", "rank", 8)]:
+        set_widget(page, t, w, v)
+    set_widget(page, "CASASaveLoRA", "filename_prefix", f"casa_web/other_{uuid.uuid4().hex[:6]}")
+    ran = page.eval("(() => window.comfyAPI.app.app.graph.serialize())()")
+    pid, _ = queue_and_wait(page, server)
+    page.wait_for(f"""(() => {{ const s = {SHOWN}; return ["CASALoadSourceBasis", "CASAComputeDrift", "CASATransferLoRA",
+        "CASASaveLoRA"].every(t => s[t] && s[t].prompt === {json.dumps(pid)}); }})()""", 60, "the run's summaries")
+    ids = node_ids(page)
+    load_example(page, "casa_save_lora", scale=0.8, as_name=f"casa_other_{uuid.uuid4().hex[:6]}")
+    assert node_ids(page) == ids  # the case under test: the same node ids in another workflow
+    time.sleep(2.5)  # the restore (the frontend's kept outputs, /history) and the once-a-second refresh
+    shown = page.eval(SHOWN)
+    page.screenshot(page.artifacts / "1e_new_workflow_no_other_summary.png")
+    for t in ("CASALoadSourceBasis", "CASAComputeDrift", "CASATransferLoRA", "CASASaveLoRA"):
+        assert "appears here after a run" in shown[t]["text"], (t, shown[t])
+        assert not shown[t].get("prompt"), (t, shown[t])
+    # the workflow that ran, opened again: its summaries come back
+    page.eval(f"""(async () => {{ await window.comfyAPI.app.app.loadGraphData({json.dumps(ran)}, true, true,
+        "casa_ran_{uuid.uuid4().hex[:6]}"); return true; }})()""")
+    page.wait_for(f"""(() => {{ const s = {SHOWN}; return ["CASALoadSourceBasis", "CASAComputeDrift", "CASATransferLoRA",
+        "CASASaveLoRA"].every(t => s[t] && s[t].prompt === {json.dumps(pid)}); }})()""", 30,
+                  "the summaries of the workflow that ran, opened again")
+    # a reload (the frontend reopens the workflow that ran, whose summaries come from /history) and, before the
+    # history has come back (held for 3 s here), another workflow opened: its nodes get nothing of the first's
+    held = page.call("Page.addScriptToEvaluateOnNewDocument", {"source": """(() => { const f = window.fetch;
+        window.fetch = async function (url, ...rest) { const r = await f.call(this, url, ...rest);
+          if (String(url?.url ?? url).includes("/history")) await new Promise(ok => setTimeout(ok, 3000));
+          return r; }; })()"""})["identifier"]
+    try:
+        page.reload()
+        page.wait_for("!!(window.comfyAPI?.app?.app?.graph?.nodes?.some(n => n.type === 'CASAComputeDrift'))", 120,
+                      "the page after the reload")
+        load_example(page, "casa_save_lora", scale=0.8, as_name=f"casa_other_{uuid.uuid4().hex[:6]}")
+        assert node_ids(page) == ids
+        time.sleep(5.0)  # the held history has come back and been used
+        shown = page.eval(SHOWN)
+    finally:
+        page.call("Page.removeScriptToEvaluateOnNewDocument", {"identifier": held})
+    page.screenshot(page.artifacts / "1f_new_workflow_during_restore.png")
+    for t in ("CASALoadSourceBasis", "CASAComputeDrift", "CASATransferLoRA", "CASASaveLoRA"):
+        assert "appears here after a run" in shown[t]["text"], (t, shown[t])
+
+
+def test_a_runs_summaries_stay_with_the_workflow_it_was_queued_from(server, page, models):
+    """A run queued from one workflow, and another workflow opened while it waits and runs (its CASA nodes have
+    the same ids): the other workflow's nodes keep the placeholder; the workflow that ran, opened again, shows the
+    run's summaries."""
+    load_example(page, "casa_save_lora", scale=0.8)
+    for t, w, v in [("CASALoadSourceBasis", "base_model", models["base"]), ("CASALoadSourceBasis", "storage", "float32"),
+                    ("UNETLoader", "unet_name", models["distilled"]), ("CASATransferLoRA", "lora_name", models["style"]),
+                    ("CASATransferLoRA", "rank", 4)]:
+        set_widget(page, t, w, v)
+    set_widget(page, "CASASaveLoRA", "filename_prefix", f"casa_web/queued_{uuid.uuid4().hex[:6]}")
+    ran = page.eval("(() => window.comfyAPI.app.app.graph.serialize())()")
+    ids = node_ids(page)
+    server.reset_cache()  # every CASA node runs and sends its output
+    before = set(server.get("/history"))
+    # a prompt that sleeps first, so that this workflow's run waits in the queue while another is opened
+    server.post_prompt({
+        "latent": {"class_type": "EmptyLatentImage", "inputs": {"width": 32 + 16 * (uuid.uuid4().int % 50),
+                                                                 "height": 32, "batch_size": 1}},
+        "sleep": {"class_type": "CasaTestSleep", "inputs": {"samples": ["latent", 0], "seconds": 4.0}},
+        "stats": {"class_type": "CasaTestLatentStats", "inputs": {"samples": ["sleep", 0]}}})
+    page.eval("""(async () => { await window.comfyAPI.app.app.queuePrompt(0, 1); return true; })()""")
+    load_example(page, "casa_save_lora", scale=0.8, as_name=f"casa_while_{uuid.uuid4().hex[:6]}")
+    assert node_ids(page) == ids  # the case under test: the same node ids in the workflow shown
+    deadline = time.monotonic() + 300
+    pid = None
+    while pid is None and time.monotonic() < deadline:
+        new = {k: e for k, e in server.get("/history").items() if k not in before}
+        pid = next((k for k, e in new.items() if any(n["class_type"] == "CASATransferLoRA"
+                                                     for n in e["prompt"][2].values())), None)
+        time.sleep(0.2)
+    assert pid, "the workflow's run did not end"
+    assert server.wait(pid)["status"]["status_str"] == "success"
+    time.sleep(2.0)  # the run's messages handled, the once-a-second refresh done
+    shown = page.eval(SHOWN)
+    page.screenshot(page.artifacts / "1g_other_workflow_while_running.png")
+    for t in ("CASALoadSourceBasis", "CASAComputeDrift", "CASATransferLoRA", "CASASaveLoRA"):
+        assert "appears here after a run" in shown[t]["text"], (t, shown[t])
+    page.eval(f"""(async () => {{ await window.comfyAPI.app.app.loadGraphData({json.dumps(ran)}, true, true,
+        "casa_queued_{uuid.uuid4().hex[:6]}"); return true; }})()""")
+    page.wait_for(f"""(() => {{ const s = {SHOWN}; return ["CASALoadSourceBasis", "CASAComputeDrift", "CASATransferLoRA",
+        "CASASaveLoRA"].every(t => s[t] && s[t].prompt === {json.dumps(pid)} && !s[t].stale); }})()""", 30,
+                  "the run's summaries on the workflow it was queued from")
+
+
 def test_a_failure_before_any_summary_is_shown_whole_on_the_node(server, page, models):
     """A new workflow whose transfer fails (a LoRA with a NaN): the transfer and save nodes show the whole reason
     (named by the node's title, without ComfyUI's trailing newline; "from an earlier run" only with an earlier
