@@ -165,47 +165,49 @@ function hook() {
   // the cached result (this page's, else the newest such entry of /history), which has the same inputs
   api.addEventListener("execution_cached", (e) => withQueued(e.detail?.prompt_id, (q) => {
     const d = e.detail || {};
-    if (!q || q.key !== workflowKey()) return;
+    if (!q) return;
     for (const id of (d.nodes || []).map(String)) {
-      const node = nodeById(id);
-      if (!node || !TYPES.has(node.comfyClass ?? node.type)) continue;
+      const type = q.graph?.[id]?.class_type;
+      if (!TYPES.has(type)) continue;
+      const k = `${q.key}|${id}`;
+      const draw = () => { const node = shownNode(q.key, id); if (node) notify(node); };
       const struct = structure(q.graph, id);
       const sig = signature(q.graph, id);
-      const rec = record(node);
+      const rec = state.results.get(k);
       if (rec?.output && (rec.struct === struct || rec.sig === sig)) {
         Object.assign(rec, { promptId: d.prompt_id, sig, struct, failed: null });
-        notify(node);
+        draw();
         continue;
       }
       const same = [...state.results.values()].reverse().find((r) => r.output && r.struct === struct);
       if (same) {
-        state.results.set(recordKey(node), { promptId: d.prompt_id, output: same.output, sig, struct, failed: null });
-        notify(node);
+        state.results.set(k, { promptId: d.prompt_id, output: same.output, sig, struct, failed: null });
+        draw();
         continue;
       }
-      findInHistory(node.comfyClass ?? node.type, struct).then((output) => {
-        if (!output || record(node)?.output) return;
-        state.results.set(recordKey(node), { promptId: d.prompt_id, output, sig, struct, failed: null });
-        notify(node);
+      findInHistory(type, struct).then((output) => {
+        if (!output || state.results.get(k)?.output) return;
+        state.results.set(k, { promptId: d.prompt_id, output, sig, struct, failed: null });
+        draw();
       });
     }
   }));
   const ended = (why) => (e) => withQueued(e.detail?.prompt_id, (q) => {
     const d = e.detail || {};
-    if (!q || q.key !== workflowKey()) return;
+    if (!q) return;
     const done = state.executedIn.get(d.prompt_id) || new Set();
     const message = why === "error" ? failureText(d, q.graph) : "the last run was cancelled";
     const at = d.node_id != null ? String(d.node_id) : null;
     for (const id of Object.keys(q.graph)) {
-      const node = nodeById(id);
-      if (!node || !TYPES.has(node.comfyClass ?? node.type) || done.has(String(id))) continue;
+      if (!TYPES.has(q.graph[id]?.class_type) || done.has(String(id))) continue;
       // the run stopped at `at`: the nodes there and downstream of it kept their earlier output
       if (at && !upstream(q.graph, id).has(at)) continue;
-      const rec = record(node);
+      const k = `${q.key}|${id}`;
+      const rec = state.results.get(k);
       if (rec) rec.failed = { promptId: d.prompt_id, message };
-      else state.results.set(recordKey(node), { promptId: null, output: null, sig: null,
-        failed: { promptId: d.prompt_id, message } });
-      notify(node);
+      else state.results.set(k, { promptId: null, output: null, sig: null, failed: { promptId: d.prompt_id, message } });
+      const node = shownNode(q.key, id);
+      if (node) notify(node);
     }
   });
   api.addEventListener("execution_error", ended("error"));
@@ -255,7 +257,8 @@ export function staleText(node) {
 function failureText(err, apiGraph) {
   if (err?.exception_message == null) return "the last run was cancelled";  // execution_interrupted
   const id = err.node_id != null ? String(err.node_id) : null;
-  const shown = (id && nodeById(id)?.title) || (id && apiGraph?.[id]?._meta?.title) || err.node_type;
+  // the title the node had when the prompt was queued (the workflow shown now may be another one)
+  const shown = (id && apiGraph?.[id]?._meta?.title) || (id && nodeById(id)?.title) || err.node_type;
   const msg = String(err.exception_message ?? "").trim().replace(/\.$/, "");
   return `the last run failed${shown ? ` in ${shown}` : ""}${msg ? `: ${msg}` : ""}`;
 }
