@@ -119,10 +119,12 @@ class CASARoutingHeatmap(io.ComfyNode):
                 ReportType.Input("report", tooltip="From CASA Transfer LoRA (layer view: a CASA method)."),
                 io.String.Input("layer", default="auto",
                                 tooltip="Layer to show, e.g. blocks.0.self_attn.q. Leave at 'auto' (the layer "
-                                "with the most arbitration) and use the pickers on the node: they set it for you."),
+                                "where CASA settled the most overlaps between the LoRA and the distillation) and use "
+                                "the pickers on the node: they set it for you."),
                 io.Combo.Input("view", options=VIEWS, default="layer", optional=True,
                                tooltip="layer: the four routing maps of one layer. overview: per block and "
-                               "projection, the share of dominant and arbitrated entries and the energy kept."),
+                               "projection, how much of the layer CASA protected, how many overlaps it settled and "
+                               "how much of the update the patch keeps."),
             ],
             outputs=[io.Image.Output(display_name="image")],
             is_output_node=True,

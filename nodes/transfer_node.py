@@ -90,18 +90,20 @@ class CASATransferLoRA(io.ComfyNode):
                                "heatmap shows a single huge cluster (raise it) or only tiny ones (lower it).",
                                **advanced()),
                 io.Float.Input("q_dom", default=D.q_dom, min=0.0, max=1.0, step=0.01,
-                               tooltip="How much of the distilled model counts as its strong directions, which "
-                               "CASA protects: clusters whose drift is above this quantile. Lower protects more. "
-                               "Leave at 0.5 (the paper recommends 0.45-0.55) unless the transferred LoRA breaks "
-                               "the fast model's pictures: then lower it a little.", **advanced()),
+                               tooltip="Which of the distilled model's strong directions CASA protects: its clusters "
+                               "are ranked by how much distillation changed them, and those from this point of the "
+                               "ranking up are protected (0.5: the stronger half). Lower protects more. Leave at 0.5 "
+                               "(the paper recommends 0.45-0.55) unless the transferred LoRA breaks the fast model's "
+                               "pictures: then lower it a little.", **advanced()),
                 io.Float.Input("q_act", default=D.q_act, min=0.0, max=1.0, step=0.01,
                                tooltip="Inside the protected directions, where the LoRA and the distillation push "
-                               "the same way, the entries above this quantile keep only the stronger of the two "
-                               "(arbitration): 0.85 arbitrates the top 15 %. Leave at 0.85 unless the LoRA's effect "
-                               "looks doubled or burnt (lower it).", **advanced()),
+                               "the same way, the strongest of those spots keep only the stronger of the two pushes, "
+                               "so the effect is not counted twice: 0.85 does this for the strongest 15 %. Leave at "
+                               "0.85 unless the LoRA's effect looks doubled or burnt (lower it).", **advanced()),
                 io.Float.Input("energy", default=D.energy, min=0.01, max=1.0, step=0.01,
-                               tooltip="On square layers, the share of the weight's energy whose directions form "
-                               "its leading part (k). Leave at 0.9 (the CASA authors' default) unless you are "
+                               tooltip="How many of a layer's main directions CASA groups into clusters (square "
+                               "layers): the fewest that together make up this share of the layer's weight (0.9: 90 "
+                               "%, counted in squared size). Leave at 0.9 (the CASA authors' default) unless you are "
                                "reproducing another setting.", **advanced()),
                 io.Combo.Input("injection", options=list(INJECTION_MENU), default="low-rank",
                                tooltip="low-rank: a LoRA-sized patch (little memory; the summary says how much of "
@@ -113,9 +115,9 @@ class CASATransferLoRA(io.ComfyNode):
                              "summary says the patch keeps less than about 90 % of the update (raise it) or "
                              "memory is short (lower it)."),
                 io.Float.Input("kept_energy", default=0.0, min=0.0, max=1.0, step=0.01,
-                               tooltip="0 uses rank. Above 0, each layer gets the smallest rank (up to 512) that "
-                               "keeps this share of its update's energy, e.g. 0.95. Leave at 0 unless layers "
-                               "differ a lot in what rank 128 keeps.", **advanced()),
+                               tooltip="0 uses rank. Above 0, each layer gets the smallest rank (up to 512) whose "
+                               "patch keeps this share of the layer's update (counted in squared size), e.g. 0.95. "
+                               "Leave at 0 unless layers differ a lot in how much rank 128 keeps.", **advanced()),
             ],
             outputs=[
                 io.Model.Output(display_name="model"),

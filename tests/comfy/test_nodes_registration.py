@@ -147,7 +147,7 @@ def test_tooltips_say_when_to_change_an_input_and_expert_inputs_are_advanced(com
         opts = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
         tip = opts.get("tooltip") or ""
         assert len(tip) > 20, f"{node}.{name} has no tooltip"
-        for jargon in ("C = U^T", "RMS", "cos(", "quantile of interference"):
+        for jargon in ("C = U^T", "RMS", "cos(", "quantile", "energy", "arbitrat"):
             assert jargon not in tip, f"{node}.{name}: {jargon!r} in {tip!r}"
         if name in tuning and name not in ("strength", "filename_prefix"):
             shown = f"{default:g}" if isinstance(default, float) else str(default)
