@@ -295,6 +295,11 @@ def top_singular(
         left = left[:, :rank]
         if it == iters:
             break
+        flat = it == 1 and float(s[rank - 1]) > 0 and (float(s[-1]) / float(s[rank - 1])) ** 2 >= FLAT_RATE
+        if flat and small > EXACT_SMALL:
+            # it stops here converged or not, and only a small matrix's fallback asks which: the residual
+            # product (a fifth of the work on CASA updates, flat around the rank) is not needed
+            break
         y = c @ vh.T  # c v_i: the residuals, and the next power step (it spans c c^T q)
         resid = float(torch.linalg.vector_norm(y[:, :rank] - left * s[:rank], dim=0).max())
         target = RITZ_RTOL * float(s[0])
@@ -304,8 +309,7 @@ def top_singular(
         # residuals shrink by about (s_width / s_rank+1)^2 per step
         rate = (float(s[-1]) / float(s[rank])) ** 2 if float(s[rank]) > 0 else 0.0
         if it == 1:
-            # flat across the rank itself (no gap after it that the steps would resolve quickly)
-            if float(s[rank - 1]) > 0 and (float(s[-1]) / float(s[rank - 1])) ** 2 >= FLAT_RATE:
+            if flat:  # flat across the rank itself (no gap after it that the steps would resolve quickly)
                 break
         elif rate >= 1.0 or (rate > 0.0 and it + math.log(target / resid) / math.log(rate) > iters):
             break
