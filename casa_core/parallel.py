@@ -8,7 +8,8 @@ Wan2.1-1.3B shapes in 6.1 s one after the other, 3.0 s two at a time, the same b
 
 Results come back in the items' order; at most ``workers`` items are computed at once, so memory grows by
 that many layers at most. Layers of ``linalg.SMALL_LAYER_ENTRIES`` entries or more (Wan-14B's) run alone,
-with torch's own thread pool, as before. An exception (a clear error, an interruption raised by the
+with torch's own thread pool, as before, unless the caller says otherwise (``alone_from``: the per-LoRA
+transfer on a 2-core CPU, see :func:`large_side_by_side`). An exception (a clear error, an interruption raised by the
 consumer) stops the remaining items: those not started are cancelled, those running are waited for.
 """
 from __future__ import annotations
@@ -44,6 +45,15 @@ def layer_workers(device: torch.device | str = "cpu") -> int:
     return cores if cores <= linalg.SMALL_CPU else 1
 
 
+def large_side_by_side(device: torch.device | str = "cpu") -> bool:
+    """Whether even large layers should go two at a time, one thread each: on a CPU of two cores running two
+    layers at once. Measured for the per-LoRA transfer of one block of Wan2.1-14B shapes on 2 cores: 11.9 s
+    against 12.9-13.7 s one layer at a time on both threads, the same bytes, the layers' memory doubled
+    (1.4 -> 2.8 GiB extra); an exact output (dense products of the layer's full size) gained nothing there.
+    Larger CPUs keep torch's own pool for them."""
+    return layer_workers(device) == 2 and (os.cpu_count() or 1) <= 2
+
+
 def concurrent(*providers) -> bool:
     """Whether every provider may be read from several threads at once (``concurrent_reads``: the file
     readers, whose reads are locked or memory-mapped); a provider that does not say so is read one layer
@@ -52,10 +62,13 @@ def concurrent(*providers) -> bool:
 
 
 def map_layers(fn: Callable[[T], R], items: Iterable[T], size: Callable[[T], int],
-               device: torch.device | str = "cpu", workers: int | None = None) -> Iterator[R]:
-    """``fn(item)`` for every item, yielded in order; small layers (``size(item)`` entries) ``workers`` at
-    a time (default :func:`layer_workers`)."""
+               device: torch.device | str = "cpu", workers: int | None = None,
+               alone_from: float | None = None) -> Iterator[R]:
+    """``fn(item)`` for every item, yielded in order; layers of fewer than ``alone_from`` entries
+    (``size(item)``; default ``linalg.SMALL_LAYER_ENTRIES``) ``workers`` at a time (default
+    :func:`layer_workers`), the others alone on torch's own thread pool."""
     workers = layer_workers(device) if workers is None else workers
+    alone_from = linalg.SMALL_LAYER_ENTRIES if alone_from is None else alone_from
     if workers <= 1:
         for item in items:
             yield fn(item)
@@ -66,7 +79,7 @@ def map_layers(fn: Callable[[T], R], items: Iterable[T], size: Callable[[T], int
     torch.set_num_threads(1)  # for every worker at once (the count is global to the process)
     try:
         for item in items:
-            if size(item) >= linalg.SMALL_LAYER_ENTRIES:  # a large layer: alone, on torch's own pool
+            if size(item) >= alone_from:  # a large layer: alone, on torch's own pool
                 while pending:
                     yield pending.popleft().result()
                 torch.set_num_threads(before)

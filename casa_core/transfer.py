@@ -25,7 +25,7 @@ from .errors import CasaError
 from .factorize import LayerOutput, OutputSpec, realize, realize_direct
 from .formats.keys import natural_key
 from .methods import casa_layer, check_method, prolora_layer
-from .parallel import map_layers
+from .parallel import large_side_by_side, map_layers
 from .report import MOSTLY, LayerRecord, TransferReport, check_coverage, config_dict, provenance, start_report
 from .routing import CasaParams
 from .routing_data import RoutingSummary
@@ -104,7 +104,10 @@ def iter_transfer(
     # small layers side by side on a small CPU (casa_core.parallel); the report is filled here, in order.
     # Closed on any exit (an interruption raised by ``progress``, an error, a consumer that stops), so the
     # layers still running are waited for and torch's thread count is restored at once
-    with contextlib.closing(map_layers(one, names, size, dev)) as results:
+    # (on a 2-core CPU all of them, Wan-14B's included, for a low-rank output: parallel.large_side_by_side;
+    # an exact one is as fast one layer at a time, its large products on both threads, at less memory)
+    alone_from = math.inf if cfg.output.mode == "lowrank" and large_side_by_side(dev) else None
+    with contextlib.closing(map_layers(one, names, size, dev, alone_from=alone_from)) as results:
         for i, (result, target_has) in enumerate(results):
             if target_has == "missing":
                 report.missing_in_target.append(result.layer)

@@ -3,6 +3,7 @@ stop the rest; a transfer gives the same bytes one layer at a time and two at a 
 from __future__ import annotations
 
 import hashlib
+import math
 import threading
 import time
 
@@ -52,6 +53,35 @@ def test_results_in_order_small_ones_side_by_side_large_ones_alone():
     assert all(seen[i][0] == 1 and seen[i][1].startswith("casa-layer") for i in items if i != 5)
     assert seen[5] == (2, threading.main_thread().name)  # the large layer: alone, torch's own pool
     assert torch.get_num_threads() == 2
+
+
+def test_large_layers_go_side_by_side_only_when_asked():
+    torch.set_num_threads(2)
+    seen = {}
+
+    def fn(item):
+        seen[item] = (torch.get_num_threads(), threading.current_thread().name)
+        return item
+
+    assert list(parallel.map_layers(fn, range(4), lambda i: BIG, "cpu", workers=2, alone_from=math.inf)) == [0, 1, 2, 3]
+    assert all(n == 1 and t.startswith("casa-layer") for n, t in seen.values())
+    seen.clear()
+    assert list(parallel.map_layers(fn, range(4), lambda i: BIG, "cpu", workers=2)) == [0, 1, 2, 3]
+    assert all(v == (2, threading.main_thread().name) for v in seen.values())
+    assert torch.get_num_threads() == 2
+
+
+def test_large_layers_side_by_side_on_two_cores_only(monkeypatch):
+    monkeypatch.delenv(parallel.WORKERS_ENV, raising=False)
+    monkeypatch.setattr(parallel.os, "cpu_count", lambda: 2)
+    assert parallel.large_side_by_side("cpu") and not parallel.large_side_by_side("meta")
+    monkeypatch.setenv(parallel.WORKERS_ENV, "1")
+    assert not parallel.large_side_by_side("cpu")
+    monkeypatch.setenv(parallel.WORKERS_ENV, "2")
+    monkeypatch.setattr(parallel.os, "cpu_count", lambda: 4)  # two workers on four cores: torch's pool for them
+    assert not parallel.large_side_by_side("cpu")
+    monkeypatch.delenv(parallel.WORKERS_ENV)
+    assert not parallel.large_side_by_side("cpu")
 
 
 def test_an_error_stops_the_rest_and_restores_the_threads():
@@ -123,6 +153,39 @@ def test_a_transfer_gives_the_same_bytes_and_report_with_one_or_two_workers(tmp_
         order.append(seen)
     assert digests[0] == digests[1]
     assert reports[0] == reports[1] and order[0] == order[1] and len(order[0]) == len(lora.updates)
+
+
+@pytest.mark.parametrize("mode", ["lowrank", "exact"])
+def test_a_transfer_of_large_layers_on_two_cores_pairs_them_for_lowrank_with_the_same_bytes(tmp_path, monkeypatch,
+                                                                                            mode):
+    """Every layer made "large": on two cores a low-rank transfer runs them two at a time (worker threads), an
+    exact one alone on the caller's thread; the bytes are those of one layer at a time either way."""
+    import casa_core.transfer as transfer_mod
+
+    basis, drift, lora = _analysed(tmp_path, seed=2)
+    cfg = TransferConfig(output=OutputSpec(mode=mode, rank=16 if mode == "lowrank" else None))
+    monkeypatch.setattr(linalg, "SMALL_LAYER_ENTRIES", 1)
+    monkeypatch.setattr(parallel.os, "cpu_count", lambda: 2)
+    monkeypatch.delenv(parallel.WORKERS_ENV, raising=False)
+    real = transfer_mod._transfer_layer
+    threads: list[str] = []
+
+    def spy(*args, **kwargs):
+        threads.append(threading.current_thread().name)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(transfer_mod, "_transfer_layer", spy)
+    digests = []
+    for side_by_side in (True, False):
+        monkeypatch.setattr(transfer_mod, "large_side_by_side", lambda dev, v=side_by_side: v)
+        threads.clear()
+        out = tmp_path / f"t{side_by_side}.safetensors"
+        run_transfer_to_file(lora, basis, drift, cfg, 1.0, out)
+        digests.append(hashlib.sha256(out.read_bytes()).hexdigest())
+        paired = side_by_side and mode == "lowrank"
+        assert len(threads) == len(lora.updates)
+        assert all(t.startswith("casa-layer") == paired for t in threads), (mode, side_by_side, threads)
+    assert digests[0] == digests[1]
 
 
 def test_an_interrupted_transfer_restores_the_threads_at_once_and_writes_nothing(tmp_path, monkeypatch):
