@@ -306,8 +306,10 @@ def _casa_update(
 
 def _dominant_blocks(c: torch.Tensor, blocks) -> list[torch.Tensor]:
     """The entries of ``c`` in each ``(rows, cols)`` block (``cols`` None: every column). Two
-    ``index_select`` passes: the same values as advanced indexing, 3-5x faster on the CPU."""
-    return [c.index_select(0, r) if j is None else c.index_select(0, r).index_select(1, j) for r, j in blocks]
+    ``index_select`` passes, the columns first (the dominant columns are few, the other rows many: the
+    intermediate copy is the smaller one): the same values as advanced indexing, 3-5x faster on the CPU
+    (columns first: 5x faster again than rows first on 5120 x 5120)."""
+    return [c.index_select(0, r) if j is None else c.index_select(1, j).index_select(0, r) for r, j in blocks]
 
 
 def _selected(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -338,7 +340,7 @@ def _block_scores(blocks, l_blocks, f_blocks, routing: Routing) -> tuple[list[to
         if r_top:
             j_top = torch.arange(min(k, score.shape[1]), device=r.device) if j is None else j[j < k]
             if j_top.numel():
-                ctx = routing.cosine[routing.labels[r[:r_top]][:, None], routing.labels[j_top][None, :]]
+                ctx = routing.cosine.index_select(0, routing.labels[r[:r_top]]).index_select(1, routing.labels[j_top])
                 if j is None:
                     score[:r_top, : j_top.numel()] *= ctx
                 else:  # the dominant columns are all below k
@@ -351,10 +353,10 @@ def _put_blocks(target: torch.Tensor, blocks, values) -> None:
     for (r, j), v in zip(blocks, values):
         if j is None:
             target.index_copy_(0, r, v)
-        else:  # the rows, their columns replaced, written back
-            rows = target.index_select(0, r)
-            rows.index_copy_(1, j, v)
-            target.index_copy_(0, r, rows)
+        else:  # the dominant columns, their other rows replaced, written back (the columns are the fewer)
+            cols = target.index_select(1, j)
+            cols.index_copy_(0, r, v)
+            target.index_copy_(1, j, cols)
 
 
 def _arbitrate_blocks(l_blocks, f_blocks, cands, scores, threshold) -> tuple[list, list]:
