@@ -304,12 +304,26 @@ def _casa_update(
     return c_new, routing
 
 
+def _columns_first(c: torch.Tensor, r: torch.Tensor, j: torch.Tensor) -> bool:
+    """Whether the block ``(r, j)`` of ``c`` is best reached through its columns: the intermediate copy
+    (all rows of the columns ``j``, or all columns of the rows ``r``) is then the smaller. Usually so: the
+    dominant columns are few and the other rows many (on 5120 x 5120, 5x faster than rows first)."""
+    return c.shape[0] * j.numel() <= r.numel() * c.shape[1]
+
+
 def _dominant_blocks(c: torch.Tensor, blocks) -> list[torch.Tensor]:
     """The entries of ``c`` in each ``(rows, cols)`` block (``cols`` None: every column). Two
-    ``index_select`` passes, the columns first (the dominant columns are few, the other rows many: the
-    intermediate copy is the smaller one): the same values as advanced indexing, 3-5x faster on the CPU
-    (columns first: 5x faster again than rows first on 5120 x 5120)."""
-    return [c.index_select(0, r) if j is None else c.index_select(1, j).index_select(0, r) for r, j in blocks]
+    ``index_select`` passes, the smaller intermediate first (:func:`_columns_first`): the same values as
+    advanced indexing, 3-5x faster on the CPU."""
+    out = []
+    for r, j in blocks:
+        if j is None:
+            out.append(c.index_select(0, r))
+        elif _columns_first(c, r, j):
+            out.append(c.index_select(1, j).index_select(0, r))
+        else:
+            out.append(c.index_select(0, r).index_select(1, j))
+    return out
 
 
 def _selected(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -353,10 +367,14 @@ def _put_blocks(target: torch.Tensor, blocks, values) -> None:
     for (r, j), v in zip(blocks, values):
         if j is None:
             target.index_copy_(0, r, v)
-        else:  # the dominant columns, their other rows replaced, written back (the columns are the fewer)
+        elif _columns_first(target, r, j):  # the columns, their rows r replaced, written back
             cols = target.index_select(1, j)
             cols.index_copy_(0, r, v)
             target.index_copy_(1, j, cols)
+        else:  # the rows, their columns j replaced, written back
+            rows = target.index_select(0, r)
+            rows.index_copy_(1, j, v)
+            target.index_copy_(0, r, rows)
 
 
 def _arbitrate_blocks(l_blocks, f_blocks, cands, scores, threshold) -> tuple[list, list]:

@@ -266,3 +266,26 @@ def test_arbitration_threshold_order_statistics_are_exact_at_any_size(kind):
             want = np.quantile(x.numpy().astype(np.float64), q)
             got = float(linalg.exact_quantile(x, q))
             assert got == pytest.approx(want, rel=1e-6, abs=1e-30), (n, kind, q)
+
+
+@pytest.mark.parametrize("n_rows, n_cols", [(40, 6), (5, 50)])  # few dominant columns / few other rows
+def test_dominant_blocks_are_read_and_written_as_by_advanced_indexing(n_rows, n_cols):
+    """Either way round (columns first or rows first), the blocks read are ``c[r][:, j]`` and writing them
+    back changes exactly those entries."""
+    from casa_core.routing import _dominant_blocks, _put_blocks
+
+    g = torch.Generator().manual_seed(3)
+    c = torch.randn(64, 60, generator=g)
+    r = torch.sort(torch.randperm(64, generator=g)[:n_rows]).values
+    j = torch.sort(torch.randperm(60, generator=g)[:n_cols]).values
+    dom = torch.sort(torch.randperm(64, generator=g)[:7]).values
+    blocks = [(dom, None), (r, j)]
+    got = _dominant_blocks(c, blocks)
+    assert torch.equal(got[0], c[dom]) and torch.equal(got[1], c[r][:, j])
+    target = c.clone()
+    values = [torch.full_like(got[0], 7.0), -torch.arange(got[1].numel(), dtype=c.dtype).reshape(got[1].shape)]
+    _put_blocks(target, blocks, values)
+    want = c.clone()
+    want[dom] = values[0]
+    want[r[:, None], j[None, :]] = values[1]
+    assert torch.equal(target, want)
