@@ -1,8 +1,9 @@
 """The floor of a low-rank per-LoRA transfer on this machine: the dense products it cannot do without.
 
 For one block of Wan2.1 shapes (8 square attention layers of ``dim x dim`` and the two FFN layers, whose
-routing update in compact coordinates is at most ``2 dim x dim``: the top block and the drift's complement
-rows), this times only:
+routing update in compact coordinates is ``(dim + complement) x dim``: the top block and the complement rows
+of the drift and the LoRA; ``--complement`` sets their number, by default ``dim``, a real distillation's
+full-rank drift; the benchmark's synthetic drift has few, e.g. 48 at 14B), this times only:
 
 * the range finder's four products with the routing update (one power step; ``rank`` plus 16 columns),
 * the residual product (the report's kept share),
@@ -51,12 +52,12 @@ def layer_products(c, omega, u, v, left, right, rank: int) -> None:
     down = right @ v.T  # noqa: F841
 
 
-def block_floor(dim: int, ffn: int, rank: int, workers: int) -> float:
+def block_floor(dim: int, ffn: int, rank: int, workers: int, complement: int | None = None) -> float:
     """Wall seconds of one block's products; the inputs (one set per layer shape, read by every layer of
     that shape) are drawn beforehand."""
     gen = torch.Generator().manual_seed(0)
     square = layer_inputs(dim, dim, dim, rank, gen)
-    wide = layer_inputs(2 * dim, dim, ffn, rank, gen)
+    wide = layer_inputs(dim + (dim if complement is None else complement), dim, ffn, rank, gen)
     layers = [square] * 8 + [wide] * 2
     before = torch.get_num_threads()
     torch.set_num_threads(1 if workers > 1 else before)
@@ -90,14 +91,17 @@ def main() -> int:
     ap.add_argument("--shapes", action="append", help="dim,ffn_dim,blocks (default: Wan2.1 1.3B and 14B)")
     ap.add_argument("--rank", type=int, default=128, help="rank of the low-rank output")
     ap.add_argument("--workers", type=int, default=2, help="layers at once, one thread each (1: torch's pool)")
+    ap.add_argument("--complement", type=int, help="complement rows of an FFN layer's routing update (default: dim)")
     ap.add_argument("--cache", type=Path, help="a basis + drift cache folder to time the reading of")
     ap.add_argument("--cache-blocks", type=int, default=1, help="blocks the cache holds")
     ap.add_argument("--model-blocks", type=int, default=30, help="blocks of the whole model")
     a = ap.parse_args()
     shapes = ({s: tuple(int(x) for x in s.split(",")) for s in a.shapes} if a.shapes else SHAPES)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; rank {a.rank}, {a.workers} layer(s) at once")
+    comp = "dim" if a.complement is None else a.complement
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; rank {a.rank}, {a.workers} layer(s) at once, "
+          f"FFN complement rows {comp}")
     for label, (dim, ffn, blocks) in shapes.items():
-        wall = block_floor(dim, ffn, a.rank, a.workers)
+        wall = block_floor(dim, ffn, a.rank, a.workers, a.complement)
         print(f"{label}: products of one block {wall:.2f} s; "
               f"whole model ({blocks} blocks): {wall * blocks:.1f} s", flush=True)
     if a.cache is not None:

@@ -9,8 +9,9 @@ Wan2.1-1.3B shapes in 6.1 s one after the other, 3.0 s two at a time, the same b
 Results come back in the items' order; at most ``workers`` items are computed at once, so memory grows by
 that many layers at most. Layers of ``linalg.SMALL_LAYER_ENTRIES`` entries or more (Wan-14B's) run alone,
 with torch's own thread pool, as before, unless the caller says otherwise (``alone_from``: the per-LoRA
-transfer on a 2-core CPU, see :func:`large_side_by_side`). An exception (a clear error, an interruption raised by the
-consumer) stops the remaining items: those not started are cancelled, those running are waited for.
+transfer on a 2-core CPU, see :func:`large_side_by_side`). An exception (a clear error, an interruption
+raised by the consumer) stops the remaining items: those not started are cancelled, those running are
+waited for.
 """
 from __future__ import annotations
 
